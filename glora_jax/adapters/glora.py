@@ -1,0 +1,188 @@
+"""GLoRA (Generalized LoRA, arXiv 2306.07967) as pure functions over one layer's params.
+
+Five supports A B C D E with weight-shared options (REFERENCE.md section 1):
+    W' = W0 + W0 * A + B,    b' = b0 + b0 * D + E + W0 @ C
+in PyTorch notation (W0: (out, in)). Flax kernels are K = W0^T (in, out); `delta`
+returns (K' - K, b' - b0) in that layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glora_jax.adapters import base
+
+SUPPORTS = ('A', 'B', 'C', 'D', 'E')
+
+
+@dataclasses.dataclass(frozen=True)
+class GLoRA(base.AdapterFamily):
+  """The GLoRA supernet search space of one layer.
+
+  Options (index order is the subnet encoding):
+    A, B: lora_<r> for each r in `ranks`, then `structured_b` names (B only),
+          vector, constant, none
+    C:    lora_<r> for each r, vector, none
+    D, E: vector, constant, none
+  With the default `ranks=(4,)` a layer has 4*4*3*3*3 = 432 choices.
+
+  Parameter counts: lora_r on A/B costs r*(out+in), on C r*(in+1); vector costs
+  `out` on A, B, D, E and `in` on C. The authors' code counts `out` for C's
+  vector, which miscounts layers with in != out (fc1, fc2): we deliberately count
+  `in`, the true size of C.
+
+  `structured_b` adds full-rank structured updates (SURM families, e.g.
+  'circulant') as extra options of the additive support B.
+  """
+
+  ranks: tuple[int, ...] = (4,)
+  structured_b: tuple[str, ...] = ()
+  name: str = 'glora'
+  supports: tuple[str, ...] = SUPPORTS
+  mode: str = 'weight'
+  mergeable: bool = True
+
+  def __post_init__(self):
+    ranks = tuple(int(r) for r in self.ranks)
+    if not ranks or any(r <= 0 for r in ranks) or len(set(ranks)) != len(ranks):
+      raise ValueError(f'GLoRA ranks must be distinct positive integers, got {self.ranks}')
+    object.__setattr__(self, 'ranks', tuple(sorted(ranks)))
+    if self.structured_b:
+      from glora_jax.adapters import surm  # structured options live with SURM
+      for fam in self.structured_b:
+        surm.check_family_name(fam)
+    object.__setattr__(self, 'structured_b', tuple(self.structured_b))
+
+  @property
+  def max_rank(self) -> int:
+    return self.ranks[-1]
+
+  def options(self, support: str) -> tuple[str, ...]:
+    lora = tuple(f'lora_{r}' for r in self.ranks)
+    if support == 'A':
+      return lora + ('vector', 'constant', 'none')
+    if support == 'B':
+      return lora + self.structured_b + ('vector', 'constant', 'none')
+    if support == 'C':
+      return lora + ('vector', 'none')
+    if support in ('D', 'E'):
+      return ('vector', 'constant', 'none')
+    raise ValueError(f"unknown GLoRA support '{support}'; expected one of {SUPPORTS}")
+
+  def _table(self, support: str) -> dict[str, np.ndarray]:
+    """Per-option lookup arrays: lora rank (0 = no low-rank term), vector and
+    constant flags, and the index of the structured family (-1 = none)."""
+    rank, vec, const, struct = [], [], [], []
+    for opt in self.options(support):
+      rank.append(int(opt[5:]) if opt.startswith('lora_') else 0)
+      vec.append(opt == 'vector')
+      const.append(opt == 'constant')
+      struct.append(self.structured_b.index(opt) if opt in self.structured_b else -1)
+    return dict(rank=np.asarray(rank, np.int32), vec=np.asarray(vec, np.float32),
+                const=np.asarray(const, np.float32), struct=np.asarray(struct, np.int32))
+
+  def check(self, path, kernel_shape):
+    super().check(path, kernel_shape)
+    d_in, d_out = kernel_shape
+    if self.max_rank > min(d_in, d_out):
+      raise ValueError(
+          f"glora: rank {self.max_rank} is above min(in, out) = {min(d_in, d_out)} for "
+          f"'{path}' (kernel {d_in}x{d_out}); use ranks <= {min(d_in, d_out)}")
+    if self.structured_b:
+      from glora_jax.adapters import surm
+      for fam in self.structured_b:
+        surm.check_structured(fam, d_out, d_in, path)
+
+  def option_costs(self, kernel_shape):
+    d_in, d_out = kernel_shape
+    costs = []
+    for s in self.supports:
+      row = []
+      for opt in self.options(s):
+        if opt.startswith('lora_'):
+          r = int(opt[5:])
+          row.append(r * (d_in + 1) if s == 'C' else r * (d_out + d_in))
+        elif opt == 'vector':
+          row.append(d_in if s == 'C' else d_out)
+        elif opt == 'constant':
+          row.append(1)
+        elif opt == 'none':
+          row.append(0)
+        else:
+          from glora_jax.adapters import surm
+          row.append(surm.structured_num_params(opt, d_out, d_in))
+      costs.append(row)
+    return costs
+
+  def init(self, key, kernel_shape, dtype=jnp.float32):
+    """Supernet params; every choice starts at the pretrained layer exactly.
+    Ad, Bd, Cd, D, E are zero; Au, Bu, Cu are Xavier-uniform (REFERENCE.md)."""
+    d_in, d_out = kernel_shape
+    r = self.max_rank
+    k_a, k_b, k_c, k_s = jax.random.split(key, 4)
+
+    def xavier(k, shape):  # torch.nn.init.xavier_uniform_ on a 2-D tensor
+      bound = math.sqrt(6.0 / (shape[0] + shape[1]))
+      return jax.random.uniform(k, shape, dtype, -bound, bound)
+
+    params = {
+        'Ad': jnp.zeros((d_out, r), dtype), 'Au': xavier(k_a, (r, d_in)),
+        'Bd': jnp.zeros((d_out, r), dtype), 'Bu': xavier(k_b, (r, d_in)),
+        'Cd': jnp.zeros((d_in, r), dtype), 'Cu': xavier(k_c, (r, 1)),
+        'D': jnp.zeros((d_out,), dtype), 'E': jnp.zeros((d_out,), dtype),
+    }
+    if self.structured_b:
+      from glora_jax.adapters import surm
+      keys = jax.random.split(k_s, len(self.structured_b))
+      params['B_structured'] = {
+          fam: surm.init_structured(fam, k, d_out, d_in, dtype)
+          for fam, k in zip(self.structured_b, keys)}
+    return params
+
+  def supports_dense(self, params, choice):
+    """The five supports as dense float32 arrays in PyTorch layout:
+    A, B: (out, in); C: (in, 1); D, E: (out,)."""
+    p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), dict(params))
+
+    def pick(support, idx):
+      return {k: jnp.asarray(v)[idx] for k, v in self._table(support).items()}
+
+    def low_rank(down, up, t):
+      mask = (jnp.arange(down.shape[1]) < t['rank']).astype(jnp.float32)
+      return ((down * mask) @ up + t['vec'] * down[:, :1] + t['const'] * down[0, 0])
+
+    def scale_vector(v, t):
+      return t['vec'] * v + t['const'] * v[0]
+
+    t_a, t_b, t_c, t_d, t_e = (pick(s, choice[i]) for i, s in enumerate(SUPPORTS))
+    a = low_rank(p['Ad'], p['Au'], t_a)
+    b = low_rank(p['Bd'], p['Bu'], t_b)
+    if self.structured_b:
+      from glora_jax.adapters import surm
+      d_out, d_in = b.shape
+      for k, fam in enumerate(self.structured_b):
+        dense = surm.structured_dense(fam, p['B_structured'][fam], d_out, d_in)
+        b = b + (t_b['struct'] == k).astype(jnp.float32) * dense
+    c = low_rank(p['Cd'], p['Cu'], t_c)
+    return dict(A=a, B=b, C=c, D=scale_vector(p['D'], t_d), E=scale_vector(p['E'], t_e))
+
+  def delta(self, params, choice, kernel, bias):
+    s = self.supports_dense(params, choice)
+    k = kernel.astype(jnp.float32)
+    d_kernel = k * s['A'].T + s['B'].T
+    # W0 @ C with the *frozen* W0: the authors' LLaMA fork used the already merged
+    # W here, which is wrong whenever C is active together with A or B.
+    d_bias = s['E'] + s['C'][:, 0] @ k
+    if bias is not None:
+      d_bias = d_bias + bias.astype(jnp.float32) * s['D']
+    return d_kernel, d_bias
+
+
+def space(ranks: Sequence[int] = (4,), structured_b: Sequence[str] = ()) -> GLoRA:
+  """The GLoRA family with the given LoRA ranks (default: the authors' 432 choices)."""
+  return GLoRA(ranks=tuple(ranks), structured_b=tuple(structured_b))
