@@ -1,0 +1,101 @@
+"""Subnets as data: one int32 array (layers x supports) of option indices.
+
+Sampling, parameter counting and the readable-JSON round trip. Everything on
+arrays is jittable and vmappable; a new subnet never causes a recompile.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glora_jax.peft import AdapterSpec, Adapters
+
+
+def _spec(x) -> AdapterSpec:
+  return x.spec if isinstance(x, Adapters) else x
+
+
+def sample(key, adapters: Adapters | AdapterSpec) -> jax.Array:
+  """Each layer's supports drawn independently and uniformly from their options."""
+  spec = _spec(adapters)
+  return jax.random.randint(key, spec.num_options.shape, 0, jnp.asarray(spec.num_options),
+                            dtype=jnp.int32)
+
+
+def count_params(adapters: Adapters | AdapterSpec, subnet) -> jax.Array:
+  """Active adapter parameters of a subnet (head excluded). Jittable, vmappable:
+  a gather into the spec's (layers, supports, options) cost table."""
+  spec = _spec(adapters)
+  costs = jnp.asarray(spec.option_costs)
+  chosen = jnp.take_along_axis(costs, jnp.asarray(subnet)[..., None], axis=-1)[..., 0]
+  return jnp.sum(chosen, axis=(-1, -2)) + int(spec.fixed_costs.sum())
+
+
+def largest(adapters: Adapters | AdapterSpec) -> np.ndarray:
+  """The subnet choosing, per support, the option with the most parameters."""
+  spec = _spec(adapters)
+  masked = np.where(np.arange(spec.option_costs.shape[-1]) < spec.num_options[..., None],
+                    spec.option_costs, -1)
+  return masked.argmax(-1).astype(np.int32)
+
+
+def to_dict(adapters: Adapters | AdapterSpec, subnet) -> dict[str, dict[str, str]]:
+  """{'encoder/layer_0/attention/query': {'A': 'lora_4', 'B': 'none', ...}, ...}.
+  Layers of families without choices (LoRA, SURM) map to {}."""
+  spec = _spec(adapters)
+  subnet = np.asarray(subnet)
+  if subnet.shape != spec.num_options.shape:
+    raise ValueError(f'subnet has shape {subnet.shape}; expected {spec.num_options.shape}')
+  out = {}
+  for i, layer in enumerate(spec.layers):
+    fam = layer.family
+    out[layer.path] = {s: fam.options(s)[int(subnet[i, j])] for j, s in enumerate(fam.supports)}
+  return out
+
+
+def from_dict(adapters: Adapters | AdapterSpec, choices: Mapping[str, Mapping[str, str]]) -> np.ndarray:
+  """Inverse of `to_dict`; every adapted layer and support must be named."""
+  spec = _spec(adapters)
+  subnet = np.zeros(spec.num_options.shape, np.int32)
+  unknown = sorted(set(choices) - set(spec.paths))
+  if unknown:
+    raise ValueError(f'subnet names layers that are not adapted: {unknown[:5]}; '
+                     f'adapted layers look like {list(spec.paths[:3])}')
+  for i, layer in enumerate(spec.layers):
+    fam = layer.family
+    row = choices.get(layer.path)
+    if row is None:
+      raise ValueError(f"subnet has no entry for adapted layer '{layer.path}'")
+    extra = sorted(set(row) - set(fam.supports))
+    if extra:
+      raise ValueError(f"'{layer.path}': unknown supports {extra}; {fam.name} has {list(fam.supports)}")
+    for j, s in enumerate(fam.supports):
+      if s not in row:
+        raise ValueError(f"'{layer.path}': no option given for support '{s}'")
+      options = fam.options(s)
+      if row[s] not in options:
+        raise ValueError(f"'{layer.path}': unknown option '{row[s]}' for support '{s}'; "
+                         f'allowed: {list(options)}')
+      subnet[i, j] = options.index(row[s])
+  return subnet
+
+
+def dumps(adapters: Adapters | AdapterSpec, subnet) -> str:
+  return json.dumps(to_dict(adapters, subnet), indent=1)
+
+
+def loads(adapters: Adapters | AdapterSpec, text: str) -> np.ndarray:
+  return from_dict(adapters, json.loads(text))
+
+
+def parse(adapters: Adapters | AdapterSpec, value: Any) -> np.ndarray:
+  """A subnet from an array, a dict, or a JSON string."""
+  if isinstance(value, str):
+    return loads(adapters, value)
+  if isinstance(value, Mapping):
+    return from_dict(adapters, value)
+  return np.asarray(value, np.int32)

@@ -1,0 +1,266 @@
+"""peft: attach / apply / merge / partition as pytree transforms, and subnets as data."""
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glora_jax import peft
+from glora_jax import search
+from glora_jax.adapters import glora, lora
+
+
+class MLP(nn.Module):
+  fc2_bias: bool = False  # a merged GLoRA layer without bias gains one
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.gelu(nn.Dense(48, name='fc1')(x))
+    x = nn.Dense(16, name='fc2', use_bias=self.fc2_bias)(x)
+    return nn.Dense(3, name='head')(x)
+
+
+class Block(nn.Module):
+  """One pre-norm Transformer block, written independently of glora_jax.models."""
+  dim: int = 32
+  heads: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm(name='norm1')(x)
+    b, t, d = h.shape
+    q, k, v = (nn.Dense(d, name=n)(h).reshape(b, t, self.heads, d // self.heads)
+               for n in ('query', 'key', 'value'))
+    att = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(d // self.heads), -1)
+    o = jnp.einsum('bhqk,bkhd->bqhd', att, v).reshape(b, t, d)
+    x = x + nn.Dense(d, name='out')(o)
+    h = nn.LayerNorm(name='norm2')(x)
+    return x + nn.Dense(d, name='fc2')(nn.gelu(nn.Dense(4 * d, name='fc1')(h)))
+
+
+def perturbed(adapters, seed=0, scale=0.1):
+  """Adapters with all leaves random, so every support contributes."""
+  leaves, tree = jax.tree.flatten(adapters.params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = [scale * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)]
+  return adapters.replace(params=jax.tree.unflatten(tree, new))
+
+
+def mlp_setup(family=None):
+  model = MLP()
+  x = jax.random.normal(jax.random.key(0), (4, 16))
+  params = model.init(jax.random.key(1), x)['params']
+  adapters = peft.attach(params, family or glora.space(ranks=(2, 4)), targets=r'fc\d/kernel')
+  return model, params, x, adapters
+
+
+def test_attach_finds_targets_in_natural_order_and_records_bias():
+  _, params, _, adapters = mlp_setup()
+  assert adapters.spec.paths == ('fc1', 'fc2')
+  assert [l.has_bias for l in adapters.spec.layers] == [True, False]
+  assert [l.kernel_shape for l in adapters.spec.layers] == [(16, 48), (48, 16)]
+  assert adapters.spec.num_options.shape == (2, 5)
+
+
+def test_init_equals_base_model_for_sampled_subnets():
+  model, params, x, adapters = mlp_setup()
+  base = model.apply({'params': params}, x)
+  for i in range(10):
+    subnet = search.sample(jax.random.key(i), adapters)
+    out = peft.forward(model, params, adapters, subnet, x)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+
+
+@pytest.mark.parametrize('which', ['mlp', 'block'])
+def test_merged_equals_adapted_for_random_subnets(which):
+  if which == 'mlp':
+    model, params, x, adapters = mlp_setup()
+    plain = MLP(fc2_bias=True)
+  else:
+    model = Block()
+    x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+    params = model.init(jax.random.key(1), x)['params']
+    adapters = peft.attach(params, glora.space(ranks=(2, 4)),
+                           targets=r'(query|key|value|out|fc1|fc2)/kernel')
+    assert len(adapters.spec.layers) == 6
+    plain = model
+  adapters = perturbed(adapters)
+  fwd = jax.jit(lambda a, s: peft.forward(model, params, a, s, x))
+  for i in range(20):
+    subnet = search.sample(jax.random.key(100 + i), adapters)
+    merged = peft.merge(params, adapters, subnet)
+    flat, flat_merged = peft.flatten(params), peft.flatten(merged)
+    assert all(flat_merged[k].dtype == v.dtype and flat_merged[k].shape == v.shape
+               for k, v in flat.items())
+    np.testing.assert_allclose(plain.apply({'params': merged}, x), fwd(adapters, subnet),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_c_with_a_active_merges_with_frozen_w0():
+  """b' uses W0 @ C, not W' @ C (the authors' LLaMA fork bug)."""
+  model, params, x, adapters = mlp_setup()
+  adapters = perturbed(adapters, scale=0.5)
+  fam = adapters.spec.layers[0].family
+  row = {'A': 'lora_4', 'B': 'vector', 'C': 'lora_4', 'D': 'none', 'E': 'none'}
+  subnet = search.from_dict(adapters, {'fc1': row, 'fc2': row})
+  merged = peft.merge(params, adapters, subnet)
+  p = adapters.params['fc1']
+  a = np.asarray(p['Ad'] @ p['Au'])
+  c = np.asarray(p['Cd'] @ p['Cu'])[:, 0]
+  w0 = np.asarray(params['fc1']['kernel']).T
+  b_vec = np.asarray(p['Bd'][:, :1])
+  np.testing.assert_allclose(np.asarray(merged['fc1']['kernel']).T, w0 + w0 * a + b_vec, rtol=1e-5, atol=1e-5)
+  right = np.asarray(params['fc1']['bias']) + w0 @ c
+  wrong = np.asarray(params['fc1']['bias']) + (w0 + w0 * a + b_vec) @ c
+  np.testing.assert_allclose(np.asarray(merged['fc1']['bias']), right, rtol=1e-5, atol=1e-5)
+  assert np.abs(right - wrong).max() > 1e-2
+  # fc2 had no bias: merging gives it one, and the plain model with biases agrees.
+  assert 'bias' in merged['fc2'] and 'bias' not in params['fc2']
+  assert fam.name == 'glora'
+
+
+def test_merge_keeps_bf16_dtypes():
+  model, params, x, adapters = mlp_setup()
+  params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  merged = peft.merge(params16, perturbed(adapters), search.sample(jax.random.key(0), adapters))
+  assert all(l.dtype == jnp.bfloat16 for l in jax.tree.leaves(merged))
+
+
+def test_lora_weight_and_activation_modes_agree_and_merge():
+  model, params, x, _ = mlp_setup()
+  outs = []
+  for mode in ('weight', 'activation'):
+    adapters = perturbed(peft.attach(params, lora.space(rank=4, alpha=8, mode=mode),
+                                     targets=r'fc\d/kernel'))
+    outs.append(peft.forward(model, params, adapters, None, x))
+    merged = peft.merge(params, adapters)
+    np.testing.assert_allclose(model.apply({'params': merged}, x), outs[-1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_new_keys_give_new_subnets_without_recompiling():
+  model, params, x, adapters = mlp_setup()
+  adapters = perturbed(adapters)
+  traces = []
+
+  @jax.jit
+  def step(key, a):
+    traces.append(1)
+    subnet = search.sample(key, a)
+    return subnet, peft.forward(model, params, a, subnet, x), search.count_params(a, subnet)
+
+  seen = set()
+  for i in range(8):
+    subnet, _, _ = step(jax.random.key(i), adapters)
+    seen.add(np.asarray(subnet).tobytes())
+  assert len(traces) == 1
+  assert len(seen) == 8
+
+
+def test_vmap_over_subnets_equals_loop():
+  model, params, x, adapters = mlp_setup()
+  adapters = perturbed(adapters)
+  subnets = jax.vmap(lambda k: search.sample(k, adapters))(jax.random.split(jax.random.key(0), 6))
+  fwd = lambda s: peft.forward(model, params, adapters, s, x)
+  batched = jax.jit(jax.vmap(fwd))(subnets)
+  counts = jax.vmap(lambda s: search.count_params(adapters, s))(subnets)
+  for i in range(6):
+    np.testing.assert_allclose(batched[i], fwd(subnets[i]), rtol=1e-5, atol=1e-6)
+    assert int(counts[i]) == int(search.count_params(adapters, subnets[i]))
+
+
+def test_count_params_matches_report_and_independent_sum():
+  _, params, _, adapters = mlp_setup()
+  subnet = search.sample(jax.random.key(3), adapters)
+  named = search.to_dict(adapters, subnet)
+  # independent count from the readable form
+  sizes = {'fc1': (16, 48), 'fc2': (48, 16)}
+  total = 0
+  for path, row in named.items():
+    d_in, d_out = sizes[path]
+    for s, opt in row.items():
+      if opt.startswith('lora_'):
+        total += int(opt[5:]) * ((d_in + 1) if s == 'C' else (d_in + d_out))
+      elif opt == 'vector':
+        total += d_in if s == 'C' else d_out
+      elif opt == 'constant':
+        total += 1
+  assert int(search.count_params(adapters, subnet)) == total
+  rep = peft.report(params, adapters, subnet, head=params['head'])
+  assert rep.adapter_params == total
+  assert rep.head_params == 16 * 3 + 3
+  assert 'fc1' in str(rep) and 'trainable%' in str(rep)
+
+
+def test_subnet_json_round_trip():
+  _, _, _, adapters = mlp_setup()
+  subnet = np.asarray(search.sample(jax.random.key(7), adapters))
+  text = search.dumps(adapters, subnet)
+  assert set(json.loads(text)['fc1']) == {'A', 'B', 'C', 'D', 'E'}
+  np.testing.assert_array_equal(search.loads(adapters, text), subnet)
+
+
+def test_gradients_reach_adapter_leaves_only():
+  model, params, x, adapters = mlp_setup()
+  subnet = search.from_dict(adapters, {p: {'A': 'lora_4', 'B': 'lora_4', 'C': 'vector', 'D': 'vector',
+                                           'E': 'vector'} for p in ('fc1', 'fc2')})
+
+  def loss(frozen, adapter_params):
+    a = adapters.replace(params=adapter_params)
+    return jnp.sum(peft.forward(model, frozen, a, subnet, x) ** 2)
+
+  g_frozen, g_adapters = jax.grad(loss, argnums=(0, 1))(params, adapters.params)
+  # The optimizer only ever sees adapter gradients; the frozen tree is a separate
+  # argument, so asking only for argnums=1 computes nothing for it.
+  assert jax.tree.structure(g_adapters) == jax.tree.structure(adapters.params)
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_adapters))
+  only = jax.grad(loss, argnums=1)(params, adapters.params)
+  assert jax.tree.structure(only) == jax.tree.structure(adapters.params)
+  del g_frozen
+  trainable, frozen = peft.partition(params, [r'head/.*'])
+  assert set(trainable) == {'head'} and 'head' not in frozen
+  assert peft.combine(trainable, frozen).keys() == params.keys()
+
+
+# --------------------------------------------------------------------------- #
+# Bad input
+# --------------------------------------------------------------------------- #
+
+
+def test_pattern_matching_nothing_lists_paths():
+  _, params, _, _ = mlp_setup()
+  with pytest.raises(ValueError, match=r"'.*qery/kernel' matched no parameter; paths look like 'fc1/bias'"):
+    peft.attach(params, glora.space(), targets=r'.*qery/kernel')
+
+
+def test_target_that_is_not_a_kernel():
+  _, params, _, _ = mlp_setup()
+  with pytest.raises(ValueError, match="matched 'fc1/bias', which is not a Dense kernel"):
+    peft.attach(params, glora.space(), targets=r'fc1/.*')
+
+
+def test_kernel_that_is_not_2d():
+  params = {'conv': {'kernel': jnp.zeros((3, 3, 4, 8))}}
+  with pytest.raises(ValueError, match=r"'conv/kernel' has shape \(3, 3, 4, 8\); expected a 2-D"):
+    peft.attach(params, glora.space(), targets=r'conv/kernel')
+
+
+def test_rank_above_layer_width():
+  _, params, _, _ = mlp_setup()
+  with pytest.raises(ValueError, match=r"rank 32 is above min\(in, out\) = 16 for 'fc1'"):
+    peft.attach(params, glora.space(ranks=(32,)), targets=r'fc1/kernel')
+
+
+def test_unknown_option_name_in_subnet():
+  _, _, _, adapters = mlp_setup()
+  row = {'A': 'lora_3', 'B': 'none', 'C': 'none', 'D': 'none', 'E': 'none'}
+  with pytest.raises(ValueError, match=r"'fc1': unknown option 'lora_3' for support 'A'; allowed: \['lora_2'"):
+    search.from_dict(adapters, {'fc1': row, 'fc2': row})
+
+
+def test_subnet_of_wrong_shape():
+  model, params, x, adapters = mlp_setup()
+  with pytest.raises(ValueError, match=r'expected \(2, 5\)'):
+    peft.forward(model, params, adapters, jnp.zeros((3, 5), jnp.int32), x)
