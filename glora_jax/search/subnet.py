@@ -6,7 +6,7 @@ arrays is jittable and vmappable; a new subnet never causes a recompile.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,16 @@ def count_params(adapters: Adapters | AdapterSpec, subnet) -> jax.Array:
   """Active adapter parameters of a subnet (head excluded). Jittable, vmappable:
   a gather into the spec's (layers, supports, options) cost table."""
   spec = _spec(adapters)
-  costs = jnp.asarray(spec.option_costs)
-  chosen = jnp.take_along_axis(costs, jnp.asarray(subnet)[..., None], axis=-1)[..., 0]
-  return jnp.sum(chosen, axis=(-1, -2)) + int(spec.fixed_costs.sum())
+  return count_params_table(spec.option_costs, int(spec.fixed_costs.sum()), subnet)
+
+
+def count_params_table(option_costs, fixed_cost, subnet) -> jax.Array:
+  """`count_params` from the (layers, supports, options) cost table itself, for
+  callers that pass the table as a traced argument."""
+  subnet = jnp.asarray(subnet)
+  costs = jnp.broadcast_to(jnp.asarray(option_costs), subnet.shape + np.shape(option_costs)[-1:])
+  chosen = jnp.take_along_axis(costs, subnet[..., None], axis=-1)[..., 0]
+  return jnp.sum(chosen, axis=(-1, -2)) + fixed_cost
 
 
 def largest(adapters: Adapters | AdapterSpec) -> np.ndarray:
@@ -90,12 +97,3 @@ def dumps(adapters: Adapters | AdapterSpec, subnet) -> str:
 
 def loads(adapters: Adapters | AdapterSpec, text: str) -> np.ndarray:
   return from_dict(adapters, json.loads(text))
-
-
-def parse(adapters: Adapters | AdapterSpec, value: Any) -> np.ndarray:
-  """A subnet from an array, a dict, or a JSON string."""
-  if isinstance(value, str):
-    return loads(adapters, value)
-  if isinstance(value, Mapping):
-    return from_dict(adapters, value)
-  return np.asarray(value, np.int32)

@@ -1,0 +1,57 @@
+"""Defaults shared by every experiment; each config file overrides what differs."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = 'text_classification'
+  c.method = 'glora'  # glora | lora | surm | full | linear_probe
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'minilm'
+  c.model.param_dtype = 'float32'
+  c.model.frozen_dtype = 'float32'  # 'bfloat16' keeps the frozen backbone in bf16
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'bbc_news'
+  c.data.data_dir = ''  # '' = $GLORA_JAX_DATA_DIR or ~/tensorflow_datasets
+  c.data.max_len = 128
+  c.data.train_split = 'train'
+  c.data.eval_split = 'val'
+  c.data.test_split = 'test'
+  c.data.limit = 0  # > 0 keeps the first `limit` examples of each split (tests)
+
+  c.adapter = ml_collections.ConfigDict()
+  c.adapter.targets = ''  # '' = the model's default (every linear layer but the head)
+  c.adapter.exclude = ''
+  c.adapter.ranks = (4,)
+  c.adapter.structured_b = ()
+  c.adapter.lora_rank = 8
+  c.adapter.lora_alpha = 16.0
+  c.adapter.lora_mode = 'weight'
+  c.adapter.surm = ml_collections.ConfigDict({'kind': 'circulant', 'form': 'lora'})
+  c.subnet = ''  # a subnet JSON (search.py output): train that subnet only
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.schedule = 'constant'  # constant | cosine (warm-up + cosine)
+  c.optim.warmup_steps = 0
+  c.optim.warmup_epochs = 0
+  c.optim.warmup_init_lr = 0.0
+  c.optim.min_lr = 0.0
+  c.optim.clip_norm = 0.0
+
+  c.batch_size = 32
+  c.eval_batch_size = 32
+  c.num_epochs = 5
+  c.drop_remainder = False
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'model': 1})
+  c.checkpoint = ml_collections.ConfigDict({'every_steps': 0, 'keep': 3, 'async_save': True})
+  c.on_nonfinite = 'stop'  # stop | skip
+  c.log_every_steps = 5
+  return c

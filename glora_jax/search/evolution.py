@@ -1,0 +1,267 @@
+"""Evolutionary search over integer-encoded subnets (the GLoRA authors' algorithm).
+
+Operators are jitted array functions of jax.random keys: mutation, crossover,
+random fill, budget filter and de-duplication against everything seen so far.
+Candidate arrays have static shapes, so nothing recompiles across generations.
+The driver keeps a resumable state (one JSON per generation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glora_jax.peft import AdapterSpec
+from glora_jax.search import subnet as subnet_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  """The authors' defaults: population 50, 20 generations, top 10 parents, 25
+  mutations (p = 0.2) and 25 crossovers per generation, 10x tries, then random
+  fill; at most 1.0 M adapter parameters."""
+  population: int = 50
+  generations: int = 20
+  parents: int = 10
+  mutations: int = 25
+  crossovers: int = 25
+  mutation_prob: float = 0.2
+  tries: int = 10
+  param_limit: float = 1.0e6
+  min_param_limit: float = 0.0
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ('population', 'generations', 'parents', 'tries'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'search {name} must be > 0, got {getattr(self, name)}')
+    if not 0.0 <= self.mutation_prob <= 1.0:
+      raise ValueError(f'mutation_prob must be in [0, 1], got {self.mutation_prob}')
+    if self.min_param_limit > self.param_limit:
+      raise ValueError(f'min_param_limit {self.min_param_limit:g} is above param_limit '
+                       f'{self.param_limit:g}')
+
+
+# --------------------------------------------------------------------------- #
+# Array operators
+# --------------------------------------------------------------------------- #
+
+
+def random_candidates(key, num_options, n: int):
+  """n subnets, every choice uniform over its options."""
+  num_options = jnp.asarray(num_options)
+  return jax.random.randint(key, (n,) + num_options.shape, 0, num_options, dtype=jnp.int32)
+
+
+def mutate(key, parents, num_options, n: int, prob: float):
+  """n children: a random parent each, every choice redrawn with probability `prob`."""
+  k_parent, k_flip, k_new = jax.random.split(key, 3)
+  base = parents[jax.random.randint(k_parent, (n,), 0, parents.shape[0])]
+  flip = jax.random.bernoulli(k_flip, prob, base.shape)
+  return jnp.where(flip, random_candidates(k_new, num_options, n), base)
+
+
+def crossover(key, parents, n: int):
+  """n children of two random parents, each choice from either with probability 1/2."""
+  k_a, k_b, k_pick = jax.random.split(key, 3)
+  a = parents[jax.random.randint(k_a, (n,), 0, parents.shape[0])]
+  b = parents[jax.random.randint(k_b, (n,), 0, parents.shape[0])]
+  return jnp.where(jax.random.bernoulli(k_pick, 0.5, a.shape), a, b)
+
+
+def acceptable(cands, archive, archive_valid, costs, fixed_cost, low, high):
+  """Mask of candidates that are within [low, high] parameters, not in the
+  archive, and the first of their kind within `cands`."""
+  params = subnet_lib.count_params_table(costs, fixed_cost, cands)
+  in_budget = (params >= low) & (params <= high)
+  seen = jnp.any(jnp.all(cands[:, None] == archive[None], axis=(2, 3)) & archive_valid[None], axis=1)
+  same = jnp.all(cands[:, None] == cands[None], axis=(2, 3))
+  earlier = jnp.tril(same, k=-1).any(axis=1)
+  return in_budget & ~seen & ~earlier
+
+
+def first_accepted(cands, ok, k: int):
+  """The first k accepted candidates (static shape) and which of them are real."""
+  order = jnp.argsort(~ok, stable=True)[:k]
+  return cands[order], ok[order]
+
+
+@functools.partial(jax.jit, static_argnames=('n_mut', 'n_cross', 'tries', 'prob'))
+def propose(key, parents, archive, archive_valid, num_options, costs, fixed_cost, low, high, *,
+            n_mut: int, n_cross: int, tries: int, prob: float):
+  """One generation's children: up to n_mut mutations then up to n_cross
+  crossovers, each drawn from `tries` times as many attempts, all acceptable
+  and distinct from each other and from the archive."""
+  k_mut, k_cross = jax.random.split(key)
+  mut = mutate(k_mut, parents, num_options, n_mut * tries, prob)
+  ok = acceptable(mut, archive, archive_valid, costs, fixed_cost, low, high)
+  mut, mut_ok = first_accepted(mut, ok, n_mut)
+  archive2 = jnp.concatenate([archive, mut])
+  valid2 = jnp.concatenate([archive_valid, mut_ok])
+  cross = crossover(k_cross, parents, n_cross * tries)
+  ok = acceptable(cross, archive2, valid2, costs, fixed_cost, low, high)
+  cross, cross_ok = first_accepted(cross, ok, n_cross)
+  return jnp.concatenate([mut, cross]), jnp.concatenate([mut_ok, cross_ok])
+
+
+@functools.partial(jax.jit, static_argnames=('n', 'tries'))
+def propose_random(key, archive, archive_valid, num_options, costs, fixed_cost, low, high, *,
+                   n: int, tries: int):
+  cands = random_candidates(key, num_options, n * tries)
+  ok = acceptable(cands, archive, archive_valid, costs, fixed_cost, low, high)
+  return first_accepted(cands, ok, n)
+
+
+# --------------------------------------------------------------------------- #
+# Driver
+# --------------------------------------------------------------------------- #
+
+
+def pareto_front(params: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+  """Indices of the non-dominated points (fewer parameters, higher accuracy),
+  sorted by parameters."""
+  order = np.lexsort((-accuracy, params))
+  front, best = [], -np.inf
+  for i in order:
+    if accuracy[i] > best:
+      front.append(int(i))
+      best = accuracy[i]
+  return np.asarray(front, np.int64)
+
+
+class Archive:
+  """Everything evaluated: candidates, accuracy, parameters, generation. A fixed
+  capacity array (so operator shapes never change) plus a valid mask."""
+
+  def __init__(self, spec: AdapterSpec, capacity: int):
+    self.shape = spec.num_options.shape
+    self.cands = np.zeros((capacity,) + self.shape, np.int32)
+    self.valid = np.zeros(capacity, bool)
+    self.accuracy = np.zeros(capacity)
+    self.params = np.zeros(capacity, np.int64)
+    self.generation = np.zeros(capacity, np.int32)
+    self.size = 0
+
+  def add(self, cands, accuracy, params, generation):
+    n = len(cands)
+    if self.size + n > len(self.valid):
+      raise RuntimeError('search archive is full; this is a bug in its capacity estimate')
+    s = slice(self.size, self.size + n)
+    self.cands[s], self.accuracy[s], self.params[s] = cands, accuracy, params
+    self.generation[s], self.valid[s] = generation, True
+    self.size += n
+
+  def top(self, k: int) -> np.ndarray:
+    idx = np.arange(self.size)
+    order = np.lexsort((self.params[idx], -self.accuracy[idx]))  # best acc, then fewer params
+    return order[:k]
+
+  def to_json(self) -> dict:
+    n = self.size
+    return {'cands': self.cands[:n].tolist(), 'accuracy': self.accuracy[:n].tolist(),
+            'params': self.params[:n].tolist(), 'generation': self.generation[:n].tolist()}
+
+  def load(self, d: dict):
+    n = len(d['accuracy'])
+    self.size = 0
+    self.valid[:] = False
+    if n:
+      self.add(np.asarray(d['cands'], np.int32).reshape((n,) + self.shape),
+               np.asarray(d['accuracy']), np.asarray(d['params']), np.asarray(d['generation']))
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  tmp = path.with_suffix('.tmp')
+  tmp.write_text(json.dumps(obj))
+  tmp.replace(path)
+
+
+def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: SearchConfig,
+        state_dir: pathlib.Path | None = None, log: Callable[[str], None] = print,
+        stop_after_generations: int | None = None) -> Archive:
+  """Runs the search, resuming from `state_dir/search_state.json` if present.
+
+  fitness: (n, layers, supports) int32 -> (n,) validation accuracy. Keys are a
+  function of (seed, generation), so a resumed search ends where an
+  uninterrupted one would."""
+  num_options = jnp.asarray(spec.num_options)
+  costs = jnp.asarray(spec.option_costs)
+  fixed = jnp.asarray(int(spec.fixed_costs.sum()))
+  low, high = jnp.asarray(cfg.min_param_limit), jnp.asarray(cfg.param_limit)
+  check_budget(spec, cfg)
+  per_gen = max(cfg.population, cfg.mutations + cfg.crossovers)
+  archive = Archive(spec, per_gen * (cfg.generations + 1))
+  state_file = None if state_dir is None else pathlib.Path(state_dir) / 'search_state.json'
+  start = 0
+  if state_file is not None and state_file.exists():
+    saved = json.loads(state_file.read_text())
+    if saved.get('config') != dataclasses.asdict(cfg) or saved.get('shape') != list(archive.shape):
+      raise ValueError(f'{state_file} is from a search with other settings; delete it or use '
+                       'the same flags')
+    archive.load(saved['archive'])
+    start = saved['next_generation']
+    log(f'resumed search at generation {start} ({archive.size} candidates evaluated)')
+  base_key = jax.random.key(cfg.seed)
+
+  def fill_random(key, existing):
+    """Acceptable random candidates, distinct from the archive and `existing`.
+    Shapes are padded to fixed sizes so this compiles once."""
+    pad = np.zeros((per_gen,) + archive.shape, np.int32)
+    pad[:len(existing)] = existing
+    cands, ok = propose_random(
+        key, jnp.asarray(np.concatenate([archive.cands, pad])),
+        jnp.asarray(np.concatenate([archive.valid, np.arange(per_gen) < len(existing)])),
+        num_options, costs, fixed, low, high, n=per_gen, tries=cfg.tries)
+    return np.asarray(cands)[np.asarray(ok)]
+
+  for gen in range(start, cfg.generations):
+    key = jax.random.fold_in(base_key, gen)
+    k_children, k_fill = jax.random.split(key)
+    empty = np.zeros((0,) + archive.shape, np.int32)
+    if gen == 0:
+      new = empty
+    else:
+      parents = archive.cands[archive.top(cfg.parents)]
+      children, ok = propose(k_children, jnp.asarray(parents), jnp.asarray(archive.cands),
+                             jnp.asarray(archive.valid), num_options, costs, fixed, low, high,
+                             n_mut=cfg.mutations, n_cross=cfg.crossovers, tries=cfg.tries,
+                             prob=cfg.mutation_prob)
+      new = np.asarray(children)[np.asarray(ok)]
+    target = cfg.population if gen == 0 else cfg.mutations + cfg.crossovers
+    for attempt in range(cfg.tries):  # random fill, as the authors do
+      if len(new) >= target:
+        break
+      extra = fill_random(jax.random.fold_in(k_fill, attempt), new)
+      new = np.concatenate([new, extra[:target - len(new)]])
+    if len(new) == 0:
+      log(f'generation {gen}: no new candidate within the budget; stopping')
+      break
+    acc = np.asarray(fitness(new))
+    params = np.asarray(jax.vmap(lambda s: subnet_lib.count_params(spec, s))(jnp.asarray(new)))
+    archive.add(new, acc, params, gen)
+    best = archive.top(1)[0]
+    log(f'generation {gen}: evaluated {len(new)}, best val accuracy {archive.accuracy[best]:.4f} '
+        f'with {archive.params[best]:,} params')
+    if state_file is not None:
+      _write_json(state_file, {'config': dataclasses.asdict(cfg), 'shape': list(archive.shape),
+                               'archive': archive.to_json(), 'next_generation': gen + 1})
+    if stop_after_generations is not None and gen + 1 >= stop_after_generations:
+      break
+  return archive
+
+
+def check_budget(spec: AdapterSpec, cfg: SearchConfig) -> None:
+  """Fails at once when no subnet can meet the parameter budget."""
+  valid = np.arange(spec.option_costs.shape[-1]) < spec.num_options[..., None]
+  lo = np.where(valid, spec.option_costs, np.iinfo(np.int64).max).min(-1).sum() + spec.fixed_costs.sum()
+  hi = np.where(valid, spec.option_costs, -1).max(-1).sum() + spec.fixed_costs.sum()
+  if lo > cfg.param_limit or hi < cfg.min_param_limit:
+    raise ValueError(
+        f'no subnet meets the parameter budget [{cfg.min_param_limit:,.0f}, {cfg.param_limit:,.0f}]: '
+        f'subnets of this search space have between {lo:,} and {hi:,} adapter parameters')

@@ -1,0 +1,98 @@
+"""Evolution operators: rates, mixing, budgets, de-duplication, determinism, resume."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glora_jax import peft
+from glora_jax.adapters import glora
+from glora_jax.search import evolution, subnet
+
+
+def make_spec(layers=6, width=16):
+  params = {f'layer_{i}': {'kernel': jnp.zeros((width, width)), 'bias': jnp.zeros(width)}
+            for i in range(layers)}
+  return peft.attach(params, glora.space(ranks=(2, 4)), targets=r'.*/kernel').spec
+
+
+def test_mutation_redraws_at_the_stated_rate():
+  spec = make_spec()
+  num = jnp.asarray(spec.num_options)
+  parents = evolution.random_candidates(jax.random.key(0), num, 1)
+  kids = evolution.mutate(jax.random.key(1), parents, num, 4000, 0.2)
+  changed = float(jnp.mean(kids != parents[0]))
+  # A redraw lands on the old value with probability 1/options, so the visible
+  # change rate is 0.2 * mean(1 - 1/options).
+  expected = 0.2 * float(np.mean(1 - 1 / spec.num_options))
+  assert abs(changed - expected) < 0.01
+
+
+def test_crossover_takes_each_choice_from_either_parent():
+  spec = make_spec()
+  num = jnp.asarray(spec.num_options)
+  a = jnp.zeros((1,) + spec.num_options.shape, jnp.int32)
+  b = jnp.asarray(spec.num_options - 1)[None]
+  parents = jnp.concatenate([a, b])
+  kids = evolution.crossover(jax.random.key(2), parents, 2000)
+  from_a, from_b = np.asarray(kids == a[0]), np.asarray(kids == b[0])
+  assert np.all(from_a | from_b)
+  mixed = from_a.any(axis=(1, 2)) & from_b.any(axis=(1, 2))
+  assert mixed.mean() > 0.4  # about half the kids pick mixed parents, all of those mix
+  both_parents = ~(from_a.all(axis=(1, 2)) | from_b.all(axis=(1, 2)))
+  assert abs(float(np.asarray(from_a)[both_parents].mean()) - 0.5) < 0.02
+
+
+def test_children_are_in_budget_unseen_and_distinct():
+  spec = make_spec()
+  num = jnp.asarray(spec.num_options)
+  costs, fixed = jnp.asarray(spec.option_costs), jnp.asarray(0)
+  archive = evolution.random_candidates(jax.random.key(3), num, 40)
+  parents = archive[:10]
+  low, high = 50, 600
+  kids, ok = evolution.propose(jax.random.key(4), parents, archive, jnp.ones(40, bool), num, costs,
+                               fixed, low, high, n_mut=25, n_cross=25, tries=10, prob=0.2)
+  kids = np.asarray(kids)[np.asarray(ok)]
+  assert len(kids) > 0
+  n = np.asarray(jax.vmap(lambda s: subnet.count_params(spec, s))(jnp.asarray(kids)))
+  assert np.all((n >= low) & (n <= high))
+  seen = {c.tobytes() for c in np.asarray(archive)}
+  assert not any(k.tobytes() in seen for k in kids)
+  assert len({k.tobytes() for k in kids}) == len(kids)
+
+
+def test_search_is_seeded_resumable_and_compiles_once(tmp_path):
+  spec = make_spec()
+  weights = np.random.default_rng(0).normal(size=spec.num_options.shape)
+
+  def fitness(cands):  # a deterministic toy fitness of the arrays
+    return np.tanh((np.asarray(cands) * weights).sum(axis=(1, 2)) / 10)
+
+  cfg = evolution.SearchConfig(population=12, generations=5, parents=4, mutations=6, crossovers=6,
+                               param_limit=2000, seed=3)
+  compiled_before = evolution.propose._cache_size()
+  (tmp_path / 'a').mkdir()
+  full = evolution.run(spec, fitness, cfg, tmp_path / 'a', log=lambda s: None)
+  assert evolution.propose._cache_size() - compiled_before == 1  # 4 generations, 1 compile
+  again = evolution.run(spec, fitness, cfg, None, log=lambda s: None)
+  np.testing.assert_array_equal(full.cands[:full.size], again.cands[:again.size])
+  (tmp_path / 'b').mkdir()
+  evolution.run(spec, fitness, cfg, tmp_path / 'b', log=lambda s: None, stop_after_generations=2)
+  resumed = evolution.run(spec, fitness, cfg, tmp_path / 'b', log=lambda s: None)
+  np.testing.assert_array_equal(full.cands[:full.size], resumed.cands[:resumed.size])
+  np.testing.assert_array_equal(full.accuracy[:full.size], resumed.accuracy[:resumed.size])
+  assert full.size == 12 + 4 * 12
+  params = np.asarray(jax.vmap(lambda s: subnet.count_params(spec, s))(jnp.asarray(full.cands[:full.size])))
+  assert params.max() <= 2000
+  assert len({c.tobytes() for c in full.cands[:full.size]}) == full.size
+
+
+def test_pareto_front():
+  params = np.array([10, 20, 30, 15, 40])
+  acc = np.array([0.5, 0.7, 0.6, 0.5, 0.9])
+  np.testing.assert_array_equal(evolution.pareto_front(params, acc), [0, 1, 4])
+
+
+def test_budget_that_no_subnet_meets():
+  spec = make_spec()
+  with pytest.raises(ValueError, match='no subnet meets the parameter budget'):
+    evolution.check_budget(spec, evolution.SearchConfig(min_param_limit=1e6, param_limit=2e6))
