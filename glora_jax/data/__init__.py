@@ -1,0 +1,17 @@
+"""Data for glora_jax: tfds datasets read as array_record without TensorFlow, tokenisation, numpy batches.
+
+Bundled tasks (bbc_news, mnist5k) prepare themselves offline; VTAB-1k reads what the user prepared.
+"""
+from glora_jax.data import bbc_news, mnist, pipeline, prepared, text, vtab
+from glora_jax.data.pipeline import BatchIterator, eval_iterator, train_iterator
+from glora_jax.data.prepared import DatasetNotPreparedError, resolve_data_dir
+from glora_jax.data.registry import (class_names, dataset_names, load_arrays, load_source,
+                                     load_text_classification, num_classes, splits)
+from glora_jax.data.text import load_tokenizer, tokenize
+
+__all__ = [
+    'BatchIterator', 'DatasetNotPreparedError', 'bbc_news', 'class_names', 'dataset_names',
+    'eval_iterator', 'load_arrays', 'load_source', 'load_text_classification', 'load_tokenizer',
+    'mnist', 'num_classes', 'pipeline', 'prepared', 'resolve_data_dir', 'splits', 'text',
+    'tokenize', 'train_iterator', 'vtab',
+]

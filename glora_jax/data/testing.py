@@ -1,0 +1,80 @@
+"""Tiny fake prepared tfds datasets for tests: a real builder's features and layout, random content.
+
+Written as array_record without TensorFlow, so VTAB code paths run end to end on any machine.
+"""
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+_FAKE_IMAGE_SIDE = 8  # Used where the real feature leaves height/width free.
+# PNG-encoding noise is most of the writing time: examples cycle through a few encoded images.
+_IMAGE_POOL_SIZE = 16
+
+
+def _png(pixels: np.ndarray) -> bytes:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  buffer = io.BytesIO()
+  Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _fake_value(feature, key: str, split: str, index: int, rng: np.random.Generator,
+                image_pool: dict):
+  if isinstance(feature, tfds.features.Image):
+    pool_key = (key, index % _IMAGE_POOL_SIZE)
+    if pool_key not in image_pool:
+      shape = [d if d is not None else _FAKE_IMAGE_SIDE for d in feature.shape]
+      image_pool[pool_key] = _png(rng.integers(0, 256, size=shape, dtype=np.uint8))
+    return image_pool[pool_key]
+  if isinstance(feature, tfds.features.ClassLabel):
+    return int(rng.integers(feature.num_classes))
+  if isinstance(feature, tfds.features.Text):
+    return f'{split}/{index:06d}'  # Unique per example, so tests can check disjointness.
+  if isinstance(feature, tfds.features.Tensor):
+    return np.zeros([d or 1 for d in feature.shape], dtype=feature.np_dtype)
+  raise NotImplementedError(
+      f"fake data for feature '{key}' of type {type(feature).__name__} is not supported; "
+      'supported: Image, ClassLabel, Text, Tensor')
+
+
+def write_fake_prepared(tfds_id: str, data_dir: str | os.PathLike,
+                        split_sizes: dict[str, int], seed: int = 0) -> pathlib.Path:
+  """Writes `tfds_id` ('cifar100', 'eurosat/rgb') with random examples into data_dir; returns its version folder.
+
+  The features, name and version are those of the real tfds builder, so tfds.data_source reads
+  it exactly like the real prepared dataset. Text features hold '<split>/<index>'.
+  """
+  name, _, config = tfds_id.partition('/')
+  real_cls = tfds.builder_cls(name)
+  rng = np.random.default_rng(seed)
+  image_pool = {}
+
+  class FakeBuilder(real_cls, skip_registration=True):  # pylint: disable=abstract-method
+    code_path = epath.Path(inspect.getfile(real_cls))  # See prepared.builder_code_path.
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(split, n) for split, n in split_sizes.items()}
+
+    def _generate_examples(self, split, num_examples):  # pylint: disable=arguments-differ
+      features = self.info.features
+      for index in range(num_examples):
+        yield index, {key: _fake_value(feature, key, split, index, rng, image_pool)
+                      for key, feature in features.items()}
+
+  FakeBuilder.name = real_cls.name
+  data_dir = pathlib.Path(data_dir)
+  builder = FakeBuilder(config=config or None, data_dir=os.fspath(data_dir), file_format='array_record')
+  with tempfile.TemporaryDirectory() as downloads:
+    builder.download_and_prepare(download_dir=downloads, download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return pathlib.Path(builder.data_dir)
+

@@ -1,0 +1,57 @@
+"""Tokenisation for the text tasks: MiniLM's tokenizer.json through `tokenizers`, fixed-length int32 arrays.
+
+Truncates to max_len (special tokens included, so a long text still ends in [SEP]) and pads right.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+from typing import Sequence
+
+import numpy as np
+import tokenizers
+
+from glora_jax import bundled
+
+DEFAULT_MAX_LEN = 128  # The accuracy protocol's length.
+FIELDS = ('input_ids', 'attention_mask', 'token_type_ids')
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str, max_len: int) -> tokenizers.Tokenizer:
+  tokenizer = tokenizers.Tokenizer.from_file(path)
+  # The file's own padding settings name the pad token; fall back to BERT's '[PAD]'.
+  padding = tokenizer.padding or {}
+  pad_token = padding.get('pad_token', '[PAD]')
+  pad_id = tokenizer.token_to_id(pad_token)
+  if pad_id is None:
+    raise ValueError(f"tokenizer {path} has no pad token '{pad_token}' in its vocabulary; expected a "
+                     'BERT-style vocabulary with [PAD]')
+  tokenizer.enable_truncation(max_length=max_len)
+  tokenizer.enable_padding(length=max_len, pad_id=pad_id, pad_token=pad_token,
+                           pad_type_id=padding.get('pad_type_id', 0))
+  return tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike | None = None, max_len: int = DEFAULT_MAX_LEN) -> tokenizers.Tokenizer:
+  """A tokenizer that truncates and pads to max_len; path defaults to the bundled MiniLM tokenizer.json."""
+  if max_len < 2:
+    raise ValueError(f'max_len is {max_len}; expected at least 2 (room for [CLS] and [SEP])')
+  path = bundled.minilm_tokenizer_path() if path is None else pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'tokenizer file {path} does not exist; expected a tokenizers tokenizer.json')
+  return _load_tokenizer(os.fspath(path), max_len)
+
+
+def tokenize(texts: Sequence[str], tokenizer_path: str | os.PathLike | None = None,
+             max_len: int = DEFAULT_MAX_LEN) -> dict[str, np.ndarray]:
+  """Texts to {'input_ids', 'attention_mask', 'token_type_ids'}, each (len(texts), max_len) int32."""
+  tokenizer = load_tokenizer(tokenizer_path, max_len)
+  encodings = tokenizer.encode_batch([str(t) for t in texts])
+  shape = (len(encodings), max_len)
+  return {
+      'input_ids': np.array([e.ids for e in encodings], dtype=np.int32).reshape(shape),
+      'attention_mask': np.array([e.attention_mask for e in encodings], dtype=np.int32).reshape(shape),
+      'token_type_ids': np.array([e.type_ids for e in encodings], dtype=np.int32).reshape(shape),
+  }
