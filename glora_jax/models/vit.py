@@ -1,0 +1,380 @@
+"""Vision Transformer with timm-like paths (one qkv Dense per block) and stochastic depth,
+with importers for Google's original .npz and timm safetensors, resizing position embeddings."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from glora_jax.models import importers
+
+# The 4 adapted layers of each block (48 in ViT-B): not the patch conv, not the head.
+DEFAULT_TARGETS = r'blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2))/kernel'
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  image_size: int = 224
+  patch_size: int = 16
+  in_channels: int = 3
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  qkv_bias: bool = True
+  num_classes: int = 1000  # 0: no head, the model returns pre-head features
+  # Hidden Dense + tanh before the head, as in the original ImageNet-21k checkpoints.
+  representation_size: int | None = None
+  drop_path_rate: float = 0.0  # stochastic depth, linear from 0 to this over depth
+  dropout_rate: float = 0.0  # after position embedding, attention proj and MLP
+  attention_dropout_rate: float = 0.0
+  layer_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32  # activations; parameters keep their own dtype
+
+  def __post_init__(self):
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f'embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}')
+    if self.image_size % self.patch_size:
+      raise ValueError(f'image_size {self.image_size} is not divisible by patch_size '
+                       f'{self.patch_size}')
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+
+# (embed_dim, depth, num_heads, mlp_dim) of the ViT paper's (and DeiT's Ti/S) sizes.
+PRESETS = {
+    'Ti': (192, 12, 3, 768),
+    'S': (384, 12, 6, 1536),
+    'B': (768, 12, 12, 3072),
+    'L': (1024, 24, 16, 4096),
+}
+
+
+def preset(name: str, **overrides) -> ViTConfig:
+  """preset('B/16', num_classes=100, drop_path_rate=0.1): a size, optionally '/patch'."""
+  size, _, patch = name.partition('/')
+  if size not in PRESETS:
+    raise ValueError(f"unknown ViT size '{size}' in '{name}'; expected one of {sorted(PRESETS)} "
+                     "optionally followed by '/<patch size>', e.g. 'B/16'")
+  dim, depth, heads, mlp = PRESETS[size]
+  fields = dict(embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp)
+  if patch:
+    fields['patch_size'] = int(patch)
+  fields.update(overrides)
+  return ViTConfig(**fields)
+
+
+# --------------------------------------------------------------------------- #
+# Modules
+# --------------------------------------------------------------------------- #
+
+
+def drop_path_rates(config: ViTConfig) -> list[float]:
+  """Stochastic-depth rate of each block: linear from 0 to drop_path_rate (timm)."""
+  return [float(r) for r in np.linspace(0.0, config.drop_path_rate, config.depth)]
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per sample ('dropout' rng)."""
+  rate: float
+
+  def __call__(self, x, *, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class PatchEmbed(nn.Module):
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, images):
+    cfg = self.config
+    x = nn.Conv(cfg.embed_dim, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
+                padding='VALID', dtype=cfg.dtype, name='proj')(images)
+    # Row-major over (h, w), the order of timm's flatten(2) of an NCHW map.
+    return x.reshape(x.shape[0], -1, cfg.embed_dim)
+
+
+class Attention(nn.Module):
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    cfg = self.config
+    heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+    qkv = nn.Dense(3 * cfg.embed_dim, use_bias=cfg.qkv_bias, dtype=cfg.dtype, name='qkv')(x)
+    # Output order is (q, k, v) x heads x head_dim, as timm's reshape(B, N, 3, H, D).
+    q, k, v = jnp.moveaxis(qkv.reshape(*x.shape[:-1], 3, heads, head_dim), -3, 0)
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(head_dim)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(x.shape)
+    out = nn.Dense(cfg.embed_dim, dtype=cfg.dtype, name='proj')(out)
+    return nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    cfg = self.config
+    x = nn.gelu(nn.Dense(cfg.mlp_dim, dtype=cfg.dtype, name='fc1')(x), approximate=False)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dense(cfg.embed_dim, dtype=cfg.dtype, name='fc2')(x)
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  config: ViTConfig
+  drop_path_rate: float
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    cfg = self.config
+    norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name=name)
+    y = Attention(cfg, name='attn')(norm('norm1')(x), deterministic=deterministic)
+    x = x + DropPath(self.drop_path_rate, name='drop_path1')(y, deterministic=deterministic)
+    y = Mlp(cfg, name='mlp')(norm('norm2')(x), deterministic=deterministic)
+    return x + DropPath(self.drop_path_rate, name='drop_path2')(y, deterministic=deterministic)
+
+
+class VisionTransformer(nn.Module):
+  """Images (batch, height, width, channels) -> logits (or features if num_classes=0).
+
+  Blocks are an unrolled loop named blocks_{i}, not nn.scan: per-layer paths for
+  adapters; scan only compiles faster (2.5-3.5x at 32 layers, benchmarks/layer_stacking.py)."""
+  config: ViTConfig
+
+  def setup(self):
+    cfg = self.config
+    self.patch_embed = PatchEmbed(cfg)
+    self.cls_token = self.param('cls_token', nn.initializers.zeros, (1, 1, cfg.embed_dim))
+    self.pos_embed = self.param('pos_embed', nn.initializers.normal(0.02),
+                                (1, cfg.grid_size ** 2 + 1, cfg.embed_dim))
+    # A list attribute in setup names its modules blocks_0, blocks_1, ...
+    self.blocks = [Block(cfg, r) for r in drop_path_rates(cfg)]
+    self.norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype)
+    self.pos_drop = nn.Dropout(cfg.dropout_rate)
+    if cfg.representation_size:
+      self.pre_logits = nn.Dense(cfg.representation_size, dtype=cfg.dtype)
+    if cfg.num_classes:
+      # Zero head, as the original ViT fine-tuning: training starts at uniform logits.
+      self.head = nn.Dense(cfg.num_classes, dtype=cfg.dtype, kernel_init=nn.initializers.zeros)
+
+  def features(self, images, *, deterministic: bool = True):
+    """The class token after the final norm (and pre_logits): the head's input."""
+    cfg = self.config
+    images = jnp.asarray(images, cfg.dtype)
+    if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.in_channels):
+      raise ValueError(f'images have shape {images.shape}; expected (batch, {cfg.image_size}, '
+                       f'{cfg.image_size}, {cfg.in_channels}) (NHWC)')
+    x = self.patch_embed(images)
+    cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, cfg.embed_dim))
+    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
+    x = self.pos_drop(x, deterministic=deterministic)
+    for block in self.blocks:
+      x = block(x, deterministic=deterministic)
+    x = self.norm(x)[:, 0]
+    if cfg.representation_size:
+      x = jnp.tanh(self.pre_logits(x))
+    return x
+
+  def __call__(self, images, *, deterministic: bool = True):
+    x = self.features(images, deterministic=deterministic)
+    return self.head(x) if self.config.num_classes else x
+
+
+# --------------------------------------------------------------------------- #
+# Parameters: shapes, fresh head, position embedding resizing
+# --------------------------------------------------------------------------- #
+
+
+def param_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+  images = jnp.zeros((1, config.image_size, config.image_size, config.in_channels))
+  return importers.param_shapes(VisionTransformer(config), images)
+
+
+def init_head(config: ViTConfig, key=None) -> dict:
+  """Parameters of a fresh (zero) head of `config.num_classes` outputs."""
+  del key  # the head starts at zero; the argument keeps one signature across models
+  width = config.representation_size or config.embed_dim
+  return {'kernel': jnp.zeros((width, config.num_classes)), 'bias': jnp.zeros((config.num_classes,))}
+
+
+def add_head(backbone: Mapping[str, Any], config: ViTConfig, key=None) -> dict:
+  """Backbone params (as the importers return them) plus a fresh head."""
+  if 'head' in backbone:
+    raise ValueError("backbone params already have a 'head'")
+  if not config.num_classes:
+    raise ValueError('config.num_classes is 0: the model has no head')
+  return {**backbone, 'head': init_head(config, key)}
+
+
+def resize_pos_embed(pos_embed, grid: int | Sequence[int], *, num_prefix_tokens: int = 1,
+                     method: str = 'bilinear'):
+  """(1, prefix + h*w, dim) -> (1, prefix + H*W, dim) by interpolating the grid.
+
+  The class token's embedding is kept. 'bilinear' equals torch's F.interpolate
+  (align_corners=False, no antialias), as timm's loader uses; jax's 'bicubic' is
+  Keys' cubic with a=-0.5 (PIL, TF), torch's uses a=-0.75: close, not equal."""
+  pos_embed = np.asarray(pos_embed)
+  new_h, new_w = (grid, grid) if isinstance(grid, int) else tuple(grid)
+  prefix, tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+  old = int(round(np.sqrt(tokens.shape[1])))
+  if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or old * old != tokens.shape[1]:
+    raise ValueError(f'position embedding has shape {pos_embed.shape}; expected (1, '
+                     f'{num_prefix_tokens} + a square grid of tokens, dim)')
+  if (old, old) == (new_h, new_w):
+    return pos_embed
+  grid_embed = tokens.reshape(old, old, -1).astype(np.float32)
+  resized = jax.image.resize(grid_embed, (new_h, new_w, grid_embed.shape[-1]), method=method,
+                             antialias=False)
+  resized = np.asarray(resized, pos_embed.dtype).reshape(1, new_h * new_w, -1)
+  return np.concatenate([prefix, resized], axis=1)
+
+
+# --------------------------------------------------------------------------- #
+# Importers
+# --------------------------------------------------------------------------- #
+
+
+def _pos_embed_transform(config: ViTConfig, method: str):
+  return lambda x: resize_pos_embed(x.reshape(1, -1, x.shape[-1]), config.grid_size,
+                                    method=method)
+
+
+def _heads_merged(x):
+  """(dim, heads, head_dim) -> (dim, heads*head_dim); (heads, head_dim) -> flat."""
+  return x.reshape(x.shape[0], -1) if x.ndim == 3 else x.reshape(-1)
+
+
+def _npz_rules(config: ViTConfig, prefix: str, method: str, load_head: bool):
+  R = importers.Rule
+  p = prefix
+  rules = [
+      R('patch_embed/proj/kernel', (f'{p}embedding/kernel',)),
+      R('patch_embed/proj/bias', (f'{p}embedding/bias',)),
+      R('cls_token', (f'{p}cls',)),
+      R('pos_embed', (f'{p}Transformer/posembed_input/pos_embedding',),
+        _pos_embed_transform(config, method)),
+      R('norm/scale', (f'{p}Transformer/encoder_norm/scale',)),
+      R('norm/bias', (f'{p}Transformer/encoder_norm/bias',)),
+  ]
+  for i in range(config.depth):
+    b, ours = f'{p}Transformer/encoderblock_{i}/', f'blocks_{i}/'
+    mha = b + 'MultiHeadDotProductAttention_1/'
+    for leaf in ('scale', 'bias'):
+      rules.append(R(ours + f'norm1/{leaf}', (b + f'LayerNorm_0/{leaf}',)))
+      rules.append(R(ours + f'norm2/{leaf}', (b + f'LayerNorm_2/{leaf}',)))
+    leaves = ('kernel', 'bias') if config.qkv_bias else ('kernel',)
+    for leaf in leaves:
+      rules.append(R(ours + f'attn/qkv/{leaf}', tuple(mha + f'{n}/{leaf}' for n in ('query', 'key', 'value')),
+                     lambda q, k, v: np.concatenate([_heads_merged(t) for t in (q, k, v)], axis=-1)))
+    # out kernel (heads, head_dim, dim) -> (dim_in, dim)
+    rules.append(R(ours + 'attn/proj/kernel', (mha + 'out/kernel',),
+                   lambda x: x.reshape(-1, x.shape[-1])))
+    rules.append(R(ours + 'attn/proj/bias', (mha + 'out/bias',)))
+    for j, fc in enumerate(('fc1', 'fc2')):
+      for leaf in ('kernel', 'bias'):
+        rules.append(R(ours + f'mlp/{fc}/{leaf}', (b + f'MlpBlock_3/Dense_{j}/{leaf}',)))
+  if config.representation_size:
+    rules += [R(f'pre_logits/{l}', (f'{p}pre_logits/{l}',)) for l in ('kernel', 'bias')]
+  if load_head:
+    rules += [R(f'head/{l}', (f'{p}head/{l}',)) for l in ('kernel', 'bias')]
+  return rules
+
+
+def _timm_rules(config: ViTConfig, method: str, load_head: bool):
+  R, T = importers.Rule, importers.transpose
+  rules = [
+      # torch conv (out, in, kh, kw) -> Flax (kh, kw, in, out)
+      R('patch_embed/proj/kernel', ('patch_embed.proj.weight',), lambda x: x.transpose(2, 3, 1, 0)),
+      R('patch_embed/proj/bias', ('patch_embed.proj.bias',)),
+      R('cls_token', ('cls_token',)),
+      R('pos_embed', ('pos_embed',), _pos_embed_transform(config, method)),
+      R('norm/scale', ('norm.weight',)),
+      R('norm/bias', ('norm.bias',)),
+  ]
+  dense = ['attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2']
+  for i in range(config.depth):
+    for name in dense:
+      ours = f"blocks_{i}/{name.replace('.', '/')}"
+      rules.append(R(f'{ours}/kernel', (f'blocks.{i}.{name}.weight',), T))
+      if name != 'attn.qkv' or config.qkv_bias:
+        rules.append(R(f'{ours}/bias', (f'blocks.{i}.{name}.bias',)))
+    for norm in ('norm1', 'norm2'):
+      rules.append(R(f'blocks_{i}/{norm}/scale', (f'blocks.{i}.{norm}.weight',)))
+      rules.append(R(f'blocks_{i}/{norm}/bias', (f'blocks.{i}.{norm}.bias',)))
+  if config.representation_size:
+    rules += [R('pre_logits/kernel', ('pre_logits.fc.weight',), T),
+              R('pre_logits/bias', ('pre_logits.fc.bias',))]
+  if load_head:
+    rules += [R('head/kernel', ('head.weight',), T), R('head/bias', ('head.bias',))]
+  return rules
+
+
+def _describe(config: ViTConfig) -> str:
+  return (f'ViT (dim {config.embed_dim}, depth {config.depth}, heads {config.num_heads}, '
+          f'patch {config.patch_size})')
+
+
+def convert_npz(checkpoint: Mapping[str, np.ndarray], config: ViTConfig, *, load_head: bool = False,
+                resize: str = 'bilinear', ignore: Sequence[str] = (), source: str = 'checkpoint') -> dict:
+  """Google's original ViT layout ('Transformer/encoderblock_0/...') -> our params."""
+  prefix = next((p for p in ('opt/target/', 'params/') if f'{p}embedding/kernel' in checkpoint), '')
+  ignore = list(ignore) + ([] if load_head else [rf'{prefix}head/.*'])
+  return importers.convert(checkpoint, _npz_rules(config, prefix, resize, load_head),
+                           param_shapes(config), source=source, model=_describe(config),
+                           ignore=ignore, optional=[] if load_head else ['head/.*'])
+
+
+def convert_timm(state: Mapping[str, np.ndarray], config: ViTConfig, *, load_head: bool = False,
+                 resize: str = 'bilinear', ignore: Sequence[str] = (), source: str = 'checkpoint') -> dict:
+  """A timm VisionTransformer state dict (torch names and layouts) -> our params."""
+  ignore = list(ignore) + ([] if load_head else [r'head\..*'])
+  return importers.convert(state, _timm_rules(config, resize, load_head), param_shapes(config),
+                           source=source, model=_describe(config), ignore=ignore,
+                           optional=[] if load_head else ['head/.*'])
+
+
+def load_npz(path, config: ViTConfig, *, load_head: bool = False, resize: str = 'bilinear',
+             ignore: Sequence[str] = (), dtype=jnp.float32) -> dict:
+  """Params from an original ViT / AugReg `.npz` (e.g. ImageNet-21k `ViT-B_16.npz`).
+
+  Without `load_head` the checkpoint's head is dropped and the params have no
+  'head' (see `add_head`). The position embedding is resized to `config.image_size`
+  with `resize`. A checkpoint's `pre_logits` layer needs `config.representation_size`
+  or `ignore=('pre_logits/.*',)` (timm drops it). Every mismatch raises one ValueError."""
+  return importers.cast(convert_npz(importers.read_npz(path), config, load_head=load_head,
+                                    resize=resize, ignore=ignore, source=str(path)), dtype)
+
+
+def load_timm(path, config: ViTConfig, *, load_head: bool = False, resize: str = 'bilinear',
+              ignore: Sequence[str] = (), dtype=jnp.float32) -> dict:
+  """Params from a timm VisionTransformer state dict saved as safetensors; as `load_npz`."""
+  return importers.cast(convert_timm(importers.read_safetensors(path), config, load_head=load_head,
+                                     resize=resize, ignore=ignore, source=str(path)), dtype)
+
+
+def partition_rules() -> list[tuple[str, P]]:
+  """(path regex, PartitionSpec) over a ('data', 'model') mesh, first match wins."""
+  return [
+      (r'.*/attn/qkv/kernel', P(None, 'model')),
+      (r'.*/attn/qkv/bias', P('model')),
+      (r'.*/mlp/fc1/kernel', P(None, 'model')),
+      (r'.*/mlp/fc1/bias', P('model')),
+      (r'.*/(attn/proj|mlp/fc2)/kernel', P('model', None)),
+      (r'patch_embed/proj/kernel', P(None, None, None, 'model')),
+      (r'.*', P()),
+  ]
