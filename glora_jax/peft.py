@@ -225,6 +225,41 @@ def _check_subnet(spec: AdapterSpec, subnet):
 # --------------------------------------------------------------------------- #
 
 
+def _grouped_deltas(spec: AdapterSpec, adapter_params, subnet, flat, modes) -> dict[int, tuple]:
+  """{layer index: (d_kernel, d_bias)} for the layers whose mode is in `modes`.
+
+  Layers with the same family, kernel shape and bias presence are stacked and
+  their deltas computed by one `jax.vmap`-ed call: the compiled program holds one
+  copy of the adapter maths per group instead of one per layer (36 layers of
+  MiniLM form 3 groups), which keeps compile time small."""
+  groups: dict[tuple, list[int]] = {}
+  for i, layer in enumerate(spec.layers):
+    if layer.family.mode not in modes:
+      continue
+    if not layer.family.mergeable:
+      raise ValueError(f"'{layer.path}': the {layer.family.name} adapter is not linear "
+                       'and cannot be merged into the weights')
+    has_bias = f'{layer.path}/bias' in flat
+    groups.setdefault((layer.family, layer.kernel_shape, has_bias), []).append(i)
+  out = {}
+  for (family, _, has_bias), idx in groups.items():
+    paths = [spec.layers[i].path for i in idx]
+    kernels = [flat[f'{p}/kernel'] for p in paths]
+    biases = [flat[f'{p}/bias'] for p in paths] if has_bias else None
+    if len(idx) == 1:
+      out[idx[0]] = family.delta(adapter_params[paths[0]], subnet[idx[0]], kernels[0],
+                                 None if biases is None else biases[0])
+      continue
+    stack = lambda xs: jnp.stack([jnp.asarray(x) for x in xs])
+    dks, dbs = jax.vmap(family.delta)(
+        jax.tree.map(lambda *xs: stack(xs), *[adapter_params[p] for p in paths]),
+        jnp.asarray(subnet)[np.asarray(idx)], stack(kernels),
+        None if biases is None else stack(biases))
+    for j, i in enumerate(idx):
+      out[i] = (dks[j], None if dbs is None else dbs[j])
+  return out
+
+
 def _fold(params, adapters: Adapters, subnet, *, modes, add_missing_bias, cast_back):
   """Folds the adapters of layers whose family mode is in `modes` into the
   kernels/biases. Returns (params, {path: bias delta} for bias-less layers)."""
@@ -233,15 +268,11 @@ def _fold(params, adapters: Adapters, subnet, *, modes, add_missing_bias, cast_b
   inner, wrapped = _unwrap(params)
   flat = dict(flatten(inner))
   missing_bias = {}
-  for i, layer in enumerate(spec.layers):
-    if layer.family.mode not in modes:
-      continue
-    if not layer.family.mergeable:
-      raise ValueError(f"'{layer.path}': the {layer.family.name} adapter is not linear "
-                       'and cannot be merged into the weights')
+  deltas = _grouped_deltas(spec, adapters.params, subnet, flat, modes)
+  for i, (dk, db) in deltas.items():
+    layer = spec.layers[i]
     kernel = flat[f'{layer.path}/kernel']
     bias = flat.get(f'{layer.path}/bias')
-    dk, db = layer.family.delta(adapters.params[layer.path], subnet[i], kernel, bias)
     new_k = kernel.astype(jnp.float32) + dk
     flat[f'{layer.path}/kernel'] = new_k.astype(kernel.dtype) if cast_back else new_k
     if db is None:
