@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.lora_mode = 'weight'
   c.adapter.surm = ml_collections.ConfigDict({'kind': 'circulant', 'form': 'lora'})
   c.subnet = ''  # a subnet JSON (search.py output): train that subnet only
+  c.init_from = ''  # a train.py workdir: start from its latest trainable params
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
@@ -50,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 32
   c.num_epochs = 5
   c.drop_remainder = False
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'model': 1})
+  # num_devices 0 = every device; data -1 = every device not used by 'model'.
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'model': 1, 'num_devices': 0})
   c.checkpoint = ml_collections.ConfigDict({'every_steps': 0, 'keep': 3, 'async_save': True})
   c.on_nonfinite = 'stop'  # stop | skip
   c.log_every_steps = 5

@@ -63,7 +63,8 @@ def validate(config) -> None:
   if config.method == 'glora' and config.get('subnet'):
     need(pathlib.Path(config.subnet).is_file(), f'subnet file {config.subnet} does not exist')
   mesh_data, mesh_model = config.mesh.data, config.mesh.model
-  n = jax.device_count()
+  n = config.mesh.get('num_devices', 0) or jax.device_count()
+  need(n <= jax.device_count(), f'mesh.num_devices={n} but only {jax.device_count()} devices exist')
   need(mesh_model > 0 and n % mesh_model == 0,
        f'mesh.model={mesh_model} must divide the {n} devices')
   data = n // mesh_model if mesh_data == -1 else mesh_data
@@ -118,7 +119,8 @@ class Run:
 
 def build(config) -> Run:
   validate(config)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.model,
+                            jax.devices()[:config.mesh.get('num_devices', 0) or None])
   bundle = tasks.build(config)
   params = bundle.params
   adapters = None
@@ -226,12 +228,9 @@ class _Metrics:
       csv.DictWriter(f, self.FIELDS).writerow(row)
 
 
-def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
-                       progress: bool = True) -> dict:
-  """Trains, evaluates each epoch, checkpoints, and resumes from `workdir`.
-
-  Returns a summary dict (also written to workdir/summary.json)."""
-  run = build(config)  # all config errors surface here, before the workdir is touched
+def make_training(run: Run):
+  """(batches, optimizer, lr schedule, initial state) of a run."""
+  config = run.config
   # Training batches keep the protocol's partial last batch, padded to a static
   # shape and masked out of the mean: the same update as a smaller batch, one compile.
   batches = data.BatchIterator(run.bundle.splits['train'], config.batch_size, shuffle=True,
@@ -239,30 +238,41 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
                                drop_remainder=config.drop_remainder,
                                pad_remainder=not config.drop_remainder)
   per_epoch = batches.batches_per_epoch
-  total_steps = per_epoch * config.num_epochs
-  schedule = _schedule(config, total_steps, per_epoch)
+  schedule = _schedule(config, per_epoch * config.num_epochs, per_epoch)
   optimizer = steps.make_optimizer(schedule, config.optim.weight_decay, config.optim.b1,
                                    config.optim.b2, config.optim.eps,
                                    config.optim.get('clip_norm') or None)
-  supernet = run.spec is not None and run.fixed_subnet is None
-  init_subnet = (run.fixed_subnet if run.fixed_subnet is not None
-                 else np.zeros((1, 1) if run.spec is None else run.spec.num_options.shape, np.int32))
-  state = steps.init_state(run.trainable, optimizer, config.seed, init_subnet)
+  subnet = (run.fixed_subnet if run.fixed_subnet is not None
+            else np.zeros((1, 1) if run.spec is None else run.spec.num_options.shape, np.int32))
+  return batches, optimizer, schedule, steps.init_state(run.trainable, optimizer, config.seed, subnet)
 
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpoint.write_json(workdir / 'config.json', json.loads(config.to_json_best_effort()))
 
-  # Shardings: trainable state replicated (small), frozen backbone by the model's
-  # rules, batches split over 'data'.
+def restore_trainable(run: Run, state, directory) -> dict:
+  """The trainable params of the latest checkpoint under `directory` (a train.py
+  workdir), checked against this run's configuration."""
+  mngr = checkpoint.manager(pathlib.Path(directory) / 'checkpoints')
+  try:
+    restored = checkpoint.restore(mngr, checkpoint.abstract(state),
+                                  fingerprint(run.config, run.spec, run.trainable))
+  finally:
+    mngr.close()
+  if restored is None:
+    raise checkpoint.CheckpointMismatchError(f'no checkpoint in {directory}/checkpoints')
+  return restored[1]['trainable']
+
+
+def make_jitted_step(run: Run, optimizer, state):
+  """(jitted step, state shardings, frozen shardings). Trainable state is
+  replicated (it is small), the frozen backbone sharded by the model's rules,
+  batches split over 'data'; the state is donated. Non-finite steps are flagged,
+  and with on_nonfinite='skip' they leave params and optimizer state unchanged."""
   mesh = run.mesh
   rep = sharding.replicated(mesh)
   state_sh = jax.tree.map(lambda _: rep, state)
   frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, mesh)
-  frozen = jax.device_put(run.frozen, frozen_sh)
-  state = jax.device_put(state, state_sh)
+  supernet = run.spec is not None and run.fixed_subnet is None
   train_step = steps.make_train_step(run.bundle.task, run.spec, optimizer, supernet)
-  skip_nonfinite = config.on_nonfinite == 'skip'
+  skip_nonfinite = run.config.on_nonfinite == 'skip'
 
   def guarded_step(state, frozen, batch):
     new_state, metrics, subnet = train_step(state, frozen, batch)
@@ -275,6 +285,28 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
 
   jit_step = jax.jit(guarded_step, in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
                      out_shardings=(state_sh, rep, rep), donate_argnums=(0,))
+  return jit_step, state_sh, frozen_sh
+
+
+def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
+                       progress: bool = True) -> dict:
+  """Trains, evaluates each epoch, checkpoints, and resumes from `workdir`.
+
+  Returns a summary dict (also written to workdir/summary.json)."""
+  run = build(config)  # all config errors surface here, before the workdir is touched
+  batches, optimizer, schedule, state = make_training(run)
+  per_epoch = batches.batches_per_epoch
+  total_steps = per_epoch * config.num_epochs
+
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoint.write_json(workdir / 'config.json', json.loads(config.to_json_best_effort()))
+
+  jit_step, state_sh, frozen_sh = make_jitted_step(run, optimizer, state)
+  mesh = run.mesh
+  frozen = jax.device_put(run.frozen, frozen_sh)
+  state = jax.device_put(state, state_sh)
+  skip_nonfinite = config.on_nonfinite == 'skip'
   evaluate = make_evaluator(run, config.get('eval_batch_size', config.batch_size))
 
   # Restore.
@@ -286,6 +318,10 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
     step0, state, extra = restored
     batches.restore(extra['data'])
     print(f'resumed from {workdir}/checkpoints/{step0} (iterator at {extra["data"]})', flush=True)
+  elif config.get('init_from'):
+    state = dict(state, trainable=jax.device_put(restore_trainable(run, state, config.init_from),
+                                                 state_sh['trainable']))
+    print(f'initialised the trainable params from {config.init_from}', flush=True)
   metrics_log = _Metrics(workdir / 'metrics.csv', int(state['step']))
 
   def save(step, force=False):
@@ -295,8 +331,9 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
   bar = None
   if progress:
     from tqdm import tqdm
+    tty = sys.stdout.isatty()
     bar = tqdm(total=total_steps, initial=int(state['step']), unit='step', file=sys.stdout,
-               dynamic_ncols=True, disable=None)
+               dynamic_ncols=True, mininterval=0.1 if tty else 30.0)
   val_acc, val_loss = float('nan'), float('nan')
   step = int(state['step'])
   t_last, ex_since = time.perf_counter(), 0

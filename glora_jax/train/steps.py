@@ -95,7 +95,7 @@ def make_train_step(task: Task, spec: peft.AdapterSpec | None, optimizer, supern
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['trainable'])
     trainable = optax.apply_updates(state['trainable'], updates)
     metrics = {'loss': loss, 'accuracy': correct / jnp.maximum(n, 1.0), 'examples': n,
-               'grad_norm': optax.global_norm(grads),
+               'grad_norm': optax.tree.norm(grads),
                'subnet_params': (subnet_lib.count_params(spec, subnet) if spec is not None
                                  else jnp.zeros((), jnp.int32))}
     new_state = dict(state, step=state['step'] + 1, trainable=trainable, opt_state=opt_state)

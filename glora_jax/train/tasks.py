@@ -55,6 +55,10 @@ def text_classification(config) -> Bundle:
   mc, dc = config.model, config.data
   if mc.name == 'minilm':
     bert_config, backbone = bert.load_minilm(dtype=_dtype(mc.get('param_dtype', 'float32')))
+    if mc.get('layers', 0):  # keep the first `layers` pretrained layers (small test models)
+      bert_config = dataclasses.replace(bert_config, num_hidden_layers=mc.layers)
+      backbone = dict(backbone, encoder={f'layer_{i}': backbone['encoder'][f'layer_{i}']
+                                         for i in range(mc.layers)})
     if mc.get('dropout', None) is not None:
       bert_config = dataclasses.replace(bert_config, hidden_dropout_prob=mc.dropout,
                                         attention_probs_dropout_prob=mc.dropout)
