@@ -10,6 +10,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
   from glora_jax.train.checkpoint import CheckpointMismatchError
   from glora_jax.train.loop import ConfigError, NonFiniteLossError
   errors = [ConfigError, CheckpointMismatchError, MissingAssetError, NonFiniteLossError]
+  from glora_jax.search.evolution import BudgetError
+  errors.append(BudgetError)
   try:
     from glora_jax.data import DatasetNotPreparedError
     errors.append(DatasetNotPreparedError)

@@ -256,12 +256,16 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
   return archive
 
 
+class BudgetError(ValueError):
+  """No subnet of the search space meets the parameter budget."""
+
+
 def check_budget(spec: AdapterSpec, cfg: SearchConfig) -> None:
   """Fails at once when no subnet can meet the parameter budget."""
   valid = np.arange(spec.option_costs.shape[-1]) < spec.num_options[..., None]
   lo = np.where(valid, spec.option_costs, np.iinfo(np.int64).max).min(-1).sum() + spec.fixed_costs.sum()
   hi = np.where(valid, spec.option_costs, -1).max(-1).sum() + spec.fixed_costs.sum()
   if lo > cfg.param_limit or hi < cfg.min_param_limit:
-    raise ValueError(
+    raise BudgetError(
         f'no subnet meets the parameter budget [{cfg.min_param_limit:,.0f}, {cfg.param_limit:,.0f}]: '
         f'subnets of this search space have between {lo:,} and {hi:,} adapter parameters')

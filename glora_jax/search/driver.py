@@ -1,0 +1,124 @@
+"""search.py's work: load a supernet checkpoint, search, optionally retrain,
+measure test accuracy once, merge and export.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from glora_jax import peft
+from glora_jax.search import evolution, export, fitness as fitness_lib
+from glora_jax.search import subnet as subnet_lib
+from glora_jax.train import checkpoint, loop, sharding
+
+
+def load_config(ckpt) -> ml_collections.ConfigDict:
+  path = pathlib.Path(ckpt) / 'config.json'
+  if not path.is_file():
+    raise checkpoint.CheckpointMismatchError(
+        f'{ckpt} is not a train.py workdir: {path} does not exist')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def _plot(archive: evolution.Archive, front: np.ndarray, path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  n = archive.size
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  sc = axes[0].scatter(archive.params[:n] / 1e3, archive.accuracy[:n], c=archive.generation[:n],
+                       s=12, cmap='viridis')
+  axes[0].plot(archive.params[front] / 1e3, archive.accuracy[front], 'r.-', label='Pareto front')
+  axes[0].set(xlabel='adapter parameters (K)', ylabel='val accuracy', title='candidates')
+  axes[0].legend(loc='lower right')
+  fig.colorbar(sc, ax=axes[0], label='generation')
+  gens = np.unique(archive.generation[:n])
+  best_so_far = [archive.accuracy[:n][archive.generation[:n] <= g].max() for g in gens]
+  best_in_gen = [archive.accuracy[:n][archive.generation[:n] == g].max() for g in gens]
+  axes[1].plot(gens, best_so_far, 'o-', label='best so far')
+  axes[1].plot(gens, best_in_gen, 's--', label='best of generation')
+  axes[1].set(xlabel='generation', ylabel='val accuracy', title='progress')
+  axes[1].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int = 8,
+                      eval_batch_size: int = 32, retrain_epochs: int = 0,
+                      stop_after_generations: int | None = None, log=print) -> dict:
+  ckpt = pathlib.Path(ckpt)
+  config = load_config(ckpt)
+  if config.method != 'glora':
+    raise loop.ConfigError(f"{ckpt} trained method '{config.method}'; search needs a GLoRA "
+                           'supernet (method glora)')
+  out = pathlib.Path(out) if out else ckpt / 'search'
+  run = loop.build(config)
+  evolution.check_budget(run.spec, cfg)  # fail before any expensive work
+  out.mkdir(parents=True, exist_ok=True)
+  _, _, _, state = loop.make_training(run)
+  trainable = loop.restore_trainable(run, state, ckpt)
+  frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, run.mesh)
+  frozen = jax.device_put(run.frozen, frozen_sh)
+
+  fit = fitness_lib.Fitness(run.bundle.task, run.spec, run.mesh, trainable, frozen, frozen_sh,
+                            run.bundle.splits['eval'], chunk=chunk, batch_size=eval_batch_size)
+  t0 = time.perf_counter()
+  archive = evolution.run(run.spec, fit, cfg, out, log=log,
+                          stop_after_generations=stop_after_generations)
+  search_s = time.perf_counter() - t0
+  n = archive.size
+  front = evolution.pareto_front(archive.params[:n], archive.accuracy[:n])
+  best = int(archive.top(1)[0])
+  best_subnet = archive.cands[best]
+  (out / 'best_subnet.json').write_text(subnet_lib.dumps(run.spec, best_subnet))
+  checkpoint.write_json(out / 'pareto.json', [
+      {'params': int(archive.params[i]), 'val_accuracy': float(archive.accuracy[i]),
+       'generation': int(archive.generation[i]), 'subnet': subnet_lib.to_dict(run.spec, archive.cands[i])}
+      for i in front])
+  _plot(archive, front, out / 'search.png')
+  if stop_after_generations is not None and stop_after_generations < cfg.generations:
+    return {'stopped_after_generations': stop_after_generations}
+
+  if retrain_epochs:
+    retrain_config = ml_collections.ConfigDict(config.to_dict())
+    retrain_config.subnet = str(out / 'best_subnet.json')
+    retrain_config.init_from = str(ckpt)
+    retrain_config.num_epochs = retrain_epochs
+    log(f'retraining the chosen subnet for {retrain_epochs} epochs in {out / "retrain"}')
+    loop.train_and_evaluate(retrain_config, out / 'retrain')
+    trainable = loop.restore_trainable(run, state, out / 'retrain')
+
+  # Test accuracy, measured once, with the adapters and with the merged plain params.
+  test = run.bundle.splits['test']
+  adapters = peft.Adapters(params=trainable['adapters'], spec=run.spec)
+  forward = run.bundle.task.forward
+  preds_adapted = export.predict(forward, peft.combine(run.frozen, trainable['model']), adapters,
+                                 jax.numpy.asarray(best_subnet), test, eval_batch_size)
+  merged = export.merged_params(run.bundle.params, trainable, run.spec, best_subnet)
+  preds_merged = export.predict(forward, merged, None, None, test, eval_batch_size)
+  labels = np.asarray(test['label'])
+  val_acc = float(fit(best_subnet[None])[0]) if retrain_epochs else float(archive.accuracy[best])
+  export.save_orbax(out / 'merged_params', merged)
+  export.save_safetensors(out / 'merged_params.safetensors', merged)
+  summary = {
+      'subnet_file': str(out / 'best_subnet.json'),
+      'adapter_params': int(subnet_lib.count_params(run.spec, best_subnet)),
+      'head_params': int(sum(np.size(x) for x in jax.tree.leaves(trainable['model']))),
+      'val_accuracy': val_acc,
+      'test_accuracy': float((preds_adapted == labels).mean()),
+      'test_accuracy_merged': float((preds_merged == labels).mean()),
+      'merged_prediction_agreement': float((preds_adapted == preds_merged).mean()),
+      'candidates_evaluated': int(n), 'pareto_points': int(len(front)),
+      'search_seconds': search_s, 'candidates_per_second': fit.evaluated / max(search_s, 1e-9),
+      'retrain_epochs': retrain_epochs, 'search_config': dataclasses.asdict(cfg),
+      'merged_params': [str(out / 'merged_params'), str(out / 'merged_params.safetensors')],
+  }
+  checkpoint.write_json(out / 'summary.json', summary)
+  return summary
