@@ -49,6 +49,9 @@ def validate(config) -> None:
       raise ConfigError(msg)
 
   need(config.method in METHODS, f"method '{config.method}' is unknown; allowed: {list(METHODS)}")
+  if config.task == 'causal_lm':
+    need(config.method in ADAPTER_METHODS + ('full',),
+         f"method '{config.method}' needs a task head; causal_lm allows {list(ADAPTER_METHODS + ('full',))}")
   need(config.task in tasks.KNOWN_TASKS, f"task '{config.task}' is unknown; allowed: {list(tasks.KNOWN_TASKS)}")
   need(config.optim.lr > 0, f'optim.lr must be > 0, got {config.optim.lr}')
   need(config.optim.weight_decay >= 0, f'optim.weight_decay must be >= 0, got {config.optim.weight_decay}')
@@ -132,8 +135,12 @@ def build(config) -> Run:
                              key=jax.random.fold_in(jax.random.key(config.seed), 1))
     except ValueError as e:
       raise ConfigError(f'adapter: {e}') from None
-  patterns = ['.*'] if config.method == 'full' else [bundle.head_pattern]
-  model_trainable, frozen = peft.partition(params, patterns)
+  if config.method == 'full':
+    model_trainable, frozen = params, {}
+  elif bundle.head_pattern is None:  # no task head (causal LM): only adapters train
+    model_trainable, frozen = {}, params
+  else:
+    model_trainable, frozen = peft.partition(params, [bundle.head_pattern])
   frozen_dtype = jnp.dtype(config.model.get('frozen_dtype', 'float32'))
   frozen = jax.tree.map(lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                         frozen)

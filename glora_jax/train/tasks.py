@@ -4,7 +4,8 @@ where the generic training loop meets specific models and datasets.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +25,8 @@ class Bundle:
   partition_rules: list
   splits: dict[str, dict[str, np.ndarray]]  # name -> arrays with a leading example axis
   default_targets: str
-  head_pattern: str
+  head_pattern: str | None  # trainable with the adapters; None: no task head
   metadata: dict
-  plain_model: Callable[[dict], Any] | None = None  # the model for merged params
 
 
 def _dtype(name: str):
@@ -93,7 +93,124 @@ def text_classification(config) -> Bundle:
                 metadata={'class_names': list(meta['class_names']), 'num_classes': num_classes})
 
 
-BUILDERS = {'text_classification': text_classification}
+IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
+
+
+def _image_splits(dc) -> tuple[dict, int]:
+  """{role: source} for an image dataset. mnist5k is bundled (uint8 arrays,
+  normalised in the forward pass); VTAB tasks read a prepared data_dir and come
+  preprocessed (224 bicubic, ImageNet mean/std)."""
+  from glora_jax import data
+  data_dir = dc.get('data_dir') or None
+  splits = {}
+  for role in ('train', 'eval', 'test'):
+    split = dc.get(f'{role}_split', '')
+    if not split:
+      continue
+    if dc.name == 'mnist5k':
+      arrays = data.load_arrays(dc.name, split, data_dir)
+      arrays = {'image': arrays['image'], 'label': arrays['label'].astype(np.int32)}
+      limit = dc.get('limit', 0)
+      splits[role] = {k: v[:limit] for k, v in arrays.items()} if limit else arrays
+    else:
+      splits[role] = data.load_source(dc.name, split, data_dir)
+  return splits, data.num_classes(dc.name)
+
+
+def image_classification(config) -> Bundle:
+  from glora_jax.models import vit
+
+  mc, dc = config.model, config.data
+  splits, num_classes = _image_splits(dc)
+  cfg = vit.preset(mc.preset, image_size=mc.image_size, num_classes=num_classes,
+                   in_channels=mc.get('in_channels', 3), drop_path_rate=mc.get('drop_path', 0.0),
+                   representation_size=mc.get('representation_size', 0) or None)
+  model = vit.VisionTransformer(cfg)
+  if mc.get('checkpoint', ''):
+    path = str(mc.checkpoint)
+    load = vit.load_npz if path.endswith('.npz') else vit.load_timm
+    ignore = [] if cfg.representation_size else ['pre_logits/.*']
+    params = vit.add_head(load(path, cfg, ignore=ignore), cfg)
+  else:  # random init (tests, or training from scratch)
+    params = model.init(jax.random.key(config.seed),
+                        jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.in_channels)))['params']
+
+  def forward(params, adapters, subnet, batch, train, rng):
+    images = batch['image']
+    if images.dtype == jnp.uint8:  # bundled digits: scale to [0, 1] and standardise
+      images = (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+    kwargs = dict(deterministic=not train)
+    if train and rng is not None:
+      kwargs['rngs'] = {'dropout': rng}
+    if adapters is None:
+      return model.apply({'params': params}, images, **kwargs)
+    return peft.forward(model, params, adapters, subnet, images, **kwargs)
+
+  return Bundle(model=model, params=params, task=steps.Task(forward, steps.classification_loss),
+                partition_rules=vit.partition_rules(), splits=splits,
+                default_targets=vit.DEFAULT_TARGETS, head_pattern=r'head/.*',
+                metadata={'num_classes': num_classes})
+
+
+def lm_loss(logits, batch):
+  """Next-token cross-entropy summed over real tokens (attention_mask, rows
+  masked by batch['mask']): (sum, number of predicted tokens, correct tokens)."""
+  targets = batch['input_ids'][:, 1:]
+  weights = batch['attention_mask'][:, 1:].astype(jnp.float32)
+  if 'mask' in batch:
+    weights = weights * batch['mask'][:, None].astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+  nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  correct = (jnp.argmax(logits[:, :-1], -1) == targets).astype(jnp.float32)
+  return jnp.sum(nll * weights), jnp.sum(weights), jnp.sum(correct * weights)
+
+
+def causal_lm(config) -> Bundle:
+  """A LLaMA decoder trained with the causal-LM loss. Without a checkpoint, a
+  small random LLaMA on the bundled BBC News texts (MiniLM's tokenizer)."""
+  from glora_jax import bundled, data
+  from glora_jax.models import llama
+
+  mc, dc = config.model, config.data
+  if mc.get('checkpoint', ''):
+    cfg, params = llama.load_llama(mc.checkpoint, dtype=_dtype(mc.get('param_dtype', 'float32')))
+    tokenizer = pathlib.Path(mc.checkpoint) / 'tokenizer.json'
+  else:
+    tokenizer = bundled.minilm_tokenizer_path()
+    cfg = llama.LlamaConfig(vocab_size=30522, hidden_size=mc.hidden, intermediate_size=mc.intermediate,
+                            num_hidden_layers=mc.layers, num_attention_heads=mc.heads,
+                            num_key_value_heads=mc.kv_heads, max_position_embeddings=max(512, dc.max_len))
+    params = None
+  model = llama.LlamaForCausalLM(cfg)
+  if params is None:
+    params = model.init(jax.random.key(config.seed), jnp.zeros((1, 8), jnp.int32))['params']
+  splits = {}
+  for role in ('train', 'eval', 'test'):
+    split = dc.get(f'{role}_split', '')
+    if split:
+      arrays, _ = data.load_text_classification(dc.name, split, tokenizer_path=tokenizer,
+                                                max_len=dc.max_len, data_dir=dc.get('data_dir') or None)
+      arrays = {k: arrays[k] for k in ('input_ids', 'attention_mask')}
+      limit = dc.get('limit', 0)
+      splits[role] = {k: v[:limit] for k, v in arrays.items()} if limit else arrays
+
+  def forward(params, adapters, subnet, batch, train, rng):
+    del rng  # no dropout in this decoder
+    args = (batch['input_ids'], batch['attention_mask'])
+    if adapters is None:
+      return model.apply({'params': params}, *args)
+    return peft.forward(model, params, adapters, subnet, *args)
+
+  # Every parameter but the adapters is frozen for LLaMA (no task head).
+  return Bundle(model=model, params=params, task=steps.Task(forward, lm_loss),
+                partition_rules=llama.partition_rules(), splits=splits,
+                default_targets=llama.DEFAULT_TARGETS, head_pattern=None,
+                metadata={'vocab_size': cfg.vocab_size})
+
+
+BUILDERS = {'text_classification': text_classification,
+            'image_classification': image_classification, 'causal_lm': causal_lm}
 
 
 def build(config) -> Bundle:

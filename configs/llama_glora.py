@@ -1,0 +1,26 @@
+"""GLoRA on a LLaMA decoder with the causal-LM loss. Without --config.model.checkpoint
+(a Hugging Face LLaMA directory: config.json, safetensors, tokenizer.json) a small
+random LLaMA is trained on the bundled BBC News texts with MiniLM's tokenizer.
+`:tiny` shrinks it for tests."""
+from configs.common import base_config
+
+
+def get_config(arg: str | None = None):
+  c = base_config()
+  c.task = 'causal_lm'
+  c.method = 'glora'
+  c.model.name = 'llama'
+  c.model.checkpoint = ''
+  c.model.hidden = 256
+  c.model.intermediate = 688
+  c.model.layers = 4
+  c.model.heads = 4
+  c.model.kv_heads = 2
+  c.data.max_len = 128
+  c.optim.lr = 1e-3
+  c.num_epochs = 1
+  if arg == 'tiny':
+    c.model.hidden, c.model.intermediate, c.model.layers = 64, 128, 2
+    c.data.max_len, c.data.limit, c.batch_size, c.eval_batch_size = 32, 32, 16, 16
+    c.log_every_steps = 1
+  return c

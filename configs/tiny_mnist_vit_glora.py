@@ -1,0 +1,20 @@
+"""A small ViT with a GLoRA supernet on the bundled MNIST digits (random init): tests and smoke runs."""
+from configs.common import base_config
+
+
+def get_config(arg: str | None = None):
+  c = base_config()
+  c.task = 'image_classification'
+  c.method = arg or 'glora'
+  c.model.name = 'vit'
+  c.model.preset = 'Ti/7'
+  c.model.image_size = 28
+  c.model.in_channels = 1
+  c.model.drop_path = 0.1
+  c.data.name = 'mnist5k'
+  c.data.limit = 64
+  c.batch_size = 16
+  c.eval_batch_size = 16
+  c.num_epochs = 1
+  c.log_every_steps = 1
+  return c
