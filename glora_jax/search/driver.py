@@ -74,6 +74,10 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
                           stop_after_generations=stop_after_generations)
   search_s = time.perf_counter() - t0
   n = archive.size
+  if n == 0:
+    raise evolution.BudgetError(
+        f'no candidate within the parameter budget [{cfg.min_param_limit:,.0f}, '
+        f'{cfg.param_limit:,.0f}] was found by random sampling; widen the budget')
   front = evolution.pareto_front(archive.params[:n], archive.accuracy[:n])
   best = int(archive.top(1)[0])
   best_subnet = archive.cands[best]

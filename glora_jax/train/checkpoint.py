@@ -40,7 +40,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict, force:
 
 
 def _compare(found: dict, expected: dict, where: str) -> None:
-  for key in sorted(set(found) | set(expected)):
+  # The fingerprint's own order: the coarsest difference (task, model, method) first.
+  for key in list(expected) + sorted(set(found) - set(expected)):
     if found.get(key) != expected.get(key):
       raise CheckpointMismatchError(
           f'checkpoint {where} does not match this run: {key} is {found.get(key)!r} in the '

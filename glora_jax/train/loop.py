@@ -124,7 +124,10 @@ def build(config) -> Run:
   validate(config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model,
                             jax.devices()[:config.mesh.get('num_devices', 0) or None])
-  bundle = tasks.build(config)
+  try:
+    bundle = tasks.build(config)
+  except (ValueError, KeyError, AttributeError) as e:  # unknown dataset, model, config field
+    raise ConfigError(f'{type(e).__name__ if not isinstance(e, ValueError) else "config"}: {e}') from None
   params = bundle.params
   adapters = None
   if config.method in ADAPTER_METHODS:
@@ -144,6 +147,10 @@ def build(config) -> Run:
   frozen_dtype = jnp.dtype(config.model.get('frozen_dtype', 'float32'))
   frozen = jax.tree.map(lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                         frozen)
+  try:
+    bundle.splits  # read the data now that the cheap checks have passed
+  except ValueError as e:
+    raise ConfigError(f'data: {e}') from None
   trainable = {'model': model_trainable, 'adapters': {} if adapters is None else adapters.params}
   spec = None if adapters is None else adapters.spec
   fixed = None

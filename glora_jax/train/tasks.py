@@ -4,6 +4,7 @@ where the generic training loop meets specific models and datasets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any
 
@@ -19,14 +20,21 @@ KNOWN_TASKS = ('text_classification', 'image_classification', 'causal_lm')
 
 @dataclasses.dataclass
 class Bundle:
+  """A model with its params, loss and data. `splits` ({'train', 'eval', 'test'} ->
+  arrays or a random-access source) are read on first use, after the cheap checks
+  of adapters and config have passed."""
   model: Any
   params: dict  # full model params: pretrained backbone + fresh head
   task: steps.Task
   partition_rules: list
-  splits: dict[str, dict[str, np.ndarray]]  # name -> arrays with a leading example axis
+  load_splits: Any  # () -> dict of splits
   default_targets: str
   head_pattern: str | None  # trainable with the adapters; None: no task head
   metadata: dict
+
+  @functools.cached_property
+  def splits(self) -> dict:
+    return self.load_splits()
 
 
 def _dtype(name: str):
@@ -70,16 +78,21 @@ def text_classification(config) -> Bundle:
   else:
     raise ValueError(f"unknown text model '{mc.name}'; known: minilm, bert_random")
 
-  splits, meta = {}, {}
-  for role in ('train', 'eval', 'test'):
-    split = dc.get(f'{role}_split', '')
-    if split:
-      arrays, meta = data.load_text_classification(
-          dc.name, split, tokenizer_path=bundled.minilm_tokenizer_path(), max_len=dc.max_len,
-          data_dir=dc.get('data_dir') or None)
-      limit = dc.get('limit', 0)
-      splits[role] = {k: v[:limit] for k, v in arrays.items()} if limit else arrays
-  num_classes = len(meta['class_names'])
+  data.splits(dc.name)  # an unknown dataset fails here, before anything is loaded
+
+  def load_splits():
+    splits = {}
+    for role in ('train', 'eval', 'test'):
+      split = dc.get(f'{role}_split', '')
+      if split:
+        arrays, _ = data.load_text_classification(
+            dc.name, split, tokenizer_path=bundled.minilm_tokenizer_path(), max_len=dc.max_len,
+            data_dir=dc.get('data_dir') or None)
+        limit = dc.get('limit', 0)
+        splits[role] = {k: v[:limit] for k, v in arrays.items()} if limit else arrays
+    return splits
+
+  num_classes = data.num_classes(dc.name)
   model = bert.BertClassifier(bert_config, num_classes)
   key = jax.random.key(config.seed)
   if backbone is None:
@@ -88,16 +101,12 @@ def text_classification(config) -> Bundle:
   else:
     params = bert.add_head(backbone, bert_config, num_classes, key)
   return Bundle(model=model, params=params, task=steps.Task(_bert_forward(model), steps.classification_loss),
-                partition_rules=bert.partition_rules(), splits=splits,
+                partition_rules=bert.partition_rules(), load_splits=load_splits,
                 default_targets=bert.DEFAULT_TARGETS, head_pattern=r'head/.*',
-                metadata={'class_names': list(meta['class_names']), 'num_classes': num_classes})
+                metadata={'num_classes': num_classes})
 
 
-IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
-
-
-def _image_splits(dc) -> tuple[dict, int]:
+def _image_splits(dc) -> dict:
   """{role: source} for an image dataset. mnist5k is bundled (uint8 arrays,
   normalised in the forward pass); VTAB tasks read a prepared data_dir and come
   preprocessed (224 bicubic, ImageNet mean/std)."""
@@ -115,14 +124,19 @@ def _image_splits(dc) -> tuple[dict, int]:
       splits[role] = {k: v[:limit] for k, v in arrays.items()} if limit else arrays
     else:
       splits[role] = data.load_source(dc.name, split, data_dir)
-  return splits, data.num_classes(dc.name)
+  return splits
 
 
 def image_classification(config) -> Bundle:
   from glora_jax.models import vit
 
+  from glora_jax import data
+
   mc, dc = config.model, config.data
-  splits, num_classes = _image_splits(dc)
+  num_classes = data.num_classes(dc.name)  # an unknown dataset fails here
+  # Sources are random-access and lazy, so open them now: an unprepared VTAB
+  # data_dir fails before the (slow) model initialisation.
+  splits = _image_splits(dc)
   cfg = vit.preset(mc.preset, image_size=mc.image_size, num_classes=num_classes,
                    in_channels=mc.get('in_channels', 3), drop_path_rate=mc.get('drop_path', 0.0),
                    representation_size=mc.get('representation_size', 0) or None)
@@ -148,7 +162,7 @@ def image_classification(config) -> Bundle:
     return peft.forward(model, params, adapters, subnet, images, **kwargs)
 
   return Bundle(model=model, params=params, task=steps.Task(forward, steps.classification_loss),
-                partition_rules=vit.partition_rules(), splits=splits,
+                partition_rules=vit.partition_rules(), load_splits=lambda: splits,
                 default_targets=vit.DEFAULT_TARGETS, head_pattern=r'head/.*',
                 metadata={'num_classes': num_classes})
 
@@ -185,15 +199,19 @@ def causal_lm(config) -> Bundle:
   model = llama.LlamaForCausalLM(cfg)
   if params is None:
     params = model.init(jax.random.key(config.seed), jnp.zeros((1, 8), jnp.int32))['params']
-  splits = {}
-  for role in ('train', 'eval', 'test'):
-    split = dc.get(f'{role}_split', '')
-    if split:
-      arrays, _ = data.load_text_classification(dc.name, split, tokenizer_path=tokenizer,
-                                                max_len=dc.max_len, data_dir=dc.get('data_dir') or None)
-      arrays = {k: arrays[k] for k in ('input_ids', 'attention_mask')}
-      limit = dc.get('limit', 0)
-      splits[role] = {k: v[:limit] for k, v in arrays.items()} if limit else arrays
+  data.splits(dc.name)
+
+  def load_splits():
+    splits = {}
+    for role in ('train', 'eval', 'test'):
+      split = dc.get(f'{role}_split', '')
+      if split:
+        arrays, _ = data.load_text_classification(dc.name, split, tokenizer_path=tokenizer,
+                                                  max_len=dc.max_len, data_dir=dc.get('data_dir') or None)
+        arrays = {k: arrays[k] for k in ('input_ids', 'attention_mask')}
+        limit = dc.get('limit', 0)
+        splits[role] = {k: v[:limit] for k, v in arrays.items()} if limit else arrays
+    return splits
 
   def forward(params, adapters, subnet, batch, train, rng):
     del rng  # no dropout in this decoder
@@ -204,7 +222,7 @@ def causal_lm(config) -> Bundle:
 
   # Every parameter but the adapters is frozen for LLaMA (no task head).
   return Bundle(model=model, params=params, task=steps.Task(forward, lm_loss),
-                partition_rules=llama.partition_rules(), splits=splits,
+                partition_rules=llama.partition_rules(), load_splits=load_splits,
                 default_targets=llama.DEFAULT_TARGETS, head_pattern=None,
                 metadata={'vocab_size': cfg.vocab_size})
 
