@@ -56,4 +56,5 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict({'every_steps': 0, 'keep': 3, 'async_save': True})
   c.on_nonfinite = 'stop'  # stop | skip
   c.log_every_steps = 5
+  c.eval_every_epochs = 1  # 0: evaluate once, at the end
   return c

@@ -20,43 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from glora_jax.adapters.base import AdapterFamily
+from glora_jax.paths import flatten, natural_key, unflatten  # noqa: F401 (part of peft's API)
 
 Params = Mapping[str, Any]
 
 # --------------------------------------------------------------------------- #
 # Paths
 # --------------------------------------------------------------------------- #
-
-
-def _key_name(k) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def flatten(tree: Params) -> dict[str, Any]:
-  """{'a': {'b': x}} -> {'a/b': x} (leaves in tree order)."""
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    flat['/'.join(_key_name(k) for k in path)] = leaf
-  return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """Inverse of `flatten` for nested dicts."""
-  tree: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    node = tree
-    *parents, last = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return tree
-
-
-def _natural_key(path: str):
-  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', path)]
 
 
 def _unwrap(params: Params) -> tuple[Params, bool]:
@@ -71,7 +41,7 @@ def _rewrap(inner: Params, wrapped: bool) -> Params:
 
 
 def _examples(paths: Iterable[str], n: int = 6) -> str:
-  paths = sorted(paths, key=_natural_key)
+  paths = sorted(paths, key=natural_key)
   shown = ', '.join(f"'{p}'" for p in paths[:n])
   return shown + (f', ... ({len(paths)} in all)' if len(paths) > n else '')
 
@@ -197,7 +167,7 @@ def attach(params: Params, family: AdapterFamily | None = None, targets: str | N
   if isinstance(key, int):
     key = jax.random.key(key)
   layers, adapter_params = [], {}
-  for i, kpath in enumerate(sorted(assigned, key=_natural_key)):
+  for i, kpath in enumerate(sorted(assigned, key=natural_key)):
     fam = assigned[kpath]
     mpath = kpath[:-len('/kernel')]
     shape = tuple(int(d) for d in np.shape(flat[kpath]))

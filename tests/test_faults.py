@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, '.')
-from configs import tiny_bbc_glora  # noqa: E402
+from helpers import tiny_config as config, trainable_of  # noqa: E402
 from glora_jax import bundled  # noqa: E402
 from glora_jax.train import checkpoint, loop  # noqa: E402
 
@@ -39,24 +39,6 @@ def run_until(cmd, ready, timeout=600):
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-
-
-def config(**overrides):
-  c = tiny_bbc_glora.get_config()
-  c.checkpoint.async_save = False
-  for k, v in overrides.items():
-    node = c
-    *parents, last = k.split('.')
-    for p in parents:
-      node = node[p]
-    node[last] = v
-  return c
-
-
-def trainable_of(cfg, workdir):
-  run = loop.build(cfg)
-  _, _, _, state = loop.make_training(run)
-  return loop.restore_trainable(run, state, workdir)
 
 
 def latest_step(workdir):

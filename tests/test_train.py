@@ -8,31 +8,13 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, '.')
-from configs import tiny_bbc_glora  # noqa: E402
+from helpers import tiny_config as tiny, trainable_of  # noqa: E402
 from glora_jax.train import loop, sharding  # noqa: E402
-
-
-def tiny(**overrides):
-  c = tiny_bbc_glora.get_config()
-  c.checkpoint.async_save = False
-  for k, v in overrides.items():
-    node = c
-    *parents, last = k.split('.')
-    for p in parents:
-      node = node[p]
-    node[last] = v
-  return c
 
 
 def losses(workdir):
   with open(workdir / 'metrics.csv') as f:
     return [float(r['train_loss']) for r in csv.DictReader(f) if r['train_loss']]
-
-
-def trainable_of(config, workdir):
-  run = loop.build(config)
-  _, _, _, state = loop.make_training(run)
-  return loop.restore_trainable(run, state, workdir)
 
 
 def test_loss_falls_on_real_data(tmp_path):

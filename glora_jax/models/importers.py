@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from glora_jax.paths import flatten, key_name, natural_key, unflatten  # noqa: F401 (re-exported)
+
 PathLike = str | os.PathLike
 Array = Any
 
@@ -89,35 +91,6 @@ def read_npz(path: PathLike) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- #
 # Trees and paths
 # --------------------------------------------------------------------------- #
-
-
-def key_name(k) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-  """{'a': {'b': x}} -> {'a/b': x}."""
-  return {'/'.join(key_name(k) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    node = tree
-    *parents, last = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return tree
-
-
-def natural_key(path: str):
-  """Sort key that puts layer_2 before layer_10."""
-  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', path)]
 
 
 def param_shapes(model, *example_args, **example_kwargs) -> dict[str, tuple[int, ...]]:

@@ -351,12 +351,17 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
   val_acc, val_loss = float('nan'), float('nan')
   step = int(state['step'])
   t_last, ex_since = time.perf_counter(), 0
+  step_ms = []  # full batches only
+  eval_every = config.get('eval_every_epochs', 1)
   stopped_early = False
   for batch in batches:
     epoch = batches.state['epoch'] - (batches.state['position'] == 0)  # epoch of this batch
+    t_step = time.perf_counter()
     state, metrics, _ = jit_step(state, frozen, sharding.put_batch(batch, mesh))
     step += 1
-    m = jax.device_get(metrics)
+    m = jax.device_get(metrics)  # waits for the step: the timing covers fwd, bwd and update
+    if batch['mask'].all():
+      step_ms.append(1e3 * (time.perf_counter() - t_step))
     if not m['finite'] and not skip_nonfinite:
       mngr.wait_until_finished()
       raise NonFiniteLossError(
@@ -376,7 +381,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
     if bar is not None:
       bar.update(1)
       bar.set_postfix(loss=f'{float(m["loss"]):.4f}', epoch=epoch)
-    if epoch_done and 'eval' in run.bundle.splits:
+    if epoch_done and 'eval' in run.bundle.splits and eval_every and (epoch + 1) % eval_every == 0:
       val_loss, val_acc = evaluate(state['trainable'], frozen, run.bundle.splits['eval'],
                                    eval_subnet(run))
       metrics_log.add(step=step, epoch=epoch, val_loss=val_loss, val_accuracy=val_acc)
@@ -404,7 +409,9 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
   summary = {'step': step, 'epoch': batches.state['epoch'], 'val_accuracy': val_acc, 'val_loss': val_loss,
              'trainable_params': trainable_params,
              'stored_adapter_params': None if report is None else report.stored_adapter_params,
-             'finished': not stopped_early}
+             'finished': not stopped_early,
+             # median over full batches after the first 2 (compile, warm-up) of this process
+             'median_step_ms': float(np.median(step_ms[2:])) if len(step_ms) > 2 else None}
   checkpoint.write_json(workdir / 'summary.json', summary)
   if metrics_log.rows:
     _plot(metrics_log.rows, workdir / 'curves.png')

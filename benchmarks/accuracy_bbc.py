@@ -1,0 +1,133 @@
+"""Accuracy study on BBC News with pretrained all-MiniLM-L6-v2 (BENCH_PROTOCOL.md).
+
+Every method uses the protocol: mean pooling, fresh Linear(384, 5) head, max length
+128, batch 32, AdamW (0.9, 0.999, 1e-8, weight decay 0.01), constant lr, dropout
+0.1, the canonical split; val and test accuracy at the last epoch (nothing selected
+on test). GLoRA: the supernet is evaluated with its largest subnet, then searched
+on val at LoRA's adapter-parameter count and at a quarter of it.
+
+  python benchmarks/accuracy_bbc.py --setting 8shot --out runs/accuracy
+  python benchmarks/accuracy_bbc.py --setting full --methods lora,glora --seeds 0,1,2
+
+Prints one table row per method and writes runs/accuracy/<setting>/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, '.')
+from glora_jax.search import driver, evolution, subnet as subnet_lib  # noqa: E402
+from glora_jax.train import loop  # noqa: E402
+
+CONFIGS = {
+    'linear_probe': ('bbc_minilm_linear_probe', {}),
+    'full': ('bbc_minilm_full', {}),
+    'lora': ('bbc_minilm_lora', {}),
+    'glora': ('bbc_minilm_glora', {}),
+    'surm': ('bbc_minilm_surm', {}),
+    'glora_structured': ('bbc_minilm_glora', {'adapter.structured_b': ('circulant',)}),
+}
+
+
+def make_config(method: str, setting: str, seed: int, lr: float | None):
+  module, overrides = CONFIGS[method]
+  config = importlib.import_module(f'configs.{module}').get_config('8shot' if setting == '8shot' else None)
+  for key, value in overrides.items():
+    node = config
+    *parents, last = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  config.seed = seed
+  config.eval_every_epochs = 0  # val once, at the last epoch
+  config.checkpoint.keep = 1
+  if lr:
+    config.optim.lr = lr
+  return config
+
+
+def evaluate_test(config, workdir):
+  """(test accuracy, adapter params, head params) of a finished run."""
+  run = loop.build(config)
+  _, _, _, state = loop.make_training(run)
+  trainable = loop.restore_trainable(run, state, workdir)
+  evaluate = loop.make_evaluator(run, config.eval_batch_size)
+  sub = loop.eval_subnet(run)
+  _, test_acc = evaluate(trainable, run.frozen, run.bundle.splits['test'], sub)
+  head = int(sum(np.size(x) for x in jax.tree.leaves(trainable['model'])))
+  adapter = 0 if run.spec is None else int(subnet_lib.count_params(run.spec, sub))
+  if config.method == 'full':
+    adapter, head = head, 0  # every parameter trains
+  return test_acc, adapter, head
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--setting', choices=('full', '8shot'), default='8shot')
+  ap.add_argument('--methods', default=','.join(CONFIGS))
+  ap.add_argument('--seeds', default='0')
+  ap.add_argument('--out', default='runs/accuracy')
+  ap.add_argument('--lr', default='', help='method=lr,... overrides (tune on val only)')
+  ap.add_argument('--search_population', type=int, default=10)
+  ap.add_argument('--search_generations', type=int, default=3)
+  args = ap.parse_args()
+  lrs = dict(kv.split('=') for kv in args.lr.split(',') if kv)
+  out = pathlib.Path(args.out) / args.setting
+  out.mkdir(parents=True, exist_ok=True)
+  results_file = out / 'results.json'
+  results = json.loads(results_file.read_text()) if results_file.exists() else {}
+  lora_budget = None
+
+  def record(name, row):
+    results[name] = row
+    results_file.write_text(json.dumps(results, indent=1))
+    print(f"{name:<28} {row['adapter_params']:>9,} {row['adapter_params'] + row['head_params']:>10,} "
+          f"{row['val_accuracy']:8.4f} {row['test_accuracy']:8.4f} {row['median_step_ms'] or 0:9.0f} "
+          f"{row['wall_s']:8.0f}", flush=True)
+
+  print(f"{'method':<28} {'adapter':>9} {'with head':>10} {'val':>8} {'test':>8} {'step ms':>9} {'wall s':>8}")
+  for method in args.methods.split(','):
+    for seed in [int(s) for s in args.seeds.split(',')]:
+      name = f'{method}/seed{seed}'
+      config = make_config(method, args.setting, seed, float(lrs[method]) if method in lrs else None)
+      workdir = out / method / f'seed{seed}'
+      t0 = time.perf_counter()
+      summary = loop.train_and_evaluate(config, workdir, progress=False)
+      wall = time.perf_counter() - t0
+      test_acc, adapter, head = evaluate_test(config, workdir)
+      record(name + ('/largest' if method.startswith('glora') else ''), {
+          'adapter_params': adapter, 'head_params': head, 'val_accuracy': summary['val_accuracy'],
+          'test_accuracy': test_acc, 'median_step_ms': summary['median_step_ms'], 'wall_s': wall,
+          'lr': config.optim.lr})
+      if method == 'lora':
+        lora_budget = adapter
+      if method.startswith('glora'):
+        budget = lora_budget or results.get(f'lora/seed{seed}', {}).get('adapter_params') or 331_776
+        for label, limit in (('lora budget', budget), ('quarter', budget // 4)):
+          cfg = evolution.SearchConfig(population=args.search_population,
+                                       generations=args.search_generations, parents=5,
+                                       mutations=args.search_population // 2,
+                                       crossovers=args.search_population // 2, param_limit=limit,
+                                       seed=seed)
+          t0 = time.perf_counter()
+          s = driver.search_and_export(workdir, cfg, out=workdir / f'search_{limit}',
+                                       log=lambda m: None)
+          record(f'{name}/search<={limit:,} ({label})', {
+              'adapter_params': s['adapter_params'], 'head_params': s['head_params'],
+              'val_accuracy': s['val_accuracy'], 'test_accuracy': s['test_accuracy_merged'],
+              'median_step_ms': summary['median_step_ms'], 'wall_s': time.perf_counter() - t0,
+              'lr': config.optim.lr, 'candidates': s['candidates_evaluated']})
+  print(f'jax {jax.__version__}, {jax.devices()[0].device_kind} x{jax.device_count()}; '
+        f'results in {results_file}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,198 @@
+"""Speed ratios, each measured side by side in one run (MiniLM shapes, 32 x 128 tokens).
+
+  python benchmarks/speed.py [--steps 5] [--skip devices]
+
+1. train step: GLoRA supernet / LoRA r=8 / frozen backbone forward+backward
+2. inference: merged model / base model (and the merged outputs equal the adapted ones)
+3. search evaluation: vmapped chunk of 8 candidates / one candidate at a time
+4. SURM circulant FFT product / dense product at widths 384, 768, 1024
+5. 8 simulated CPU devices / 1 device for the same global batch (correctness + overhead)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, '.')
+sys.path.insert(0, 'benchmarks')
+from adapter_step import build_step, median_step_ms  # noqa: E402
+from glora_jax import peft  # noqa: E402
+from glora_jax.adapters import glora, lora, surm  # noqa: E402
+from glora_jax.models import bert  # noqa: E402
+from glora_jax.search import fitness, subnet  # noqa: E402
+from glora_jax.train import sharding, steps  # noqa: E402
+
+
+def timed(fn, *args, repeats=5, warmup=2):
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(1e3 * (time.perf_counter() - t))
+  return statistics.median(ts)
+
+
+def minilm_setup(batch, tokens):
+  cfg, backbone = bert.load_minilm()
+  params = bert.add_head(backbone, cfg, 5, jax.random.key(0))
+  model = bert.BertClassifier(cfg, 5)
+  rng = np.random.default_rng(0)
+  b = {'input_ids': jnp.asarray(rng.integers(1000, 20000, (batch, tokens)), jnp.int32),
+       'attention_mask': jnp.ones((batch, tokens), jnp.int32),
+       'token_type_ids': jnp.zeros((batch, tokens), jnp.int32),
+       'label': jnp.asarray(rng.integers(0, 5, batch), jnp.int32), 'mask': jnp.ones((batch,), jnp.float32)}
+
+  def forward(params, adapters, sub, batch, train, key):
+    kw = {'deterministic': not train, 'rngs': {'dropout': key}} if train else {'deterministic': True}
+    a = (batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
+    return model.apply({'params': params}, *a, **kw) if adapters is None else \
+        peft.forward(model, params, adapters, sub, *a, **kw)
+
+  return model, params, b, steps.Task(forward, steps.classification_loss)
+
+
+def section_train(model, params, batch, task, n):
+  res = {}
+  for name, patterns, fam in [
+      ('frozen backbone fwd+bwd', ['head/.*', 'encoder/layer_0/attention/query/bias'], None),
+      ('LoRA r=8', ['head/.*'], lora.space(rank=8, alpha=16)),
+      ('GLoRA supernet', ['head/.*'], glora.space())]:
+    fn, state, frozen = build_step(model, params, patterns, fam, task)
+    res[name] = median_step_ms(fn, state, frozen, batch, n)
+  g, l, b = res['GLoRA supernet'], res['LoRA r=8'], res['frozen backbone fwd+bwd']
+  print(f"train step ms: backbone {b:.0f}, LoRA {l:.0f}, GLoRA {g:.0f}; GLoRA/LoRA = {g / l:.3f} "
+        f"(goal <= 1.10), LoRA/backbone = {l / b:.3f}, GLoRA/backbone = {g / b:.3f} (goal <= 1.15)",
+        flush=True)
+  return res
+
+
+def section_inference(model, params, batch, n):
+  adapters = peft.attach(params, glora.space(), targets=bert.DEFAULT_TARGETS, key=1)
+  leaves, tree = jax.tree.flatten(adapters.params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  adapters = adapters.replace(params=jax.tree.unflatten(
+      tree, [0.01 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+  sub = subnet.sample(jax.random.key(3), adapters)
+  merged = peft.merge(params, adapters, sub)
+  args = (batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
+  plain = jax.jit(lambda p: model.apply({'params': p}, *args))
+  adapted = jax.jit(lambda a: peft.forward(model, params, a, sub, *args))
+  diff = float(jnp.abs(plain(merged) - adapted(adapters)).max())
+  base_ms, merged_ms = timed(plain, params, repeats=n), timed(plain, merged, repeats=n)
+  adapted_ms = timed(adapted, adapters, repeats=n)
+  print(f'inference ms: base {base_ms:.0f}, merged {merged_ms:.0f} (ratio {merged_ms / base_ms:.3f}, '
+        f'goal 1.00), unmerged adapters {adapted_ms:.0f}; max |merged - adapted| = {diff:.2e}',
+        flush=True)
+  return {'base': base_ms, 'merged': merged_ms, 'adapted': adapted_ms, 'max_abs_diff': diff}
+
+
+def section_search(model, params, batch, task, num_candidates=16):
+  adapters = peft.attach(params, glora.space(), targets=bert.DEFAULT_TARGETS, key=1)
+  trainable_model, frozen = peft.partition(params, ['head/.*'])
+  trainable = {'model': trainable_model, 'adapters': adapters.params}
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  fsh = sharding.tree_shardings(frozen, [], mesh)
+  arrays = {k: np.asarray(v) for k, v in batch.items() if k != 'mask'}
+  cands = np.asarray(jax.vmap(lambda k: subnet.sample(k, adapters))(
+      jax.random.split(jax.random.key(0), num_candidates)))
+  res = {}
+  for chunk in (8, 1):
+    fit = fitness.Fitness(task, adapters.spec, mesh, trainable, frozen, fsh, arrays, chunk=chunk,
+                          batch_size=len(arrays['label']))
+    fit(cands[:chunk])  # compile
+    t = time.perf_counter()
+    fit(cands)
+    res[chunk] = num_candidates / (time.perf_counter() - t)
+  print(f'search evaluation: {res[8]:.2f} candidates/s vmapped (chunk 8) vs {res[1]:.2f} one at a '
+        f'time: ratio {res[8] / res[1]:.2f} (goal >= 3)', flush=True)
+  return {'vmapped_per_s': res[8], 'single_per_s': res[1]}
+
+
+def section_surm(n_repeats):
+  out = {}
+  x_shape = (32, 128)
+  for n in (384, 768, 1024):
+    st = surm.Structure('circulant', n, n, 0)
+    keys = jax.random.split(jax.random.key(0), len(st.shapes()))
+    p = {name: jax.random.normal(k, shape) for k, (name, shape) in zip(keys, st.shapes().items())}
+    x = jax.random.normal(jax.random.key(1), x_shape + (n,))
+    ms = {}
+    for how in ('fft', 'dense'):
+      step = jax.jit(jax.value_and_grad(lambda p, x: 0.5 * jnp.mean(st.product(p, x, how) ** 2), (0, 1)))
+      ms[how] = timed(step, p, x, repeats=n_repeats)
+    out[n] = ms
+    print(f'SURM circulant n={n}: fft {ms["fft"]:.1f} ms, dense {ms["dense"]:.1f} ms, '
+          f'dense/fft = {ms["dense"] / ms["fft"]:.2f}', flush=True)
+  return out
+
+
+DEVICE_CHILD = r'''
+import os, sys, json, time
+sys.path.insert(0, '.')
+from configs import tiny_bbc_glora
+from glora_jax.train import loop
+c = tiny_bbc_glora.get_config(); c.checkpoint.async_save = False
+c.mesh.data, c.mesh.model = int(sys.argv[1]), int(sys.argv[2]); c.num_epochs = 2
+t = time.perf_counter()
+s = loop.train_and_evaluate(c, sys.argv[3], progress=False)
+print('RESULT', json.dumps({'median_step_ms': s['median_step_ms'], 'val_accuracy': s['val_accuracy']}))
+'''
+
+
+def section_devices(tmp):
+  out = {}
+  for label, n, data, model in (('1 device', 1, 1, 1), ('8 devices (data 4 x model 2)', 8, 4, 2)):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}')
+    r = subprocess.run([sys.executable, '-c', DEVICE_CHILD, str(data), str(model), f'{tmp}/{n}'],
+                       env=env, capture_output=True, text=True)
+    line = [l for l in r.stdout.splitlines() if l.startswith('RESULT')]
+    out[label] = json.loads(line[-1][7:]) if line else {'error': r.stderr[-500:]}
+  a, b = out['1 device'], out['8 devices (data 4 x model 2)']
+  if 'error' not in a and 'error' not in b:
+    print(f"devices (tiny model, 2 pretrained layers, batch 16 x 32): 1 device {a['median_step_ms']:.0f} ms, "
+          f"8 simulated {b['median_step_ms']:.0f} ms (ratio {b['median_step_ms'] / a['median_step_ms']:.2f}); "
+          f"val accuracy {a['val_accuracy']:.4f} vs {b['val_accuracy']:.4f}", flush=True)
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--steps', type=int, default=5)
+  ap.add_argument('--batch', type=int, default=32)
+  ap.add_argument('--tokens', type=int, default=128)
+  ap.add_argument('--skip', default='', help='comma list of: train,inference,search,surm,devices')
+  ap.add_argument('--json', default='')
+  ap.add_argument('--tmp', default='/tmp/glora_speed')
+  args = ap.parse_args()
+  skip = set(args.skip.split(','))
+  print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}', flush=True)
+  model, params, batch, task = minilm_setup(args.batch, args.tokens)
+  results = {}
+  if 'train' not in skip:
+    results['train_ms'] = section_train(model, params, batch, task, args.steps)
+  if 'inference' not in skip:
+    results['inference_ms'] = section_inference(model, params, batch, args.steps)
+  if 'search' not in skip:
+    results['search'] = section_search(model, params, batch, task)
+  if 'surm' not in skip:
+    results['surm_ms'] = section_surm(args.steps)
+  if 'devices' not in skip:
+    results['devices'] = section_devices(args.tmp)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,23 @@
+"""Shared by the training, search and fault tests: the tiny real-data config and
+reading a run's trained params back."""
+import sys
+
+sys.path.insert(0, '.')
+from configs import tiny_bbc_glora  # noqa: E402
+from glora_jax.train import loop  # noqa: E402
+
+
+def tiny_config(**overrides):
+  """configs/tiny_bbc_glora.py with synchronous saves and dotted overrides
+  ({'mesh.data': 4, 'num_epochs': 2})."""
+  c = tiny_bbc_glora.get_config()
+  c.checkpoint.async_save = False
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def trainable_of(config, workdir):
+  """The trainable params of the latest checkpoint in a train.py workdir."""
+  run = loop.build(config)
+  _, _, _, state = loop.make_training(run)
+  return loop.restore_trainable(run, state, workdir)
