@@ -98,6 +98,7 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
     log(f'retraining the chosen subnet for {retrain_epochs} epochs in {out / "retrain"}')
     loop.train_and_evaluate(retrain_config, out / 'retrain')
     trainable = loop.restore_trainable(run, state, out / 'retrain')
+    fit.trainable = trainable  # the val accuracy reported below is the retrained one
 
   # Test accuracy, measured once, with the adapters and with the merged plain params.
   test = run.bundle.splits['test']
