@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import flax
 import flax.linen as nn

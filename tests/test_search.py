@@ -29,7 +29,6 @@ def test_mutation_redraws_at_the_stated_rate():
 
 def test_crossover_takes_each_choice_from_either_parent():
   spec = make_spec()
-  num = jnp.asarray(spec.num_options)
   a = jnp.zeros((1,) + spec.num_options.shape, jnp.int32)
   b = jnp.asarray(spec.num_options - 1)[None]
   parents = jnp.concatenate([a, b])
