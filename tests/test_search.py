@@ -95,3 +95,23 @@ def test_budget_that_no_subnet_meets():
   spec = make_spec()
   with pytest.raises(ValueError, match='no subnet meets the parameter budget'):
     evolution.check_budget(spec, evolution.SearchConfig(min_param_limit=1e6, param_limit=2e6))
+
+
+def test_random_fill_meets_a_tight_budget():
+  """A budget far below the average subnet: uniform draws alone almost never meet
+  it; the thinned half of the random fill does."""
+  spec = make_spec(layers=12)
+  num, costs = jnp.asarray(spec.num_options), jnp.asarray(spec.option_costs)
+  mean = float(jnp.mean(jax.vmap(lambda s: subnet.count_params(spec, s))(
+      evolution.random_candidates(jax.random.key(0), num, 256))))
+  limit = mean / 8
+  cands, ok = evolution.propose_random(jax.random.key(1), jnp.zeros((1,) + spec.num_options.shape, jnp.int32),
+                                       jnp.zeros(1, bool), num, costs, jnp.asarray(0), 0, limit,
+                                       n=20, tries=10)
+  found = np.asarray(cands)[np.asarray(ok)]
+  assert len(found) >= 10
+  n = np.asarray(jax.vmap(lambda s: subnet.count_params(spec, s))(jnp.asarray(found)))
+  assert n.max() <= limit
+  uniform = evolution.random_candidates(jax.random.key(2), num, 200)
+  u = np.asarray(jax.vmap(lambda s: subnet.count_params(spec, s))(uniform))
+  assert (u <= limit).mean() < 0.05  # the case the thinning exists for

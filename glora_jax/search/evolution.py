@@ -110,10 +110,33 @@ def propose(key, parents, archive, archive_valid, num_options, costs, fixed_cost
   return jnp.concatenate([mut, cross]), jnp.concatenate([mut_ok, cross_ok])
 
 
+def cheapest_options(num_options, costs):
+  """(layers, supports): the option with the fewest parameters of each support."""
+  valid = jnp.arange(costs.shape[-1]) < num_options[..., None]
+  return jnp.argmin(jnp.where(valid, costs, jnp.iinfo(jnp.int32).max), axis=-1).astype(jnp.int32)
+
+
+def thinned_candidates(key, num_options, costs, n: int):
+  """Uniform draws in which each layer keeps its draw with a per-candidate
+  probability d ~ U(0, 1) and otherwise takes its cheapest options: candidates
+  spread over the whole range of parameter counts, so tight budgets are met."""
+  k_draw, k_density, k_keep = jax.random.split(key, 3)
+  cands = random_candidates(k_draw, num_options, n)
+  density = jax.random.uniform(k_density, (n, 1, 1))
+  keep = jax.random.uniform(k_keep, (n, num_options.shape[0], 1)) < density
+  return jnp.where(keep, cands, cheapest_options(num_options, costs)[None])
+
+
 @functools.partial(jax.jit, static_argnames=('n', 'tries'))
 def propose_random(key, archive, archive_valid, num_options, costs, fixed_cost, low, high, *,
                    n: int, tries: int):
-  cands = random_candidates(key, num_options, n * tries)
+  """n acceptable random candidates: half of the attempts uniform (the authors'
+  sampler), half thinned towards cheap layers (ours: uniform draws almost never
+  meet a budget far below the average subnet's size)."""
+  k_uniform, k_thin = jax.random.split(key)
+  half = n * tries // 2
+  cands = jnp.concatenate([random_candidates(k_uniform, num_options, n * tries - half),
+                           thinned_candidates(k_thin, num_options, costs, half)])
   ok = acceptable(cands, archive, archive_valid, costs, fixed_cost, low, high)
   return first_accepted(cands, ok, n)
 
