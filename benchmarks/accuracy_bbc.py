@@ -40,12 +40,7 @@ CONFIGS = {
 def make_config(method: str, setting: str, seed: int, lr: float | None):
   module, overrides = CONFIGS[method]
   config = importlib.import_module(f'configs.{module}').get_config('8shot' if setting == '8shot' else None)
-  for key, value in overrides.items():
-    node = config
-    *parents, last = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[last] = value
+  config.update_from_flattened_dict(overrides)
   config.seed = seed
   config.eval_every_epochs = 0  # val once, at the last epoch
   config.checkpoint.keep = 1
