@@ -17,6 +17,7 @@ import argparse
 import importlib
 import json
 import pathlib
+import shutil
 import sys
 import time
 
@@ -73,6 +74,12 @@ def main():
   ap.add_argument('--lr', default='', help='method=lr,... overrides (tune on val only)')
   ap.add_argument('--search_population', type=int, default=10)
   ap.add_argument('--search_generations', type=int, default=3)
+  ap.add_argument('--retrain_epochs', type=int, default=0,
+                  help='GLoRA: also retrain each searched subnet (fixed) for this many epochs')
+  ap.add_argument('--table', action='store_true',
+                  help='print the rows recorded so far as a markdown table; run nothing')
+  ap.add_argument('--skip_search', action='store_true',
+                  help='GLoRA: report the largest subnet only (for learning-rate sweeps on val)')
   args = ap.parse_args()
   lrs = dict(kv.split('=') for kv in args.lr.split(',') if kv)
   out = pathlib.Path(args.out) / args.setting
@@ -88,23 +95,33 @@ def main():
           f"{row['val_accuracy']:8.4f} {row['test_accuracy']:8.4f} {row['median_step_ms'] or 0:9.0f} "
           f"{row['wall_s']:8.0f}", flush=True)
 
+  if args.table:
+    print(markdown(results))
+    return
   print(f"{'method':<28} {'adapter':>9} {'with head':>10} {'val':>8} {'test':>8} {'step ms':>9} {'wall s':>8}")
   for method in args.methods.split(','):
     for seed in [int(s) for s in args.seeds.split(',')]:
-      name = f'{method}/seed{seed}'
+      # An lr override (a val-only sweep) gets its own row and workdir, so it never
+      # resumes, or overwrites, the run at the configured rate.
+      tag = f'/lr={lrs[method]}' if method in lrs else ''
+      name = f'{method}/seed{seed}{tag}'
       config = make_config(method, args.setting, seed, float(lrs[method]) if method in lrs else None)
-      workdir = out / method / f'seed{seed}'
+      workdir = out / method / f'seed{seed}{tag.replace("/", "_")}'
       t0 = time.perf_counter()
       summary = loop.train_and_evaluate(config, workdir, progress=False)
       wall = time.perf_counter() - t0
       test_acc, adapter, head = evaluate_test(config, workdir)
-      record(name + ('/largest' if method.startswith('glora') else ''), {
-          'adapter_params': adapter, 'head_params': head, 'val_accuracy': summary['val_accuracy'],
-          'test_accuracy': test_acc, 'median_step_ms': summary['median_step_ms'], 'wall_s': wall,
-          'lr': config.optim.lr})
+      row = name + ('/largest' if method.startswith('glora') else '')
+      if row in results and summary.get('median_step_ms') is None:
+        pass  # resumed a finished run: keep the row (and the timings) of the run that trained
+      else:
+        record(row, {
+            'adapter_params': adapter, 'head_params': head, 'val_accuracy': summary['val_accuracy'],
+            'test_accuracy': test_acc, 'median_step_ms': summary['median_step_ms'], 'wall_s': wall,
+            'lr': config.optim.lr})
       if method == 'lora':
         lora_budget = adapter
-      if method.startswith('glora'):
+      if method.startswith('glora') and not args.skip_search:
         budget = lora_budget or results.get(f'lora/seed{seed}', {}).get('adapter_params') or 331_776
         for label, limit in (('lora budget', budget), ('quarter', budget // 4)):
           cfg = evolution.SearchConfig(population=args.search_population,
@@ -112,16 +129,47 @@ def main():
                                        mutations=args.search_population // 2,
                                        crossovers=args.search_population // 2, param_limit=limit,
                                        seed=seed)
-          t0 = time.perf_counter()
-          s = driver.search_and_export(workdir, cfg, out=workdir / f'search_{limit}',
-                                       log=lambda m: None)
-          record(f'{name}/search<={limit:,} ({label})', {
-              'adapter_params': s['adapter_params'], 'head_params': s['head_params'],
-              'val_accuracy': s['val_accuracy'], 'test_accuracy': s['test_accuracy_merged'],
-              'median_step_ms': summary['median_step_ms'], 'wall_s': time.perf_counter() - t0,
-              'lr': config.optim.lr, 'candidates': s['candidates_evaluated']})
+          row = f'{name}/search<={limit:,} ({label})'
+          if row not in results or not (workdir / f'search_{limit}' / 'summary.json').exists():
+            t0 = time.perf_counter()
+            s = driver.search_and_export(workdir, cfg, out=workdir / f'search_{limit}',
+                                         log=lambda m: None)
+            record(row, {
+                'adapter_params': s['adapter_params'], 'head_params': s['head_params'],
+                'val_accuracy': s['val_accuracy'], 'test_accuracy': s['test_accuracy_merged'],
+                'median_step_ms': summary['median_step_ms'], 'wall_s': time.perf_counter() - t0,
+                'lr': config.optim.lr, 'candidates': s['candidates_evaluated']})
+          if args.retrain_epochs:
+            # Same search (copied, so it resumes finished), then the chosen subnet is
+            # trained alone from the supernet's weights: more compute than the row above.
+            retrain_dir = workdir / f'search_{limit}_retrain{args.retrain_epochs}'
+            if not retrain_dir.exists():
+              shutil.copytree(workdir / f'search_{limit}', retrain_dir,
+                              ignore=shutil.ignore_patterns('merged_params*', 'retrain'))
+            t0 = time.perf_counter()
+            s = driver.search_and_export(workdir, cfg, out=retrain_dir, log=lambda m: None,
+                                         retrain_epochs=args.retrain_epochs)
+            record(f'{name}/search<={limit:,} ({label}) +retrain {args.retrain_epochs} ep', {
+                'adapter_params': s['adapter_params'], 'head_params': s['head_params'],
+                'val_accuracy': s['val_accuracy'], 'test_accuracy': s['test_accuracy_merged'],
+                'median_step_ms': None, 'wall_s': time.perf_counter() - t0,
+                'lr': config.optim.lr, 'candidates': s['candidates_evaluated']})
   print(f'jax {jax.__version__}, {jax.devices()[0].device_kind} x{jax.device_count()}; '
         f'results in {results_file}')
+  print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+  """Every row recorded so far in this setting, as the table in BENCHMARKS.md."""
+  lines = ['| row | lr | adapter params | with head | val | test | median step ms | wall s |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|']
+  order = list(CONFIGS)  # rows grouped by method, in the order of CONFIGS, then as recorded
+  for name, r in sorted(results.items(), key=lambda kv: order.index(kv[0].split('/')[0])):
+    step = f"{r['median_step_ms']:,.0f}" if r.get('median_step_ms') else '-'
+    lines.append(f"| {name} | {r['lr']:g} | {r['adapter_params']:,} | "
+                 f"{r['adapter_params'] + r['head_params']:,} | {r['val_accuracy']:.4f} | "
+                 f"{r['test_accuracy']:.4f} | {step} | {r['wall_s']:,.0f} |")
+  return '\n'.join(lines)
 
 
 if __name__ == '__main__':
