@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -155,6 +156,9 @@ print('RESULT', json.dumps({'median_step_ms': s['median_step_ms'], 'val_accuracy
 
 
 def section_devices(tmp):
+  # A fresh folder each run: a finished checkpoint left by an earlier run would be
+  # resumed with no steps to time.
+  tmp = tempfile.mkdtemp(prefix='devices_', dir=tmp)
   out = {}
   for label, n, data, model in (('1 device', 1, 1, 1), ('8 devices (data 4 x model 2)', 8, 4, 2)):
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}')
@@ -177,7 +181,7 @@ def main():
   ap.add_argument('--tokens', type=int, default=128)
   ap.add_argument('--skip', default='', help='comma list of: train,inference,search,surm,devices')
   ap.add_argument('--json', default='')
-  ap.add_argument('--tmp', default='/tmp/glora_speed')
+  ap.add_argument('--tmp', default=tempfile.gettempdir())
   args = ap.parse_args()
   skip = set(args.skip.split(','))
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}', flush=True)
