@@ -8,8 +8,12 @@ on val at LoRA's adapter-parameter count and at a quarter of it.
 
   python benchmarks/accuracy_bbc.py --setting 8shot --out runs/accuracy
   python benchmarks/accuracy_bbc.py --setting full --methods lora,glora --seeds 0,1,2
+  python benchmarks/accuracy_bbc.py --setting 8shot --methods surm --lr surm=1e-2   # val-only sweep
+  python benchmarks/accuracy_bbc.py --setting full --methods glora --retrain_epochs 5
+  python benchmarks/accuracy_bbc.py --setting full --table    # BENCHMARKS.md's table
 
-Prints one table row per method and writes runs/accuracy/<setting>/results.json.
+Prints one row per run and writes runs/accuracy/<setting>/results.json; a finished
+run is resumed and re-evaluated, not retrained, and keeps its recorded timings.
 """
 from __future__ import annotations
 
