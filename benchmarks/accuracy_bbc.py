@@ -116,9 +116,8 @@ def main():
       wall = time.perf_counter() - t0
       test_acc, adapter, head = evaluate_test(config, workdir)
       row = name + ('/largest' if method.startswith('glora') else '')
-      if row in results and summary.get('median_step_ms') is None:
-        pass  # resumed a finished run: keep the row (and the timings) of the run that trained
-      else:
+      # A resumed finished run has no step times: keep the row of the run that trained.
+      if row not in results or summary.get('median_step_ms') is not None:
         record(row, {
             'adapter_params': adapter, 'head_params': head, 'val_accuracy': summary['val_accuracy'],
             'test_accuracy': test_acc, 'median_step_ms': summary['median_step_ms'], 'wall_s': wall,
@@ -138,11 +137,8 @@ def main():
             t0 = time.perf_counter()
             s = driver.search_and_export(workdir, cfg, out=workdir / f'search_{limit}',
                                          log=lambda m: None)
-            record(row, {
-                'adapter_params': s['adapter_params'], 'head_params': s['head_params'],
-                'val_accuracy': s['val_accuracy'], 'test_accuracy': s['test_accuracy_merged'],
-                'median_step_ms': summary['median_step_ms'], 'wall_s': time.perf_counter() - t0,
-                'lr': config.optim.lr, 'candidates': s['candidates_evaluated']})
+            record(row, search_row(s, summary['median_step_ms'], time.perf_counter() - t0,
+                                   config.optim.lr))
           if args.retrain_epochs:
             # Same search (copied, so it resumes finished), then the chosen subnet is
             # trained alone from the supernet's weights: more compute than the row above.
@@ -153,14 +149,19 @@ def main():
             t0 = time.perf_counter()
             s = driver.search_and_export(workdir, cfg, out=retrain_dir, log=lambda m: None,
                                          retrain_epochs=args.retrain_epochs)
-            record(f'{name}/search<={limit:,} ({label}) +retrain {args.retrain_epochs} ep', {
-                'adapter_params': s['adapter_params'], 'head_params': s['head_params'],
-                'val_accuracy': s['val_accuracy'], 'test_accuracy': s['test_accuracy_merged'],
-                'median_step_ms': None, 'wall_s': time.perf_counter() - t0,
-                'lr': config.optim.lr, 'candidates': s['candidates_evaluated']})
+            record(f'{row} +retrain {args.retrain_epochs} ep',
+                   search_row(s, None, time.perf_counter() - t0, config.optim.lr))
   print(f'jax {jax.__version__}, {jax.devices()[0].device_kind} x{jax.device_count()}; '
         f'results in {results_file}')
   print(markdown(results))
+
+
+def search_row(s: dict, step_ms, wall_s: float, lr: float) -> dict:
+  """A results row from a search summary (driver.search_and_export), merged test accuracy."""
+  return {'adapter_params': s['adapter_params'], 'head_params': s['head_params'],
+          'val_accuracy': s['val_accuracy'], 'test_accuracy': s['test_accuracy_merged'],
+          'median_step_ms': step_ms, 'wall_s': wall_s, 'lr': lr,
+          'candidates': s['candidates_evaluated']}
 
 
 def markdown(results: dict) -> str:

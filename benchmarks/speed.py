@@ -156,14 +156,14 @@ print('RESULT', json.dumps({'median_step_ms': s['median_step_ms'], 'val_accuracy
 
 
 def section_devices(tmp):
-  # A fresh folder each run: a finished checkpoint left by an earlier run would be
-  # resumed with no steps to time.
-  tmp = tempfile.mkdtemp(prefix='devices_', dir=tmp)
   out = {}
   for label, n, data, model in (('1 device', 1, 1, 1), ('8 devices (data 4 x model 2)', 8, 4, 2)):
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}')
-    r = subprocess.run([sys.executable, '-c', DEVICE_CHILD, str(data), str(model), f'{tmp}/{n}'],
-                       env=env, capture_output=True, text=True)
+    # A fresh workdir, removed after: a finished checkpoint left by an earlier run
+    # would be resumed with no steps to time.
+    with tempfile.TemporaryDirectory(prefix='glora_speed_', dir=tmp) as workdir:
+      r = subprocess.run([sys.executable, '-c', DEVICE_CHILD, str(data), str(model), workdir],
+                         env=env, capture_output=True, text=True)
     line = [l for l in r.stdout.splitlines() if l.startswith('RESULT')]
     out[label] = json.loads(line[-1][7:]) if line else {'error': r.stderr[-500:]}
   a, b = out['1 device'], out['8 devices (data 4 x model 2)']
