@@ -45,7 +45,7 @@ def main(argv):
           tries=FLAGS.tries, param_limit=FLAGS.param_limit * 1e6,
           min_param_limit=FLAGS.min_param_limit * 1e6, seed=FLAGS.seed)
     except ValueError as e:
-      from glora_jax.train.loop import ConfigError
+      from glora_jax.errors import ConfigError
       raise ConfigError(str(e)) from None
     s = driver.search_and_export(FLAGS.ckpt, cfg, out=FLAGS.out or None, chunk=FLAGS.chunk,
                                  eval_batch_size=FLAGS.eval_batch_size,

@@ -29,8 +29,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, '.')
-from glora_jax.search import driver, evolution, subnet as subnet_lib  # noqa: E402
-from glora_jax.train import loop  # noqa: E402
+from glora_jax import subnet as subnet_lib  # noqa: E402
+from glora_jax.search import driver, evolution  # noqa: E402
+from glora_jax.train import loop, setup  # noqa: E402
 
 CONFIGS = {
     'linear_probe': ('bbc_minilm_linear_probe', {}),
@@ -56,11 +57,9 @@ def make_config(method: str, setting: str, seed: int, lr: float | None):
 
 def evaluate_test(config, workdir):
   """(test accuracy, adapter params, head params) of a finished run."""
-  run = loop.build(config)
-  _, _, _, state = loop.make_training(run)
-  trainable = loop.restore_trainable(run, state, workdir)
-  evaluate = loop.make_evaluator(run, config.eval_batch_size)
-  sub = loop.eval_subnet(run)
+  run, trainable = setup.load_trained(workdir, config)
+  evaluate = setup.make_evaluator(run, config.eval_batch_size)
+  sub = setup.eval_subnet(run)
   _, test_acc = evaluate(trainable, run.frozen, run.bundle.splits['test'], sub)
   head = int(sum(np.size(x) for x in jax.tree.leaves(trainable['model'])))
   adapter = 0 if run.spec is None else int(subnet_lib.count_params(run.spec, sub))

@@ -15,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'bbc_news'
-  c.data.data_dir = ''  # '' = $GLORA_JAX_DATA_DIR or ~/tensorflow_datasets
+  c.data.data_dir = ''  # '' = $GLORA_DATA_DIR, else $TFDS_DATA_DIR, else ~/tensorflow_datasets
   c.data.max_len = 128
   c.data.train_split = 'train'
   c.data.eval_split = 'val'

@@ -8,9 +8,7 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
-
-class MissingAssetError(FileNotFoundError):
-  """A bundled asset is not installed; the message says how to install it."""
+from glora_jax.errors import MissingAssetError
 
 
 def _package_dir(module: str, pip_name: str, what: str) -> pathlib.Path:

@@ -4,20 +4,12 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from glora_jax import errors
+
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-  from glora_jax.bundled import MissingAssetError
-  from glora_jax.train.checkpoint import CheckpointMismatchError
-  from glora_jax.train.loop import ConfigError, NonFiniteLossError
-  errors = [ConfigError, CheckpointMismatchError, MissingAssetError, NonFiniteLossError]
-  from glora_jax.search.evolution import BudgetError
-  errors.append(BudgetError)
-  try:
-    from glora_jax.data import DatasetNotPreparedError
-    errors.append(DatasetNotPreparedError)
-  except ImportError:
-    pass
-  return tuple(errors)
+  return (errors.ConfigError, errors.CheckpointMismatchError, errors.MissingAssetError,
+          errors.NonFiniteLossError, errors.BudgetError, errors.DatasetNotPreparedError)
 
 
 def run_guarded(fn: Callable[[], object]) -> int:

@@ -4,7 +4,7 @@ import sys
 
 sys.path.insert(0, '.')
 from configs import tiny_bbc_glora  # noqa: E402
-from glora_jax.train import loop  # noqa: E402
+from glora_jax.train import setup  # noqa: E402
 
 
 def tiny_config(**overrides):
@@ -18,6 +18,4 @@ def tiny_config(**overrides):
 
 def trainable_of(config, workdir):
   """The trainable params of the latest checkpoint in a train.py workdir."""
-  run = loop.build(config)
-  _, _, _, state = loop.make_training(run)
-  return loop.restore_trainable(run, state, workdir)
+  return setup.load_trained(workdir, config)[1]

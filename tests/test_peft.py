@@ -1,6 +1,4 @@
-"""peft: attach / apply / merge / partition as pytree transforms, and subnets as data."""
-import json
-
+"""peft: attach / apply / merge / partition as pytree transforms."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +6,7 @@ import numpy as np
 import pytest
 
 from glora_jax import peft
-from glora_jax import search
+from glora_jax import subnet as subnet_lib
 from glora_jax.adapters import glora, lora
 
 
@@ -68,7 +66,7 @@ def test_init_equals_base_model_for_sampled_subnets():
   model, params, x, adapters = mlp_setup()
   base = model.apply({'params': params}, x)
   for i in range(10):
-    subnet = search.sample(jax.random.key(i), adapters)
+    subnet = subnet_lib.sample(jax.random.key(i), adapters)
     out = peft.forward(model, params, adapters, subnet, x)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
 
@@ -89,7 +87,7 @@ def test_merged_equals_adapted_for_random_subnets(which):
   adapters = perturbed(adapters)
   fwd = jax.jit(lambda a, s: peft.forward(model, params, a, s, x))
   for i in range(20):
-    subnet = search.sample(jax.random.key(100 + i), adapters)
+    subnet = subnet_lib.sample(jax.random.key(100 + i), adapters)
     merged = peft.merge(params, adapters, subnet)
     flat, flat_merged = peft.flatten(params), peft.flatten(merged)
     assert all(flat_merged[k].dtype == v.dtype and flat_merged[k].shape == v.shape
@@ -104,7 +102,7 @@ def test_c_with_a_active_merges_with_frozen_w0():
   adapters = perturbed(adapters, scale=0.5)
   fam = adapters.spec.layers[0].family
   row = {'A': 'lora_4', 'B': 'vector', 'C': 'lora_4', 'D': 'none', 'E': 'none'}
-  subnet = search.from_dict(adapters, {'fc1': row, 'fc2': row})
+  subnet = subnet_lib.from_dict(adapters, {'fc1': row, 'fc2': row})
   merged = peft.merge(params, adapters, subnet)
   p = adapters.params['fc1']
   a = np.asarray(p['Ad'] @ p['Au'])
@@ -124,7 +122,7 @@ def test_c_with_a_active_merges_with_frozen_w0():
 def test_merge_keeps_bf16_dtypes():
   model, params, x, adapters = mlp_setup()
   params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-  merged = peft.merge(params16, perturbed(adapters), search.sample(jax.random.key(0), adapters))
+  merged = peft.merge(params16, perturbed(adapters), subnet_lib.sample(jax.random.key(0), adapters))
   assert all(l.dtype == jnp.bfloat16 for l in jax.tree.leaves(merged))
 
 
@@ -140,72 +138,10 @@ def test_lora_weight_and_activation_modes_agree_and_merge():
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
-def test_new_keys_give_new_subnets_without_recompiling():
-  model, params, x, adapters = mlp_setup()
-  adapters = perturbed(adapters)
-  traces = []
-
-  @jax.jit
-  def step(key, a):
-    traces.append(1)
-    subnet = search.sample(key, a)
-    return subnet, peft.forward(model, params, a, subnet, x), search.count_params(a, subnet)
-
-  seen = set()
-  for i in range(8):
-    subnet, _, _ = step(jax.random.key(i), adapters)
-    seen.add(np.asarray(subnet).tobytes())
-  assert len(traces) == 1
-  assert len(seen) == 8
-
-
-def test_vmap_over_subnets_equals_loop():
-  model, params, x, adapters = mlp_setup()
-  adapters = perturbed(adapters)
-  subnets = jax.vmap(lambda k: search.sample(k, adapters))(jax.random.split(jax.random.key(0), 6))
-  fwd = lambda s: peft.forward(model, params, adapters, s, x)
-  batched = jax.jit(jax.vmap(fwd))(subnets)
-  counts = jax.vmap(lambda s: search.count_params(adapters, s))(subnets)
-  for i in range(6):
-    np.testing.assert_allclose(batched[i], fwd(subnets[i]), rtol=1e-5, atol=1e-6)
-    assert int(counts[i]) == int(search.count_params(adapters, subnets[i]))
-
-
-def test_count_params_matches_report_and_independent_sum():
-  _, params, _, adapters = mlp_setup()
-  subnet = search.sample(jax.random.key(3), adapters)
-  named = search.to_dict(adapters, subnet)
-  # independent count from the readable form
-  sizes = {'fc1': (16, 48), 'fc2': (48, 16)}
-  total = 0
-  for path, row in named.items():
-    d_in, d_out = sizes[path]
-    for s, opt in row.items():
-      if opt.startswith('lora_'):
-        total += int(opt[5:]) * ((d_in + 1) if s == 'C' else (d_in + d_out))
-      elif opt == 'vector':
-        total += d_in if s == 'C' else d_out
-      elif opt == 'constant':
-        total += 1
-  assert int(search.count_params(adapters, subnet)) == total
-  rep = peft.report(params, adapters, subnet, head=params['head'])
-  assert rep.adapter_params == total
-  assert rep.head_params == 16 * 3 + 3
-  assert 'fc1' in str(rep) and 'trainable%' in str(rep)
-
-
-def test_subnet_json_round_trip():
-  _, _, _, adapters = mlp_setup()
-  subnet = np.asarray(search.sample(jax.random.key(7), adapters))
-  text = search.dumps(adapters, subnet)
-  assert set(json.loads(text)['fc1']) == {'A', 'B', 'C', 'D', 'E'}
-  np.testing.assert_array_equal(search.loads(adapters, text), subnet)
-
-
 def test_gradients_reach_adapter_leaves_only():
   model, params, x, adapters = mlp_setup()
-  subnet = search.from_dict(adapters, {p: {'A': 'lora_4', 'B': 'lora_4', 'C': 'vector', 'D': 'vector',
-                                           'E': 'vector'} for p in ('fc1', 'fc2')})
+  subnet = subnet_lib.from_dict(adapters, {p: {'A': 'lora_4', 'B': 'lora_4', 'C': 'vector', 'D': 'vector',
+                                               'E': 'vector'} for p in ('fc1', 'fc2')})
 
   def loss(frozen, adapter_params):
     a = adapters.replace(params=adapter_params)
@@ -251,13 +187,6 @@ def test_rank_above_layer_width():
   _, params, _, _ = mlp_setup()
   with pytest.raises(ValueError, match=r"rank 32 is above min\(in, out\) = 16 for 'fc1'"):
     peft.attach(params, glora.space(ranks=(32,)), targets=r'fc1/kernel')
-
-
-def test_unknown_option_name_in_subnet():
-  _, _, _, adapters = mlp_setup()
-  row = {'A': 'lora_3', 'B': 'none', 'C': 'none', 'D': 'none', 'E': 'none'}
-  with pytest.raises(ValueError, match=r"'fc1': unknown option 'lora_3' for support 'A'; allowed: \['lora_2'"):
-    search.from_dict(adapters, {'fc1': row, 'fc2': row})
 
 
 def test_subnet_of_wrong_shape():

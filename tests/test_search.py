@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glora_jax import peft
+from glora_jax import peft, subnet
 from glora_jax.adapters import glora
-from glora_jax.search import evolution, subnet
+from glora_jax.search import evolution
 
 
 def make_spec(layers=6, width=16):

@@ -10,8 +10,9 @@ import pytest
 sys.path.insert(0, '.')
 from configs import tiny_bbc_glora  # noqa: E402
 from glora_jax import peft  # noqa: E402
-from glora_jax.search import driver, evolution, export, fitness, subnet  # noqa: E402
-from glora_jax.train import loop, sharding  # noqa: E402
+from glora_jax import subnet  # noqa: E402
+from glora_jax.search import driver, evolution, export, fitness  # noqa: E402
+from glora_jax.train import loop, setup, sharding  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -24,10 +25,7 @@ def supernet(tmp_path_factory):
 
 
 def test_vmapped_fitness_equals_one_at_a_time(supernet):
-  config = driver.load_config(supernet)
-  run = loop.build(config)
-  _, _, _, state = loop.make_training(run)
-  trainable = loop.restore_trainable(run, state, supernet)
+  run, trainable = setup.load_trained(supernet)
   frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, run.mesh)
   cands = np.asarray(jax.vmap(lambda k: subnet.sample(k, run.spec))(
       jax.random.split(jax.random.key(0), 6)))
@@ -40,7 +38,7 @@ def test_vmapped_fitness_equals_one_at_a_time(supernet):
   vmapped(cands[:3])  # another count of candidates: padded to the same chunk
   assert vmapped.fn._cache_size() == 1 and single.fn._cache_size() == 1
   # and against the training evaluator, one subnet at a time
-  evaluate = loop.make_evaluator(run, 16)
+  evaluate = setup.make_evaluator(run, 16)
   _, acc0 = evaluate(trainable, run.frozen, run.bundle.splits['eval'], cands[0])
   assert abs(acc0 - batched_acc[0]) < 1e-9
 
@@ -63,10 +61,7 @@ def test_search_writes_everything_and_merged_matches(supernet, tmp_path):
 
   # The plain model (no adapter code) on the exported safetensors gives the same
   # predictions as the adapted supernet with the chosen subnet.
-  config = driver.load_config(supernet)
-  run = loop.build(config)
-  _, _, _, st = loop.make_training(run)
-  trainable = loop.restore_trainable(run, st, supernet)
+  run, trainable = setup.load_trained(supernet)
   chosen = subnet.loads(run.spec, (tmp_path / 'best_subnet.json').read_text())
   merged = export.load_safetensors(tmp_path / 'merged_params.safetensors')
   assert set(peft.flatten(merged)) == set(peft.flatten(run.bundle.params))

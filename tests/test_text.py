@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from glora_jax import bundled
+from glora_jax import bundled, errors
 from glora_jax.data import text
 
 SENTENCE = 'The quick brown fox jumps over the lazy dog.'
@@ -16,7 +16,7 @@ SENTENCE = 'The quick brown fox jumps over the lazy dog.'
 def tokenizer_path():
   try:
     return bundled.minilm_tokenizer_path()
-  except bundled.MissingAssetError as e:
+  except errors.MissingAssetError as e:
     pytest.skip(str(e))
 
 

@@ -9,7 +9,8 @@ import pytest
 
 sys.path.insert(0, '.')
 from helpers import tiny_config as tiny, trainable_of  # noqa: E402
-from glora_jax.train import loop, sharding  # noqa: E402
+from glora_jax import subnet as subnet_lib  # noqa: E402
+from glora_jax.train import loop, setup, sharding  # noqa: E402
 
 
 def losses(workdir):
@@ -41,9 +42,9 @@ def test_one_device_and_eight_devices_agree(tmp_path):
 
 
 def test_fresh_subnet_each_step_same_on_every_replica_one_compile():
-  run = loop.build(tiny(**{'mesh.data': 4, 'mesh.model': 2}))
-  batches, optimizer, _, state = loop.make_training(run)
-  jit_step, state_sh, frozen_sh = loop.make_jitted_step(run, optimizer, state)
+  run = setup.build(tiny(**{'mesh.data': 4, 'mesh.model': 2}))
+  batches, optimizer, _, state = setup.make_training(run)
+  jit_step, state_sh, frozen_sh = setup.make_jitted_step(run, optimizer, state)
   state = jax.device_put(state, state_sh)
   frozen = jax.device_put(run.frozen, frozen_sh)
   seen = []
@@ -67,8 +68,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_fixed_subnet_training_uses_that_subnet(tmp_path):
-  from glora_jax.search import subnet as subnet_lib
-  run = loop.build(tiny())
+  run = setup.build(tiny())
   fixed = subnet_lib.largest(run.spec)
   path = tmp_path / 'subnet.json'
   path.write_text(subnet_lib.dumps(run.spec, fixed))

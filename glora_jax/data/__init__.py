@@ -4,10 +4,11 @@ Bundled tasks (bbc_news, mnist5k) prepare themselves offline; VTAB-1k reads what
 """
 from glora_jax.data import bbc_news, mnist, pipeline, prepared, text, vtab
 from glora_jax.data.pipeline import BatchIterator, eval_iterator, train_iterator
-from glora_jax.data.prepared import DatasetNotPreparedError, resolve_data_dir
+from glora_jax.data.prepared import resolve_data_dir
 from glora_jax.data.registry import (class_names, dataset_names, load_arrays, load_source,
                                      load_text_classification, num_classes, splits)
 from glora_jax.data.text import load_tokenizer, tokenize
+from glora_jax.errors import DatasetNotPreparedError
 
 __all__ = [
     'BatchIterator', 'DatasetNotPreparedError', 'bbc_news', 'class_names', 'dataset_names',

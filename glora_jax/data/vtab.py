@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow_datasets as tfds
 
+from glora_jax import errors
 from glora_jax.data import prepared
 
 # VTAB-1k training uses train800val200 (or train800 while tuning on val200) and reports on test.
@@ -240,7 +241,7 @@ def open_split(task: str | VtabTask, split: str, data_dir: str | os.PathLike | N
                                         task.how_to_prepare(data_dir))
   try:
     version_dir = find()
-  except prepared.DatasetNotPreparedError:
+  except errors.DatasetNotPreparedError:
     if not download:
       raise
     prepare_task(task, data_dir)

@@ -1,3 +1,2 @@
-"""Subnet encoding and evolutionary search over integer-encoded subnets."""
-from glora_jax.search.subnet import (count_params, dumps, from_dict, largest, loads, sample,
-                                     to_dict)
+"""Evolutionary search over integer-encoded subnets (glora_jax/subnet.py): evolution,
+vmapped fitness, merge and export, and the driver that search.py runs."""

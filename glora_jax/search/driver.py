@@ -4,7 +4,6 @@ measure test accuracy once, merge and export.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 
@@ -12,58 +11,25 @@ import jax
 import ml_collections
 import numpy as np
 
-from glora_jax import peft
+from glora_jax import errors, peft
+from glora_jax import subnet as subnet_lib
 from glora_jax.search import evolution, export, fitness as fitness_lib
-from glora_jax.search import subnet as subnet_lib
-from glora_jax.train import checkpoint, loop, sharding
-
-
-def load_config(ckpt) -> ml_collections.ConfigDict:
-  path = pathlib.Path(ckpt) / 'config.json'
-  if not path.is_file():
-    raise checkpoint.CheckpointMismatchError(
-        f'{ckpt} is not a train.py workdir: {path} does not exist')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def _plot(archive: evolution.Archive, front: np.ndarray, path: pathlib.Path) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  n = archive.size
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  sc = axes[0].scatter(archive.params[:n] / 1e3, archive.accuracy[:n], c=archive.generation[:n],
-                       s=12, cmap='viridis')
-  axes[0].plot(archive.params[front] / 1e3, archive.accuracy[front], 'r.-', label='Pareto front')
-  axes[0].set(xlabel='adapter parameters (K)', ylabel='val accuracy', title='candidates')
-  axes[0].legend(loc='lower right')
-  fig.colorbar(sc, ax=axes[0], label='generation')
-  gens = np.unique(archive.generation[:n])
-  best_so_far = [archive.accuracy[:n][archive.generation[:n] <= g].max() for g in gens]
-  best_in_gen = [archive.accuracy[:n][archive.generation[:n] == g].max() for g in gens]
-  axes[1].plot(gens, best_so_far, 'o-', label='best so far')
-  axes[1].plot(gens, best_in_gen, 's--', label='best of generation')
-  axes[1].set(xlabel='generation', ylabel='val accuracy', title='progress')
-  axes[1].legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+from glora_jax.train import loop, metrics, setup, sharding
 
 
 def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int = 8,
                       eval_batch_size: int = 32, retrain_epochs: int = 0,
                       stop_after_generations: int | None = None, log=print) -> dict:
   ckpt = pathlib.Path(ckpt)
-  config = load_config(ckpt)
+  config = setup.load_config(ckpt)
   if config.method != 'glora':
-    raise loop.ConfigError(f"{ckpt} trained method '{config.method}'; search needs a GLoRA "
-                           'supernet (method glora)')
+    raise errors.ConfigError(f"{ckpt} trained method '{config.method}'; search needs a GLoRA "
+                             'supernet (method glora)')
   out = pathlib.Path(out) if out else ckpt / 'search'
-  run = loop.build(config)
+  run = setup.build(config)
   evolution.check_budget(run.spec, cfg)  # fail before any expensive work
   out.mkdir(parents=True, exist_ok=True)
-  _, _, _, state = loop.make_training(run)
-  trainable = loop.restore_trainable(run, state, ckpt)
+  _, trainable = setup.load_trained(ckpt, run=run)
   frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, run.mesh)
   frozen = jax.device_put(run.frozen, frozen_sh)
 
@@ -75,18 +41,18 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   search_s = time.perf_counter() - t0
   n = archive.size
   if n == 0:
-    raise evolution.BudgetError(
+    raise errors.BudgetError(
         f'no candidate within the parameter budget [{cfg.min_param_limit:,.0f}, '
         f'{cfg.param_limit:,.0f}] was found by random sampling; widen the budget')
   front = evolution.pareto_front(archive.params[:n], archive.accuracy[:n])
   best = int(archive.top(1)[0])
   best_subnet = archive.cands[best]
   (out / 'best_subnet.json').write_text(subnet_lib.dumps(run.spec, best_subnet))
-  checkpoint.write_json(out / 'pareto.json', [
+  metrics.write_json(out / 'pareto.json', [
       {'params': int(archive.params[i]), 'val_accuracy': float(archive.accuracy[i]),
        'generation': int(archive.generation[i]), 'subnet': subnet_lib.to_dict(run.spec, archive.cands[i])}
       for i in front])
-  _plot(archive, front, out / 'search.png')
+  metrics.plot_search(archive, front, out / 'search.png')
   if stop_after_generations is not None and stop_after_generations < cfg.generations:
     return {'stopped_after_generations': stop_after_generations}
 
@@ -97,7 +63,7 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
     retrain_config.num_epochs = retrain_epochs
     log(f'retraining the chosen subnet for {retrain_epochs} epochs in {out / "retrain"}')
     loop.train_and_evaluate(retrain_config, out / 'retrain')
-    trainable = loop.restore_trainable(run, state, out / 'retrain')
+    _, trainable = setup.load_trained(out / 'retrain', run=run)
     fit.trainable = trainable  # the val accuracy reported below is the retrained one
 
   # Test accuracy, measured once, with the adapters and with the merged plain params.
@@ -125,5 +91,5 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
       'retrain_epochs': retrain_epochs, 'search_config': dataclasses.asdict(cfg),
       'merged_params': [str(out / 'merged_params'), str(out / 'merged_params.safetensors')],
   }
-  checkpoint.write_json(out / 'summary.json', summary)
+  metrics.write_json(out / 'summary.json', summary)
   return summary

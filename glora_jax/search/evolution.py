@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glora_jax import subnet as subnet_lib
+from glora_jax.errors import BudgetError
 from glora_jax.peft import AdapterSpec
-from glora_jax.search import subnet as subnet_lib
+from glora_jax.train.metrics import write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,12 +201,6 @@ class Archive:
                np.asarray(d['accuracy']), np.asarray(d['params']), np.asarray(d['generation']))
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_suffix('.tmp')
-  tmp.write_text(json.dumps(obj))
-  tmp.replace(path)
-
-
 def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: SearchConfig,
         state_dir: pathlib.Path | None = None, log: Callable[[str], None] = print,
         stop_after_generations: int | None = None) -> Archive:
@@ -272,15 +268,12 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
     log(f'generation {gen}: evaluated {len(new)}, best val accuracy {archive.accuracy[best]:.4f} '
         f'with {archive.params[best]:,} params')
     if state_file is not None:
-      _write_json(state_file, {'config': dataclasses.asdict(cfg), 'shape': list(archive.shape),
-                               'archive': archive.to_json(), 'next_generation': gen + 1})
+      # One line: the archive holds every candidate, indented it would be several times larger.
+      write_json(state_file, {'config': dataclasses.asdict(cfg), 'shape': list(archive.shape),
+                              'archive': archive.to_json(), 'next_generation': gen + 1}, indent=None)
     if stop_after_generations is not None and gen + 1 >= stop_after_generations:
       break
   return archive
-
-
-class BudgetError(ValueError):
-  """No subnet of the search space meets the parameter budget."""
 
 
 def check_budget(spec: AdapterSpec, cfg: SearchConfig) -> None:

@@ -8,7 +8,6 @@ restoring a checkpoint that does not match fails with one line naming the field.
 """
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
@@ -17,9 +16,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_decision_lib
 
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint that belongs to another model or adapter configuration, or is damaged."""
+from glora_jax.errors import CheckpointMismatchError
 
 
 def manager(directory, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -77,11 +74,3 @@ def abstract(tree: Any, shardings: Any = None) -> Any:
   if shardings is None:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def write_json(path, obj) -> None:
-  """Atomic JSON write (temp file + rename)."""
-  path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + '.tmp')
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-  tmp.replace(path)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from glora_jax import peft
-from glora_jax.search import subnet as subnet_lib
+from glora_jax import subnet as subnet_lib
 
 State = dict[str, Any]
 

@@ -1,0 +1,308 @@
+"""Everything a run is built from its config before a step runs: checks, the Run,
+optimizer and state, jitted steps and evaluator, and restoring a trained workdir.
+
+Sections: config, the Run, evaluation, training state, restore.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from glora_jax import data, peft
+from glora_jax import subnet as subnet_lib
+from glora_jax.adapters import glora, lora
+from glora_jax.errors import CheckpointMismatchError, ConfigError
+from glora_jax.train import checkpoint, sharding, steps, tasks
+
+METHODS = ('glora', 'lora', 'surm', 'full', 'linear_probe')
+ADAPTER_METHODS = ('glora', 'lora', 'surm')
+
+
+# --------------------------------------------------------------------------- #
+# Config
+# --------------------------------------------------------------------------- #
+
+
+def validate(config) -> None:
+  """Cheap checks of everything that can be checked without loading data."""
+  def need(cond, msg):
+    if not cond:
+      raise ConfigError(msg)
+
+  need(config.method in METHODS, f"method '{config.method}' is unknown; allowed: {list(METHODS)}")
+  if config.task == 'causal_lm':
+    need(config.method in ADAPTER_METHODS + ('full',),
+         f"method '{config.method}' needs a task head; causal_lm allows {list(ADAPTER_METHODS + ('full',))}")
+  need(config.task in tasks.KNOWN_TASKS, f"task '{config.task}' is unknown; allowed: {list(tasks.KNOWN_TASKS)}")
+  need(config.optim.lr > 0, f'optim.lr must be > 0, got {config.optim.lr}')
+  need(config.optim.weight_decay >= 0, f'optim.weight_decay must be >= 0, got {config.optim.weight_decay}')
+  need(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
+  need(config.num_epochs > 0, f'num_epochs must be > 0, got {config.num_epochs}')
+  need(config.optim.schedule in ('constant', 'cosine'),
+       f"optim.schedule '{config.optim.schedule}' is unknown; allowed: constant, cosine")
+  need(config.on_nonfinite in ('stop', 'skip'),
+       f"on_nonfinite '{config.on_nonfinite}' is unknown; allowed: stop, skip")
+  if config.method in ADAPTER_METHODS:
+    family(config)  # raises for bad ranks / names
+  if config.method == 'glora' and config.get('subnet'):
+    need(pathlib.Path(config.subnet).is_file(), f'subnet file {config.subnet} does not exist')
+  mesh_data, mesh_model = config.mesh.data, config.mesh.model
+  n = config.mesh.get('num_devices', 0) or jax.device_count()
+  need(n <= jax.device_count(), f'mesh.num_devices={n} but only {jax.device_count()} devices exist')
+  need(mesh_model > 0 and n % mesh_model == 0,
+       f'mesh.model={mesh_model} must divide the {n} devices')
+  data = n // mesh_model if mesh_data == -1 else mesh_data
+  need(data * mesh_model == n, f'mesh data x model = {data} x {mesh_model} must equal the {n} devices')
+  need(config.batch_size % data == 0,
+       f'batch_size={config.batch_size} is not divisible by the data-parallel size {data}; '
+       f'use a multiple of {data}')
+
+
+def family(config):
+  """The adapter family a config asks for."""
+  a = config.adapter
+  try:
+    if config.method == 'glora':
+      return glora.space(ranks=tuple(a.ranks), structured_b=tuple(a.get('structured_b', ())))
+    if config.method == 'lora':
+      return lora.space(rank=a.lora_rank, alpha=a.lora_alpha, mode=a.get('lora_mode', 'weight'))
+    if config.method == 'surm':
+      from glora_jax.adapters import surm
+      return surm.space(**dict(a.surm))
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f'adapter: {e}') from None
+  raise ConfigError(f"method '{config.method}' has no adapter family")
+
+
+def fingerprint(config, spec: peft.AdapterSpec | None, trainable) -> dict:
+  """What a checkpoint must match to be restored into this run."""
+  return {
+      'task': config.task, 'model': config.model.name, 'method': config.method,
+      'adapted_layers': None if spec is None else len(spec.layers),
+      'adapter_family': None if spec is None else repr(sorted({repr(l.family) for l in spec.layers})),
+      'trainable_shapes': {k: list(np.shape(v)) for k, v in peft.flatten(trainable).items()},
+  }
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+  """The config a train.py workdir was trained with (its config.json)."""
+  path = pathlib.Path(workdir) / 'config.json'
+  if not path.is_file():
+    raise CheckpointMismatchError(
+        f'{workdir} is not a train.py workdir: {path} does not exist')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+# --------------------------------------------------------------------------- #
+# The Run: shared by training, search and the benchmarks
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config, before any step runs."""
+  config: Any
+  bundle: tasks.Bundle
+  mesh: Any
+  spec: peft.AdapterSpec | None
+  trainable: dict
+  frozen: dict
+  fixed_subnet: np.ndarray | None
+
+
+def build(config) -> Run:
+  validate(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.model,
+                            jax.devices()[:config.mesh.get('num_devices', 0) or None])
+  try:
+    bundle = tasks.build(config)
+  except (ValueError, KeyError, AttributeError) as e:  # unknown dataset, model, config field
+    raise ConfigError(f'{type(e).__name__ if not isinstance(e, ValueError) else "config"}: {e}') from None
+  params = bundle.params
+  adapters = None
+  if config.method in ADAPTER_METHODS:
+    targets = config.adapter.get('targets') or bundle.default_targets
+    try:
+      adapters = peft.attach(params, family(config), targets=targets,
+                             exclude=config.adapter.get('exclude') or None,
+                             key=jax.random.fold_in(jax.random.key(config.seed), 1))
+    except ValueError as e:
+      raise ConfigError(f'adapter: {e}') from None
+  if config.method == 'full':
+    model_trainable, frozen = params, {}
+  elif bundle.head_pattern is None:  # no task head (causal LM): only adapters train
+    model_trainable, frozen = {}, params
+  else:
+    model_trainable, frozen = peft.partition(params, [bundle.head_pattern])
+  frozen_dtype = jnp.dtype(config.model.get('frozen_dtype', 'float32'))
+  frozen = jax.tree.map(lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        frozen)
+  try:
+    bundle.splits  # read the data now that the cheap checks have passed
+  except ValueError as e:
+    raise ConfigError(f'data: {e}') from None
+  trainable = {'model': model_trainable, 'adapters': {} if adapters is None else adapters.params}
+  spec = None if adapters is None else adapters.spec
+  fixed = None
+  if spec is not None:
+    if config.get('subnet'):
+      fixed = subnet_lib.loads(spec, pathlib.Path(config.subnet).read_text())
+    elif not spec.searchable:
+      fixed = np.zeros(spec.num_options.shape, np.int32)
+  return Run(config, bundle, mesh, spec, trainable, frozen, fixed)
+
+
+# --------------------------------------------------------------------------- #
+# Evaluation
+# --------------------------------------------------------------------------- #
+
+
+def eval_subnet(run: Run) -> np.ndarray:
+  """The subnet used to evaluate during training: the fixed one, or for a
+  supernet the largest (every support at its biggest option), a stable monitor."""
+  if run.spec is None:
+    return np.zeros((1, 1), np.int32)
+  return run.fixed_subnet if run.fixed_subnet is not None else subnet_lib.largest(run.spec)
+
+
+def make_evaluator(run: Run, batch_size: int):
+  """evaluate(trainable, arrays, subnet) -> (mean loss, accuracy), jitted once."""
+  eval_step = steps.make_eval_step(run.bundle.task, run.spec)
+  frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, run.mesh)
+  rep = sharding.replicated(run.mesh)
+  jitted = jax.jit(eval_step, in_shardings=(rep, frozen_sh, sharding.batch_sharding(run.mesh), rep),
+                   out_shardings=rep)
+
+  def evaluate(trainable, frozen, arrays, subnet):
+    totals = np.zeros(3)
+    for batch in data.eval_iterator(arrays, batch_size):
+      out = jitted(trainable, frozen, sharding.put_batch(batch, run.mesh), jnp.asarray(subnet))
+      totals += np.asarray(jax.device_get(out), np.float64)
+    return totals[0] / max(totals[1], 1), totals[2] / max(totals[1], 1)
+
+  return evaluate
+
+
+# --------------------------------------------------------------------------- #
+# Training state
+# --------------------------------------------------------------------------- #
+
+
+def _schedule(config, total_steps: int, steps_epoch: int):
+  o = config.optim
+  if o.schedule == 'constant':
+    return o.lr
+  warmup = o.get('warmup_steps', 0) or o.get('warmup_epochs', 0) * steps_epoch
+  return optax.warmup_cosine_decay_schedule(
+      init_value=o.get('warmup_init_lr', 0.0), peak_value=o.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=o.get('min_lr', 0.0))
+
+
+def optimizer_and_schedule(config, steps_per_epoch: int):
+  """(optimizer, lr schedule) of a config; the schedule's length is counted in
+  batches of the training set, `steps_per_epoch` of them an epoch."""
+  schedule = _schedule(config, steps_per_epoch * config.num_epochs, steps_per_epoch)
+  optimizer = steps.make_optimizer(schedule, config.optim.weight_decay, config.optim.b1,
+                                   config.optim.b2, config.optim.eps,
+                                   config.optim.get('clip_norm') or None)
+  return optimizer, schedule
+
+
+def _state_subnet(run: Run) -> np.ndarray:
+  # A supernet draws its subnet in each step; the state's entry only keeps the shape.
+  return (run.fixed_subnet if run.fixed_subnet is not None
+          else np.zeros((1, 1) if run.spec is None else run.spec.num_options.shape, np.int32))
+
+
+def make_training(run: Run):
+  """(batches, optimizer, lr schedule, initial state) of a run."""
+  config = run.config
+  # Training batches keep the protocol's partial last batch, padded to a static
+  # shape and masked out of the mean: the same update as a smaller batch, one compile.
+  batches = data.BatchIterator(run.bundle.splits['train'], config.batch_size, shuffle=True,
+                               seed=config.seed, num_epochs=config.num_epochs,
+                               drop_remainder=config.drop_remainder,
+                               pad_remainder=not config.drop_remainder)
+  optimizer, schedule = optimizer_and_schedule(config, batches.batches_per_epoch)
+  return batches, optimizer, schedule, steps.init_state(run.trainable, optimizer, config.seed,
+                                                        _state_subnet(run))
+
+
+def abstract_state(run: Run) -> dict:
+  """The shapes and dtypes of a run's training state, by jax.eval_shape: a restore
+  template without a data iterator or allocated optimizer state. The schedule's
+  length (any will do) changes its values, never the optimizer state's structure."""
+  optimizer, _ = optimizer_and_schedule(run.config, steps_per_epoch=1)
+  shapes = jax.eval_shape(
+      lambda trainable: steps.init_state(trainable, optimizer, run.config.seed, _state_subnet(run)),
+      run.trainable)
+  # On the default device, where make_training's state lives. Left unset, orbax
+  # restores onto the mesh the checkpoint was saved from, which may not exist here.
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return checkpoint.abstract(shapes, jax.tree.map(lambda _: default, shapes))
+
+
+def make_jitted_step(run: Run, optimizer, state):
+  """(jitted step, state shardings, frozen shardings). Trainable state is
+  replicated (it is small), the frozen backbone sharded by the model's rules,
+  batches split over 'data'; the state is donated. Non-finite steps are flagged,
+  and with on_nonfinite='skip' they leave params and optimizer state unchanged."""
+  mesh = run.mesh
+  rep = sharding.replicated(mesh)
+  state_sh = jax.tree.map(lambda _: rep, state)
+  frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, mesh)
+  supernet = run.spec is not None and run.fixed_subnet is None
+  train_step = steps.make_train_step(run.bundle.task, run.spec, optimizer, supernet)
+  skip_nonfinite = run.config.on_nonfinite == 'skip'
+
+  def guarded_step(state, frozen, batch):
+    new_state, metrics, subnet = train_step(state, frozen, batch)
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    if skip_nonfinite:  # keep the old params/optimizer state, still advance the step
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_state = dict(new_state, trainable=keep(new_state['trainable'], state['trainable']),
+                       opt_state=keep(new_state['opt_state'], state['opt_state']))
+    return new_state, dict(metrics, finite=finite), subnet
+
+  jit_step = jax.jit(guarded_step, in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+                     out_shardings=(state_sh, rep, rep), donate_argnums=(0,))
+  return jit_step, state_sh, frozen_sh
+
+
+# --------------------------------------------------------------------------- #
+# Restore a trained workdir
+# --------------------------------------------------------------------------- #
+
+
+def restore_trainable(run: Run, state, directory) -> dict:
+  """The trainable params of the latest checkpoint under `directory` (a train.py
+  workdir), checked against this run's configuration. `state` (arrays or
+  ShapeDtypeStructs) gives the structure and the placement of what is restored."""
+  mngr = checkpoint.manager(pathlib.Path(directory) / 'checkpoints')
+  try:
+    restored = checkpoint.restore(mngr, checkpoint.abstract(state),
+                                  fingerprint(run.config, run.spec, run.trainable))
+  finally:
+    mngr.close()
+  if restored is None:
+    raise CheckpointMismatchError(f'no checkpoint in {directory}/checkpoints')
+  return restored[1]['trainable']
+
+
+def load_trained(workdir, config=None, *, run: Run | None = None) -> tuple[Run, dict]:
+  """(run, trainable params) of the latest checkpoint in a train.py workdir.
+
+  config: defaults to the workdir's config.json. run: an already built run to
+  restore into (e.g. a retrained subnet of the same supernet) instead of building
+  one. Only shapes are built for the template (`abstract_state`)."""
+  if run is None:
+    run = build(load_config(workdir) if config is None else config)
+  return run, restore_trainable(run, abstract_state(run), workdir)
