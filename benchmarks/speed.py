@@ -26,10 +26,10 @@ import numpy as np
 sys.path.insert(0, '.')
 sys.path.insert(0, 'benchmarks')
 from adapter_step import build_step, median_step_ms  # noqa: E402
-from glora_jax import peft  # noqa: E402
+from glora_jax import peft, subnet  # noqa: E402
 from glora_jax.adapters import glora, lora, surm  # noqa: E402
 from glora_jax.models import bert  # noqa: E402
-from glora_jax.search import fitness, subnet  # noqa: E402
+from glora_jax.search import fitness  # noqa: E402
 from glora_jax.train import sharding, steps  # noqa: E402
 
 
@@ -107,7 +107,7 @@ def section_search(model, params, batch, task, num_candidates=16):
   trainable_model, frozen = peft.partition(params, ['head/.*'])
   trainable = {'model': trainable_model, 'adapters': adapters.params}
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  fsh = sharding.tree_shardings(frozen, [], mesh)
+  fsh = sharding.tree_shardings(frozen, [('.*', jax.sharding.PartitionSpec())], mesh)
   arrays = {k: np.asarray(v) for k, v in batch.items() if k != 'mask'}
   cands = np.asarray(jax.vmap(lambda k: subnet.sample(k, adapters))(
       jax.random.split(jax.random.key(0), num_candidates)))

@@ -7,7 +7,6 @@ tree into trainable and frozen parts by path patterns; `report` counts parameter
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import re
@@ -177,7 +176,13 @@ def attach(params: Params, family: AdapterFamily | None = None, targets: str | N
   return Adapters(params=adapter_params, spec=AdapterSpec(tuple(layers)))
 
 
-def _check_subnet(spec: AdapterSpec, subnet):
+def check_subnet(spec: AdapterSpec, subnet):
+  """The subnet as an int32 array of shape (layers, supports), checked where it
+  enters: a concrete subnet (from JSON, from a user) must choose an existing
+  option of every support, and 0 in the padding columns of families with fewer
+  supports. Traced subnets (inside jit) are not checked: they come from
+  `subnet.sample` or the search operators, which stay in range by construction.
+  None is allowed for adapters without choices (LoRA, SURM)."""
   if subnet is None:
     if spec.searchable:
       raise ValueError('these adapters have searchable supports: pass a subnet '
@@ -187,7 +192,25 @@ def _check_subnet(spec: AdapterSpec, subnet):
   if tuple(jnp.shape(subnet)) != expected:
     raise ValueError(f'subnet has shape {tuple(jnp.shape(subnet))}; expected {expected} '
                      '(adapted layers, supports)')
-  return subnet
+  if isinstance(subnet, jax.core.Tracer):
+    return subnet
+  values = np.asarray(subnet)
+  if not np.issubdtype(values.dtype, np.integer):
+    raise ValueError(f'subnet has dtype {values.dtype}; expected integers (option indices)')
+  bad = np.argwhere((values < 0) | (values >= spec.num_options))
+  if len(bad):
+    i, j = (int(v) for v in bad[0])
+    layer = spec.layers[i]
+    if j >= len(layer.family.supports):
+      raise ValueError(f"subnet[{i}, {j}] = {values[i, j]}: layer '{layer.path}' "
+                       f'({layer.family.name}) has {len(layer.family.supports)} supports, so '
+                       'this padding entry must be 0')
+    support = layer.family.supports[j]
+    n = int(spec.num_options[i, j])
+    raise ValueError(f"subnet[{i}, {j}] = {values[i, j]}: layer '{layer.path}' support "
+                     f"'{support}' has {n} options; allowed 0..{n - 1} "
+                     f'({", ".join(layer.family.options(support))})')
+  return jnp.asarray(values, jnp.int32)
 
 
 # --------------------------------------------------------------------------- #
@@ -230,14 +253,13 @@ def _grouped_deltas(spec: AdapterSpec, adapter_params, subnet, flat, modes) -> d
   return out
 
 
-def _fold(params, adapters: Adapters, subnet, *, modes, add_missing_bias, cast_back):
+def _fold(params, adapters: Adapters, subnet, *, modes, cast_back):
   """Folds the adapters of layers whose family mode is in `modes` into the
-  kernels/biases. Returns (params, {path: bias delta} for bias-less layers)."""
+  kernels/biases; a bias-less layer that gets a bias term gains a bias leaf."""
   spec = adapters.spec
-  subnet = _check_subnet(spec, subnet)
+  subnet = check_subnet(spec, subnet)
   inner, wrapped = _unwrap(params)
   flat = dict(flatten(inner))
-  missing_bias = {}
   deltas = _grouped_deltas(spec, adapters.params, subnet, flat, modes)
   for i, (dk, db) in deltas.items():
     layer = spec.layers[i]
@@ -247,23 +269,17 @@ def _fold(params, adapters: Adapters, subnet, *, modes, add_missing_bias, cast_b
     flat[f'{layer.path}/kernel'] = new_k.astype(kernel.dtype) if cast_back else new_k
     if db is None:
       continue
-    if bias is not None:
-      new_b = bias.astype(jnp.float32) + db
-      flat[f'{layer.path}/bias'] = new_b.astype(bias.dtype) if cast_back else new_b
-    elif add_missing_bias:
-      flat[f'{layer.path}/bias'] = db.astype(kernel.dtype) if cast_back else db
-    else:
-      missing_bias[layer.path] = db
-  return _rewrap(unflatten(flat), wrapped), missing_bias
+    new_b = db if bias is None else bias.astype(jnp.float32) + db
+    dtype = kernel.dtype if bias is None else bias.dtype
+    flat[f'{layer.path}/bias'] = new_b.astype(dtype) if cast_back else new_b
+  return _rewrap(unflatten(flat), wrapped)
 
 
 def apply(params: Params, adapters: Adapters, subnet=None) -> Params:
-  """Params with every weight-mode adapter folded in (float32 kernels where
-  adapted, so gradients flow at full precision). Activation-mode adapters and
-  bias terms of bias-less layers need `forward` (or `activation_hooks`)."""
-  out, _ = _fold(params, adapters, subnet, modes=('weight',), add_missing_bias=True,
-                 cast_back=False)
-  return out
+  """Params with every adapter folded in, float32 where adapted (a merge without
+  the cast back). A bias leaf added to a bias-less layer is read only by a model
+  built with a bias there; `forward` needs no such model."""
+  return _fold(params, adapters, subnet, modes=('weight', 'activation'), cast_back=False)
 
 
 def merge(params: Params, adapters: Adapters, subnet=None) -> Params:
@@ -271,55 +287,103 @@ def merge(params: Params, adapters: Adapters, subnet=None) -> Params:
 
   A layer without bias gains one when the subnet gives it a bias term (GLoRA's
   C, E): the plain model must then be built with biases on that layer."""
-  out, _ = _fold(params, adapters, subnet, modes=('weight', 'activation'),
-                 add_missing_bias=True, cast_back=True)
-  return out
+  return _fold(params, adapters, subnet, modes=('weight', 'activation'), cast_back=True)
 
 
-@contextlib.contextmanager
-def activation_hooks(adapters: Adapters, subnet=None, extra_bias: Mapping[str, Any] | None = None):
-  """The one interception point for adapters that act on activations.
+def _dense(module: nn.Dense, x, kernel, bias):
+  """What `nn.Dense.__call__` computes, with the given kernel and bias (the
+  module's own dtype promotion, precision and dot_general)."""
+  x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+  if module.dot_general_cls is not None:
+    dot_general = module.dot_general_cls()
+  else:
+    dot_general = module.dot_general or jax.lax.dot_general
+  y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+  if bias is not None:
+    y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+  return y
 
-  Inside this context, a call of a Flax module whose path is an adapted layer of
-  activation mode returns `family.activation(params, choice, x, y, kernel, bias)`
-  instead of y; `extra_bias` adds bias deltas to bias-less layers. Models are
-  untouched and never import adapters (flax.linen.intercept_methods)."""
-  spec = adapters.spec
-  subnet = _check_subnet(spec, subnet)
-  index = {l.path: i for i, l in enumerate(spec.layers) if l.family.mode == 'activation'}
-  extra_bias = dict(extra_bias or {})
-  if not index and not extra_bias:
-    yield
-    return
 
-  def interceptor(next_fun, args, kwargs, context):
+class AdapterHooks:
+  """The one interception point: adapters enter the model inside its own layers.
+
+  Used as a context manager around `model.apply`. A call of an adapted Dense
+  layer (matched by its module path) is replaced:
+    - weight mode: the layer computes with K' = K + dK and b' = b + db built
+      right there, so only the layer being run holds its adapted kernel (and,
+      under a rematerialised layer, nothing of it is kept for the backward pass);
+      a bias-less layer gets the bias term GLoRA's C and E give it;
+    - activation mode: `family.activation(params, choice, x, y, kernel, bias)`
+      with y the plain layer's output (LoRA's low-rank path, SURM's FFT product).
+  Models are untouched and never import adapters (flax.linen.intercept_methods).
+  On a normal exit every adapted layer must have been called: a layer whose
+  runtime path differs from its parameter path (e.g. under nn.scan) would
+  otherwise be silently left unadapted."""
+
+  def __init__(self, adapters: Adapters, subnet=None, check_all_called: bool = True):
+    self.spec = adapters.spec
+    self.params = adapters.params
+    self.subnet = check_subnet(self.spec, subnet)
+    self.index = {l.path: i for i, l in enumerate(self.spec.layers)}
+    self.check_all_called = check_all_called
+    self.called: set[str] = set()
+    self._context = None
+
+  def _intercept(self, next_fun, args, kwargs, context):
     if context.method_name != '__call__':
       return next_fun(*args, **kwargs)
     path = '/'.join(context.module.path)
-    if path not in index and path not in extra_bias:
+    i = self.index.get(path)
+    if i is None:
       return next_fun(*args, **kwargs)
+    module = context.module
+    if not isinstance(module, nn.Dense):
+      raise TypeError(f"adapted layer '{path}' is a {type(module).__name__}; adapters "
+                      'intercept flax.linen.Dense layers only')
+    self.called.add(path)
+    family = self.spec.layers[i].family
+    variables = module.variables['params']
+    kernel, bias = variables['kernel'], variables.get('bias')
+    x = args[0]
+    if family.mode == 'weight':
+      dk, db = family.delta(self.params[path], self.subnet[i], kernel, bias)
+      new_kernel = kernel.astype(jnp.float32) + dk
+      new_bias = bias if db is None else (
+          db if bias is None else bias.astype(jnp.float32) + db)
+      return _dense(module, x, new_kernel, new_bias)
     y = next_fun(*args, **kwargs)
-    if path in extra_bias:
-      y = y + extra_bias[path].astype(y.dtype)
-    if path in index:
-      i = index[path]
-      variables = context.module.variables['params']
-      y = spec.layers[i].family.activation(adapters.params[path], subnet[i], args[0], y,
-                                           variables['kernel'], variables.get('bias'))
-    return y
+    return family.activation(self.params[path], self.subnet[i], x, y, kernel, bias)
 
-  with nn.intercept_methods(interceptor):
-    yield
+  def __enter__(self):
+    self.called = set()
+    self._context = nn.intercept_methods(self._intercept)
+    self._context.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self._context.__exit__(*exc)
+    if exc[0] is None and self.check_all_called:
+      missed = [p for p in self.spec.paths if p not in self.called]
+      if missed:
+        raise ValueError(
+            f'{len(missed)} adapted layers were never called by the model, e.g. '
+            f"{_examples(missed, 3)}; their runtime module path differs from their parameter "
+            'path (nn.scan, a shared module) or the method run does not use them')
+    return False
+
+
+def adapter_hooks(adapters: Adapters, subnet=None, check_all_called: bool = True) -> AdapterHooks:
+  """`with adapter_hooks(adapters, subnet): model.apply(...)` runs the model with
+  the adapters (see AdapterHooks)."""
+  return AdapterHooks(adapters, subnet, check_all_called)
 
 
 def forward(model: nn.Module, params: Params, adapters: Adapters, subnet, *args,
             **kwargs):
-  """`model.apply` with the adapters: weight-mode ones folded into the params,
-  activation-mode ones (and biases of bias-less layers) through the hooks."""
-  folded, missing = _fold(params, adapters, subnet, modes=('weight',),
-                          add_missing_bias=False, cast_back=False)
-  inner, _ = _unwrap(folded)
-  with activation_hooks(adapters, subnet, extra_bias=missing):
+  """`model.apply` with the adapters, each built inside its own layer's call
+  (AdapterHooks): the frozen params are passed as they are (bf16 stays bf16)."""
+  inner, _ = _unwrap(params)
+  with adapter_hooks(adapters, subnet):
     return model.apply({'params': inner}, *args, **kwargs)
 
 
@@ -401,7 +465,7 @@ def report(params: Params, adapters: Adapters, subnet=None, head: Params | None 
 
   `params` is the frozen backbone (the head excluded), `head` the trainable head."""
   spec = adapters.spec
-  subnet = np.asarray(_check_subnet(spec, subnet))
+  subnet = np.asarray(check_subnet(spec, subnet))
   rows = []
   for i, layer in enumerate(spec.layers):
     fam = layer.family

@@ -138,9 +138,9 @@ def test_config_from_hf_refuses_other_architectures():
 
 def test_partition_rules_cover_every_leaf(minilm):
   from jax.sharding import PartitionSpec as P
-  from glora_jax.models import partitioning
+  from glora_jax.train import sharding
   _, params = minilm
-  specs = importers.flatten(partitioning.partition_specs(params, bert.partition_rules()))
+  specs = importers.flatten(sharding.partition_specs(params, bert.partition_rules()))
   assert specs['encoder/layer_0/attention/query/kernel'] == P(None, 'model')
   assert specs['encoder/layer_0/intermediate/dense/kernel'] == P(None, 'model')
   assert specs['encoder/layer_0/attention/output/dense/kernel'] == P('model', None)

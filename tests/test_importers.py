@@ -1,4 +1,4 @@
-"""Tests for glora_jax.models.importers and partitioning: file reading, strict checks
+"""Tests for glora_jax.models.importers and the sharding rules: file reading, strict checks
 (one ValueError naming every bad key and shape), and sharding on 8 simulated devices."""
 import json
 import pathlib
@@ -12,7 +12,8 @@ import safetensors.flax
 import safetensors.numpy
 from jax.sharding import PartitionSpec as P
 
-from glora_jax.models import bert, importers, llama, partitioning, vit
+from glora_jax.models import bert, importers, llama, vit
+from glora_jax.train import sharding
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 TIED = FIXTURES / 'llama_tied_bias'
@@ -117,11 +118,11 @@ def test_add_missing_biases():
 def test_partition_spec_errors():
   params = {'a': {'kernel': jax.ShapeDtypeStruct((6, 4), jnp.float32)}}
   with pytest.raises(ValueError, match="no partition rule matches 'a/kernel'"):
-    partitioning.partition_specs(params, [(r'b/.*', P())])
+    sharding.partition_specs(params, [(r'b/.*', P())])
   with pytest.raises(ValueError, match='has more dimensions'):
-    partitioning.partition_specs(params, [(r'.*', P(None, None, 'model'))])
+    sharding.partition_specs(params, [(r'.*', P(None, None, 'model'))])
   mesh = jax.make_mesh((1,), ('model',))
-  assert partitioning.partition_specs(params, [(r'.*', P('model'))], mesh) == {'a': {'kernel': P('model')}}
+  assert sharding.partition_specs(params, [(r'.*', P('model'))], mesh) == {'a': {'kernel': P('model')}}
 
 
 def test_bert_runs_sharded_on_8_devices():
@@ -135,7 +136,7 @@ def test_bert_runs_sharded_on_8_devices():
   params = importers.random_params(importers.param_shapes(model, ids, mask))
   auto = (jax.sharding.AxisType.Auto,) * 2  # classic sharding propagation (STYLE.md)
   mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=auto, devices=jax.devices()[:8])
-  shardings = partitioning.shardings(params, bert.partition_rules(), mesh)
+  shardings = sharding.tree_shardings(params, bert.partition_rules(), mesh)
   sharded = jax.device_put(params, shardings)
   kernel = sharded['encoder']['layer_0']['attention']['query']['kernel']
   assert kernel.sharding.shard_shape(kernel.shape) == (12, 3)
@@ -144,5 +145,9 @@ def test_bert_runs_sharded_on_8_devices():
   run = jax.jit(forward, in_shardings=(shardings, data, data))
   np.testing.assert_allclose(run(sharded, ids, mask), jax.jit(forward)(params, ids, mask), atol=1e-5)
   wide = jax.make_mesh((1, 8), ('data', 'model'), axis_types=auto, devices=jax.devices()[:8])
-  with pytest.raises(ValueError, match='needs dimension 12 to divide by 8'):
-    partitioning.shardings(params, bert.partition_rules(), wide)
+  # A dimension the mesh does not divide is replicated, and said so.
+  notes = []
+  specs = sharding.partition_specs(params, bert.partition_rules(), wide, notes=notes)
+  assert specs['encoder']['layer_0']['attention']['query']['kernel'] == P(None, None)
+  assert ("'encoder/layer_0/attention/query/kernel' dimension 1 (12) does not divide by mesh axis "
+          'model (8): replicated') in notes

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from glora_jax.models import importers, llama, partitioning
+from glora_jax.models import importers, llama
+from glora_jax.train import sharding
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 
@@ -120,7 +121,7 @@ def test_partition_rules():
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
   abstract = importers.unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32)
                                   for p, s in llama.param_shapes(config).items()})
-  specs = importers.flatten(partitioning.partition_specs(abstract, llama.partition_rules()))
+  specs = importers.flatten(sharding.partition_specs(abstract, llama.partition_rules()))
   for name in ('q_proj', 'k_proj', 'v_proj'):
     assert specs[f'layers_0/self_attn/{name}/kernel'] == P(None, 'model')
   assert specs['layers_0/mlp/gate_proj/kernel'] == specs['layers_0/mlp/up_proj/kernel'] == P(None, 'model')

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from glora_jax.models import importers, partitioning, vit
+from glora_jax.models import importers, vit
+from glora_jax.train import sharding
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 CONFIG = vit.ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_dim=128,
@@ -130,7 +131,7 @@ def test_wrong_image_shape_is_named():
 def test_partition_rules():
   abstract = importers.unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32)
                                   for p, s in vit.param_shapes(vit.preset('B/16')).items()})
-  specs = importers.flatten(partitioning.partition_specs(abstract, vit.partition_rules()))
+  specs = importers.flatten(sharding.partition_specs(abstract, vit.partition_rules()))
   assert specs['blocks_0/attn/qkv/kernel'] == P(None, 'model')
   assert specs['blocks_0/mlp/fc1/kernel'] == P(None, 'model')
   assert specs['blocks_0/attn/proj/kernel'] == P('model', None)

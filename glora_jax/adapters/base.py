@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 
 Array = Any
@@ -50,6 +51,16 @@ class AdapterFamily:
   def fixed_cost(self, kernel_shape: tuple[int, int]) -> int:
     """Parameters that are always active, whatever the choice."""
     return 0
+
+  def param_axes(self, kernel_shape: tuple[int, int]) -> dict[str, tuple[str | None, ...]]:
+    """For each parameter leaf ('/'-joined name inside the layer), which kernel
+    dimension each of its dimensions runs along: 'in', 'out' or None. Sharding
+    gives such a dimension the kernel's axis; unnamed leaves are replicated."""
+    return {}
+
+  def param_shapes(self, kernel_shape: tuple[int, int]) -> dict[str, Any]:
+    """Shapes and dtypes of `init`'s parameters (nothing allocated)."""
+    return jax.eval_shape(lambda k: self.init(k, kernel_shape), jax.random.key(0))
 
   # --- arrays ---------------------------------------------------------------
   def init(self, key: Array, kernel_shape: tuple[int, int],

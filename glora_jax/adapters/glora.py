@@ -38,6 +38,13 @@ class GLoRA(base.AdapterFamily):
 
   `structured_b` adds full-rank structured updates (SURM families, e.g.
   'circulant') as extra options of the additive support B.
+
+  Training runs in activation mode (`activation`): the layer's own frozen matmul
+  y0 = x K plus the supports' terms, so that only a low-rank A needs a full-size
+  (in, out) product; the other options cost vectors and rank-r products. With
+  structured B options the family runs in weight mode (K' built in the layer).
+  `delta` (merging) is the same maths folded into the weights; tests prove the
+  two agree.
   """
 
   ranks: tuple[int, ...] = (4,)
@@ -57,6 +64,7 @@ class GLoRA(base.AdapterFamily):
       for fam in self.structured_b:
         surm.check_family_name(fam)
     object.__setattr__(self, 'structured_b', tuple(self.structured_b))
+    object.__setattr__(self, 'mode', 'weight' if self.structured_b else 'activation')
 
   @property
   def max_rank(self) -> int:
@@ -119,6 +127,10 @@ class GLoRA(base.AdapterFamily):
       costs.append(row)
     return costs
 
+  def param_axes(self, kernel_shape):
+    return {'Ad': ('out', None), 'Au': (None, 'in'), 'Bd': ('out', None), 'Bu': (None, 'in'),
+            'Cd': ('in', None), 'Cu': (None, None), 'D': ('out',), 'E': ('out',)}
+
   def init(self, key, kernel_shape, dtype=jnp.float32):
     """Supernet params; every choice starts at the pretrained layer exactly.
     Ad, Bd, Cd, D, E are zero; Au, Bu, Cu are Xavier-uniform (REFERENCE.md)."""
@@ -170,6 +182,46 @@ class GLoRA(base.AdapterFamily):
         b = b + (t_b['struct'] == k).astype(jnp.float32) * dense
     c = low_rank(p['Cd'], p['Cu'], t_c)
     return dict(A=a, B=b, C=c, D=scale_vector(p['D'], t_d), E=scale_vector(p['E'], t_e))
+
+  def activation(self, params, choice, x, y, kernel, bias):
+    """y' = x K' + b' without building B densely (PyTorch notation, W0 = K^T):
+      W0 + W0 * A : one scaled kernel K * (1 + A^T) (A low rank, vector or
+                    constant, as `supports_dense`), then one matmul
+      B x         : low rank -> Bd (Bu x); vector b -> b * sum_j x_j; constant likewise
+      b'          : b0 + E + b0 * D + W0 C
+    The plain layer's output `y` is not used (XLA drops its matmul), so a step
+    costs one full matmul forward and two backward, like LoRA in weight mode,
+    and holds one (in, out) scaled kernel and its gradient: B's dense (out, in)
+    array and the full W' of `delta` never exist. The matmul runs in the plain
+    layer's compute dtype (y's), as nn.Dense promotes its inputs to it."""
+    dtype = y.dtype
+    del y
+    if self.structured_b:
+      raise NotImplementedError('GLoRA with structured B options runs in weight mode')
+    f32 = jnp.float32
+    p = jax.tree.map(lambda v: jnp.asarray(v, f32), dict(params))
+    t_a, t_b, t_c, t_d, t_e = ({k: jnp.asarray(v)[choice[i]] for k, v in self._table(s).items()}
+                               for i, s in enumerate(SUPPORTS))
+    ranks = jnp.arange(self.max_rank)
+    a = ((p['Ad'] * (ranks < t_a['rank']).astype(f32)) @ p['Au']
+         + t_a['vec'] * p['Ad'][:, :1] + t_a['const'] * p['Ad'][0, 0])  # (out, in)
+    k = kernel.astype(f32)
+    scaled_kernel = (k + k * a.T).astype(dtype)
+    out = jnp.einsum('...i,io->...o', x.astype(dtype), scaled_kernel, preferred_element_type=f32)
+    # B on the activations: a rank-r product, or a scale of the input's sum.
+    xf = x.astype(f32)
+    b_mask = (ranks < t_b['rank']).astype(f32)
+    out = out + jnp.einsum('...r,or->...o', jnp.einsum('...i,ri->...r', xf, p['Bu']) * b_mask,
+                           p['Bd'])
+    out = out + jnp.sum(xf, -1, keepdims=True) * (t_b['vec'] * p['Bd'][:, 0]
+                                                   + t_b['const'] * p['Bd'][0, 0])
+    # b' = b0 + E + b0 * D + W0 C, with the frozen W0 (W0 C = C^T K).
+    c = ((p['Cd'] * (ranks < t_c['rank']).astype(f32)) @ p['Cu'])[:, 0] + t_c['vec'] * p['Cd'][:, 0]
+    new_bias = t_e['vec'] * p['E'] + t_e['const'] * p['E'][0] + c @ k
+    if bias is not None:
+      b0 = bias.astype(f32)
+      new_bias = new_bias + b0 + b0 * (t_d['vec'] * p['D'] + t_d['const'] * p['D'][0])
+    return (out + new_bias).astype(dtype)
 
   def delta(self, params, choice, kernel, bias):
     s = self.supports_dense(params, choice)

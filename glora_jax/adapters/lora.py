@@ -52,6 +52,9 @@ class LoRA(base.AdapterFamily):
     d_in, d_out = kernel_shape
     return self.rank * (d_in + d_out)
 
+  def param_axes(self, kernel_shape):
+    return {'A': (None, 'in'), 'B': ('out', None)}
+
   def init(self, key, kernel_shape, dtype=jnp.float32):
     d_in, d_out = kernel_shape
     bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) as in PEFT

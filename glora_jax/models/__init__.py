@@ -1,3 +1,3 @@
 """Backbones as linen modules over plain {'params': ...} dicts, unaware of adapters:
-bert, vit, llama (each with importers and partition_rules), importers, partitioning."""
-from glora_jax.models import bert, importers, llama, partitioning, vit
+bert, vit, llama (each with importers and partition_rules), importers, common (remat, attention)."""
+from glora_jax.models import bert, common, importers, llama, vit

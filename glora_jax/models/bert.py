@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from glora_jax import bundled
-from glora_jax.models import importers
+from glora_jax.models import common, importers
 
 # Leaves adapted by default: the 36 Dense kernels of MiniLM (6 per layer), not the head.
 DEFAULT_TARGETS = r'.*/(query|key|value|dense)/kernel'
@@ -32,8 +32,10 @@ class BertConfig:
   attention_probs_dropout_prob: float = 0.1
   layer_norm_eps: float = 1e-12
   dtype: Any = jnp.float32  # activations; parameters keep their own dtype
+  remat: str = 'none'  # per-layer remat policy, common.REMAT_POLICIES (not in HF's config)
 
   def __post_init__(self):
+    common.check_choice('remat policy', self.remat, common.REMAT_POLICIES)
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f'hidden_size {self.hidden_size} is not divisible by '
                        f'num_attention_heads {self.num_attention_heads}')
@@ -44,7 +46,7 @@ class BertConfig:
     importers.require(hf, 'model_type', 'bert', source)
     importers.require(hf, 'hidden_act', 'gelu', source)
     importers.require(hf, 'position_embedding_type', 'absolute', source)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != 'dtype']
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in ('dtype', 'remat')]
     missing = [n for n in names if n not in hf and n != 'layer_norm_eps']
     if missing:
       raise ValueError(f'{source}: missing BERT fields {missing}')
@@ -121,7 +123,7 @@ class BertLayer(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x, mask, *, deterministic: bool):
+  def __call__(self, x, mask, deterministic: bool):
     cfg = self.config
     x = BertAttention(cfg, name='attention')(x, mask, deterministic=deterministic)
     h = BertIntermediate(cfg, name='intermediate')(x)
@@ -137,8 +139,10 @@ class BertEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, *, deterministic: bool):
+    # deterministic (argument 3, counting the module) is static under remat.
+    layer_cls = common.maybe_remat(BertLayer, self.config.remat, static_argnums=(3,))
     for i in range(self.config.num_hidden_layers):
-      x = BertLayer(self.config, name=f'layer_{i}')(x, mask, deterministic=deterministic)
+      x = layer_cls(self.config, name=f'layer_{i}')(x, mask, deterministic)
     return x
 
 

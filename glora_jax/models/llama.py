@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from glora_jax.models import importers
+from glora_jax.models import common, importers
 
 DEFAULT_TARGETS = r'layers_\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel'
 
@@ -35,8 +35,17 @@ class LlamaConfig:
   mlp_bias: bool = False  # bias on gate, up, down
   attention_dropout: float = 0.0
   dtype: Any = jnp.float32  # activations; parameters keep their own dtype
+  # Scale (not in HF's config): per-layer remat policy (common.REMAT_POLICIES) and
+  # attention implementation (common.ATTENTION_IMPLS); outputs are the same.
+  remat: str = 'none'
+  attention: str = 'xla'
+  attention_chunk: int = 512
 
   def __post_init__(self):
+    common.check_choice('remat policy', self.remat, common.REMAT_POLICIES)
+    common.check_choice('attention', self.attention, common.ATTENTION_IMPLS)
+    if self.attention != 'xla' and self.attention_dropout:
+      raise ValueError(f"attention '{self.attention}' has no dropout; attention_dropout must be 0")
     if self.num_attention_heads % self.kv_heads:
       raise ValueError(f'num_attention_heads {self.num_attention_heads} is not a multiple of '
                        f'num_key_value_heads {self.kv_heads}')
@@ -60,7 +69,8 @@ class LlamaConfig:
     rope_type = rope.get('rope_type', rope.get('type', 'default'))
     if rope_type != 'default':
       raise ValueError(f"{source}: rope type '{rope_type}' is not supported; expected 'default'")
-    names = [f.name for f in dataclasses.fields(cls) if f.name != 'dtype']
+    names = [f.name for f in dataclasses.fields(cls)
+             if f.name not in ('dtype', 'remat', 'attention', 'attention_chunk')]
     fields = {n: hf[n] for n in names if hf.get(n) is not None}
     if 'rope_theta' in rope:
       fields['rope_theta'] = rope['rope_theta']
@@ -112,13 +122,18 @@ class LlamaAttention(nn.Module):
     k = dense(kv * hd, 'k_proj')(x).reshape(*x.shape[:-1], kv, hd)
     v = dense(kv * hd, 'v_proj')(x).reshape(*x.shape[:-1], kv, hd)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    # Grouped-query attention: query head h reads kv head h // (heads // kv), as HF's repeat_kv.
-    k, v = jnp.repeat(k, heads // kv, axis=2), jnp.repeat(v, heads // kv, axis=2)
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(hd)
-    scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(*x.shape[:-1], heads * hd)
+    if cfg.attention_dropout and not deterministic:
+      # Grouped-query attention: query head h reads kv head h // (heads // kv), as HF's repeat_kv.
+      k, v = jnp.repeat(k, heads // kv, axis=2), jnp.repeat(v, heads // kv, axis=2)
+      scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(hd)
+      scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+      probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    else:
+      out = common.attention(q, k, v, allowed[:, None], impl=cfg.attention,
+                             chunk=cfg.attention_chunk)
+    out = out.reshape(*x.shape[:-1], heads * hd)
     return dense(cfg.hidden_size, 'o_proj')(out)
 
 
@@ -137,7 +152,7 @@ class LlamaDecoderLayer(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, allowed, cos, sin, *, deterministic: bool):
+  def __call__(self, x, allowed, cos, sin, deterministic: bool):
     cfg = self.config
     h = RMSNorm(cfg.rms_norm_eps, name='input_layernorm')(x)
     x = x + LlamaAttention(cfg, name='self_attn')(h, allowed, cos, sin, deterministic=deterministic)
@@ -156,7 +171,9 @@ class LlamaForCausalLM(nn.Module):
     cfg = self.config
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                                  embedding_init=nn.initializers.normal(0.02))
-    self.layers = [LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+    # deterministic (argument 5, counting the module) is static under remat.
+    layer_cls = common.maybe_remat(LlamaDecoderLayer, cfg.remat, static_argnums=(5,))
+    self.layers = [layer_cls(cfg) for _ in range(cfg.num_hidden_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps)
     if not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype)
@@ -175,7 +192,7 @@ class LlamaForCausalLM(nn.Module):
     cos, sin = rotary_cos_sin(position_ids, cfg.dim_per_head, cfg.rope_theta)
     x = self.embed_tokens(input_ids)
     for layer in self.layers:
-      x = layer(x, allowed, cos, sin, deterministic=deterministic)
+      x = layer(x, allowed, cos, sin, deterministic)
     return self.norm(x)
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, *,

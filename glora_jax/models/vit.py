@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from glora_jax.models import importers
+from glora_jax.models import common, importers
 
 # The 4 adapted layers of each block (48 in ViT-B): not the patch conv, not the head.
 DEFAULT_TARGETS = r'blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2))/kernel'
@@ -35,8 +35,15 @@ class ViTConfig:
   attention_dropout_rate: float = 0.0
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32  # activations; parameters keep their own dtype
+  remat: str = 'none'  # per-block remat policy, common.REMAT_POLICIES
+  attention: str = 'xla'  # common.ATTENTION_IMPLS; 'xla' is the one with attention dropout
 
   def __post_init__(self):
+    common.check_choice('remat policy', self.remat, common.REMAT_POLICIES)
+    common.check_choice('attention', self.attention, common.ATTENTION_IMPLS)
+    if self.attention != 'xla' and self.attention_dropout_rate:
+      raise ValueError(f"attention '{self.attention}' has no dropout; "
+                       'attention_dropout_rate must be 0')
     if self.embed_dim % self.num_heads:
       raise ValueError(f'embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}')
     if self.image_size % self.patch_size:
@@ -115,10 +122,13 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * cfg.embed_dim, use_bias=cfg.qkv_bias, dtype=cfg.dtype, name='qkv')(x)
     # Output order is (q, k, v) x heads x head_dim, as timm's reshape(B, N, 3, H, D).
     q, k, v = jnp.moveaxis(qkv.reshape(*x.shape[:-1], 3, heads, head_dim), -3, 0)
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(head_dim)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(x.shape)
+    if cfg.attention == 'xla':
+      scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(head_dim)
+      probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+      probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
+      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(x.shape)
+    else:
+      out = common.attention(q, k, v, impl=cfg.attention).reshape(x.shape)
     out = nn.Dense(cfg.embed_dim, dtype=cfg.dtype, name='proj')(out)
     return nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
 
@@ -140,7 +150,7 @@ class Block(nn.Module):
   drop_path_rate: float
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, deterministic: bool):
     cfg = self.config
     norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name=name)
     y = Attention(cfg, name='attn')(norm('norm1')(x), deterministic=deterministic)
@@ -163,7 +173,9 @@ class VisionTransformer(nn.Module):
     self.pos_embed = self.param('pos_embed', nn.initializers.normal(0.02),
                                 (1, cfg.grid_size ** 2 + 1, cfg.embed_dim))
     # A list attribute in setup names its modules blocks_0, blocks_1, ...
-    self.blocks = [Block(cfg, r) for r in drop_path_rates(cfg)]
+    # deterministic (argument 2, counting the module) is static under remat.
+    block_cls = common.maybe_remat(Block, cfg.remat, static_argnums=(2,))
+    self.blocks = [block_cls(cfg, r) for r in drop_path_rates(cfg)]
     self.norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype)
     self.pos_drop = nn.Dropout(cfg.dropout_rate)
     if cfg.representation_size:
@@ -184,7 +196,7 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
     x = self.pos_drop(x, deterministic=deterministic)
     for block in self.blocks:
-      x = block(x, deterministic=deterministic)
+      x = block(x, deterministic)
     x = self.norm(x)[:, 0]
     if cfg.representation_size:
       x = jnp.tanh(self.pre_logits(x))

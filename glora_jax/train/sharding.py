@@ -1,6 +1,13 @@
-"""Sharding declared, not coded: a (data, model) mesh and path-regex rules.
+"""Sharding declared, not coded: a ('data', 'model') mesh and path-regex rules,
+the one engine for frozen params, adapters, optimizer state and batches.
 
-The same code runs on 1 CPU, 8 simulated CPU devices, one GPU or a TPU slice.
+Rules map '/'-joined parameter paths to PartitionSpecs (first full match wins; a
+path no rule matches is an error). A dimension the mesh axis does not divide is
+replicated and reported. With FSDP each large frozen leaf is also split over
+'data'. Adapters take their axes from the kernel they adapt (as MaxText's
+get_lora_param_sharding): a LoRA factor shards its `in` or `out` dimension the way
+the kernel does, so nothing large is replicated. The same code runs on 1 CPU, 8
+simulated CPU devices, a GPU or a TPU slice, in one process or several.
 """
 from __future__ import annotations
 
@@ -9,11 +16,15 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from glora_jax import peft
+from glora_jax.paths import flatten, unflatten
 
 Rules = Sequence[tuple[str, P]]
+# Leaves smaller than this stay replicated under FSDP: splitting a LayerNorm
+# scale saves nothing and costs a collective.
+FSDP_MIN_ELEMENTS = 2 ** 16
 
 
 def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
@@ -32,24 +43,106 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
                        devices=devices)
 
 
-def spec_for(path: str, shape: tuple[int, ...], rules: Rules, mesh: Mesh) -> P:
-  """The first rule whose regex fully matches `path`; dimensions that the mesh
-  axis does not divide stay replicated (so small test models always work)."""
+def as_rules(pairs) -> list[tuple[str, P]]:
+  """Rules from a config: (regex, PartitionSpec or a tuple/list of axis names or None)."""
+  out = []
+  for pattern, spec in pairs or ():
+    out.append((pattern, spec if isinstance(spec, P) else P(*spec)))
+  return out
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+  return int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
+
+
+def spec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh | None = None, *,
+             fsdp: bool = False, fsdp_min_size: int = FSDP_MIN_ELEMENTS,
+             notes: list[str] | None = None) -> P:
+  """The PartitionSpec of one leaf: the first rule whose regex fully matches.
+
+  Without a mesh the rule's spec is returned as written (padded to the leaf's
+  rank). With a mesh, a dimension its axes do not divide is replicated (a note
+  is appended to `notes`), and `fsdp` splits the largest still-replicated
+  dimension that 'data' divides, for leaves of at least `fsdp_min_size` elements."""
+  shape = tuple(int(d) for d in shape)
   for pattern, spec in rules:
     if re.fullmatch(pattern, path):
-      fixed = []
-      for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        size = 1 if axis is None else int(np.prod([mesh.shape[a] for a in np.atleast_1d(axis)]))
-        fixed.append(axis if axis is not None and dim % size == 0 else None)
-      return P(*fixed[:len(shape)])
-  return P()
+      break
+  else:
+    raise ValueError(f"no partition rule matches '{path}'; rules are {[p for p, _ in rules]} "
+                     "(end them with ('.*', PartitionSpec()))")
+  if len(spec) > len(shape):
+    raise ValueError(f"'{path}' has shape {shape}; spec {spec} of rule '{pattern}' has more "
+                     'dimensions')
+  axes = list(spec) + [None] * (len(shape) - len(spec))
+  if mesh is None:
+    return P(*axes)
+  for i, (dim, ax) in enumerate(zip(shape, axes)):
+    if ax is not None and dim % _axis_size(mesh, ax):
+      if notes is not None:
+        notes.append(f"'{path}' dimension {i} ({dim}) does not divide by mesh axis {ax} "
+                     f'({_axis_size(mesh, ax)}): replicated')
+      axes[i] = None
+  used = {a for ax in axes if ax is not None for a in (ax if isinstance(ax, tuple) else (ax,))}
+  data = mesh.shape.get('data', 1)
+  if fsdp and data > 1 and 'data' not in used and int(np.prod(shape)) >= fsdp_min_size:
+    free = [i for i, ax in enumerate(axes) if ax is None and shape[i] % data == 0]
+    if free:
+      axes[max(free, key=lambda i: shape[i])] = 'data'
+  return P(*axes)
 
 
-def tree_shardings(tree: Any, rules: Rules, mesh: Mesh) -> Any:
+def partition_specs(tree: Any, rules: Rules, mesh: Mesh | None = None, **kwargs) -> Any:
+  """PartitionSpecs shaped like `tree` (a nested dict of arrays or ShapeDtypeStructs);
+  keyword arguments as `spec_for`."""
+  return unflatten({k: spec_for(k, np.shape(v), rules, mesh, **kwargs)
+                    for k, v in flatten(tree).items()})
+
+
+def tree_shardings(tree: Any, rules: Rules, mesh: Mesh, **kwargs) -> Any:
   """NamedShardings for a nested dict of arrays (or ShapeDtypeStructs)."""
-  flat = peft.flatten(tree)
-  return peft.unflatten({k: NamedSharding(mesh, spec_for(k, np.shape(v), rules, mesh))
-                         for k, v in flat.items()})
+  return named(mesh, partition_specs(tree, rules, mesh, **kwargs))
+
+
+def named(mesh: Mesh, specs: Any) -> Any:
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def adapter_specs(adapter_spec, kernel_specs: dict[str, P], mesh: Mesh,
+                  notes: list[str] | None = None) -> dict:
+  """PartitionSpecs of adapter params ({layer path: {leaf: ...}}): each leaf
+  dimension that the family names 'in' or 'out' (`family.param_axes`) takes the
+  axis of that dimension of the layer's kernel spec, where it divides."""
+  out = {}
+  for layer in adapter_spec.layers:
+    k_in, k_out = tuple(kernel_specs[f'{layer.path}/kernel']) + (None,) * (
+        2 - len(kernel_specs[f'{layer.path}/kernel']))
+    named_axes = layer.family.param_axes(layer.kernel_shape)
+    shapes = layer.family.param_shapes(layer.kernel_shape)
+    specs = {}
+    for leaf, struct in flatten(shapes).items():
+      shape = tuple(struct.shape)
+      dims = named_axes.get(leaf, (None,) * len(shape))
+      axes = [{'in': k_in, 'out': k_out}.get(d) for d in dims]
+      for i, ax in enumerate(axes):
+        if ax is not None and shape[i] % _axis_size(mesh, ax):
+          if notes is not None:
+            notes.append(f"adapter '{layer.path}/{leaf}' dimension {i} ({shape[i]}) does not "
+                         f'divide by mesh axis {ax}: replicated')
+          axes[i] = None
+      specs[leaf] = P(*axes)
+    out[layer.path] = unflatten(specs)
+  return out
+
+
+def optimizer_state_specs(optimizer: optax.GradientTransformation, abstract_opt_state,
+                          param_specs) -> Any:
+  """Specs of an optax state: its parameter-shaped parts (Adam's moments) follow
+  the params' specs; counts and other scalars are replicated."""
+  return optax.tree_map_params(optimizer, lambda _, spec: spec, abstract_opt_state, param_specs,
+                               transform_non_params=lambda _: P(),
+                               is_leaf=lambda x: isinstance(x, P))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -59,13 +152,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over 'data', replicated over 'model'."""
   return NamedSharding(mesh, P('data'))
-
-
-def check_batch(batch_size: int, mesh: Mesh) -> None:
-  data = mesh.shape['data']
-  if batch_size % data:
-    raise ValueError(f'batch_size={batch_size} is not divisible by the data-parallel size '
-                     f'{data}; use a multiple of {data}')
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
