@@ -193,3 +193,54 @@ def test_subnet_of_wrong_shape():
   model, params, x, adapters = mlp_setup()
   with pytest.raises(ValueError, match=r'expected \(2, 5\)'):
     peft.forward(model, params, adapters, jnp.zeros((3, 5), jnp.int32), x)
+
+
+@pytest.mark.parametrize('value, message', [
+    (9, r"subnet\[1, 1\] = 9: layer 'fc2' support 'B' has 5 options; allowed 0..4 \(lora_2, lora_4, vector, constant, none\)"),
+    (-1, r"subnet\[1, 1\] = -1: layer 'fc2' support 'B' has 5 options; allowed 0..4")])
+def test_out_of_range_subnet_is_refused_where_it_enters(value, message):
+  model, params, x, adapters = mlp_setup()
+  subnet = np.zeros((2, 5), np.int32)
+  subnet[1, 1] = value
+  for use in (lambda: peft.forward(model, params, adapters, subnet, x),
+              lambda: peft.merge(params, adapters, subnet),
+              lambda: peft.report(params, adapters, subnet)):
+    with pytest.raises(ValueError, match=message):
+      use()
+  # Inside jit the subnet is traced and not checked (in-range by construction).
+  jax.jit(lambda s: peft.forward(model, params, adapters, s, x))(jnp.zeros((2, 5), jnp.int32))
+
+
+def test_padding_column_of_a_family_without_that_support_must_be_zero():
+  model, params, x, _ = mlp_setup()
+  adapters = peft.attach(params, rules=[(r'fc1/kernel', glora.space(ranks=(2,))),
+                                        (r'fc2/kernel', lora.space(rank=2))])
+  subnet = np.zeros((2, 5), np.int32)
+  subnet[1, 0] = 1
+  with pytest.raises(ValueError, match=r"layer 'fc2' \(lora\) has 0 supports, so this padding entry must be 0"):
+    peft.merge(params, adapters, subnet)
+
+
+def test_a_layer_the_model_never_calls_is_an_error():
+  """A layer whose runtime path differs from its parameter path (nn.scan, a
+  shared module) or that the method run skips would keep its adapters silently
+  unused: the hooks count the layers they saw and forward refuses a miss."""
+
+  class TwoHeads(nn.Module):
+    def setup(self):
+      self.body = nn.Dense(8)
+      self.head = nn.Dense(3)
+
+    def features(self, x):
+      return self.body(x)
+
+    def __call__(self, x):
+      return self.head(self.body(x))
+
+  model = TwoHeads()
+  x = jnp.ones((2, 8))
+  params = model.init(jax.random.key(0), x)['params']
+  adapters = peft.attach(params, lora.space(rank=2), targets=r'(body|head)/kernel')
+  assert peft.forward(model, params, adapters, None, x).shape == (2, 3)
+  with pytest.raises(ValueError, match=r"1 adapted layers were never called by the model, e\.g\. 'head'"):
+    peft.forward(model, params, adapters, None, x, method=TwoHeads.features)
