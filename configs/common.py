@@ -52,7 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 5
   c.drop_remainder = False
   # num_devices 0 = every device; data -1 = every device not used by 'model'.
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'model': 1, 'num_devices': 0})
+  # fsdp: split each large frozen leaf (and so its adapters) over 'data' too.
+  # rules: (path regex, axes) pairs tried before the model's own partition rules,
+  # e.g. (('.*/mlp/.*/kernel', (None, 'model')),).
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'model': 1, 'num_devices': 0, 'fsdp': False,
+                                      'rules': ()})
   c.checkpoint = ml_collections.ConfigDict({'every_steps': 0, 'keep': 3, 'async_save': True})
   c.on_nonfinite = 'stop'  # stop | skip
   c.log_every_steps = 5

@@ -32,7 +32,11 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
 
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  metrics_lib.write_json(workdir / 'config.json', json.loads(config.to_json_best_effort()))
+  # Several processes share the workdir: one writes the files beside the checkpoints
+  # (orbax coordinates the checkpoint writes of all processes itself).
+  primary = jax.process_index() == 0
+  if primary:
+    metrics_lib.write_json(workdir / 'config.json', json.loads(config.to_json_best_effort()))
 
   jit_step, state_sh, frozen_sh = setup.make_jitted_step(run, optimizer, state)
   mesh = run.mesh
@@ -54,7 +58,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
     state = dict(state, trainable=jax.device_put(setup.restore_trainable(run, state, config.init_from),
                                                  state_sh['trainable']))
     print(f'initialised the trainable params from {config.init_from}', flush=True)
-  metrics_log = metrics_lib.MetricsLog(workdir / 'metrics.csv', int(state['step']))
+  metrics_log = metrics_lib.MetricsLog(workdir / 'metrics.csv' if primary else None, int(state['step']))
 
   def save(step, force=False):
     checkpoint.save(mngr, step, state, {'data': batches.state, 'fingerprint': fp}, force=force)
@@ -67,49 +71,76 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
     bar = tqdm(total=total_steps, initial=int(state['step']), unit='step', file=sys.stdout,
                dynamic_ncols=True, mininterval=0.1 if tty else 30.0)
   val_acc, val_loss = float('nan'), float('nan')
-  step = int(state['step'])
-  t_last, ex_since = time.perf_counter(), 0
-  step_ms = []  # full batches only
+  step = first_step = int(state['step'])
+  log_every = config.get('log_every_steps', 10)
   eval_every = config.get('eval_every_epochs', 1)
   stopped_early = False
+  # No host sync per step: metrics stay on the device and are fetched together at
+  # logging, evaluation and checkpoint steps, so the host dispatches the next
+  # batch while the device runs. A non-finite step is found at the next fetch,
+  # which comes before any save: the last good checkpoint is never overwritten.
+  pending: list[tuple[int, int, dict]] = []  # (step, epoch, device metrics)
+  window = {'t': time.perf_counter(), 'examples': 0, 'steps': 0, 'full': True}
+  step_ms = []  # mean step time of each fetch window of full batches (not the first)
+
+  def fetch():
+    nonlocal pending
+    fetched = jax.device_get([m for _, _, m in pending])
+    for (s, e, _), m in zip(pending, fetched):
+      if not m['finite'] and not skip_nonfinite:
+        mngr.wait_until_finished()
+        raise NonFiniteLossError(
+            f'non-finite loss ({float(m["loss"])}) at step {s} (epoch {e}); the last good '
+            f'checkpoint in {workdir}/checkpoints is kept. Lower optim.lr, set optim.clip_norm, '
+            'or pass --config.on_nonfinite=skip')
+      window['examples'] += int(m['examples'])
+    now = time.perf_counter()
+    if window['full'] and window['steps'] and pending[0][0] > first_step + 2:
+      step_ms.append(1e3 * (now - window['t']) / window['steps'])
+    last = (pending[-1][0], pending[-1][1], fetched[-1])
+    pending = []
+    return last, now
+
   for batch in batches:
     epoch = batches.state['epoch'] - (batches.state['position'] == 0)  # epoch of this batch
-    t_step = time.perf_counter()
     state, metrics, _ = jit_step(state, frozen, sharding.put_batch(batch, mesh))
     step += 1
-    m = jax.device_get(metrics)  # waits for the step: the timing covers fwd, bwd and update
-    if batch['mask'].all():
-      step_ms.append(1e3 * (time.perf_counter() - t_step))
-    if not m['finite'] and not skip_nonfinite:
-      mngr.wait_until_finished()
-      raise NonFiniteLossError(
-          f'non-finite loss ({float(m["loss"])}) at step {step} (epoch {epoch}); the last good '
-          f'checkpoint in {workdir}/checkpoints is kept. Lower optim.lr, set optim.clip_norm, '
-          'or pass --config.on_nonfinite=skip')
-    ex_since += int(m['examples'])
+    pending.append((step, epoch, metrics))
+    window['steps'] += 1
+    window['full'] &= bool(batch['mask'].all())
+    if bar is not None:
+      bar.update(1)
     epoch_done = batches.state['position'] == 0
-    if step % config.get('log_every_steps', 10) == 0 or epoch_done:
-      now = time.perf_counter()
+    evaluate_now = (epoch_done and 'eval' in run.bundle.splits and eval_every
+                    and (epoch + 1) % eval_every == 0)
+    save_now = step % every == 0 or epoch_done
+    stop_now = stop_after_steps is not None and step >= stop_after_steps
+    log_now = step % log_every == 0 or epoch_done
+    if log_now or save_now or stop_now:
+      (_, _, m), now = fetch()
+    if log_now:
       lr = float(schedule(step) if callable(schedule) else schedule)
       metrics_log.add(step=step, epoch=epoch, train_loss=float(m['loss']),
                       train_accuracy=float(m['accuracy']), lr=lr,
                       subnet_params=int(m['subnet_params']),
-                      examples_per_s=ex_since / max(now - t_last, 1e-9))
-      t_last, ex_since = now, 0
-    if bar is not None:
-      bar.update(1)
-      bar.set_postfix(loss=f'{float(m["loss"]):.4f}', epoch=epoch)
-    if epoch_done and 'eval' in run.bundle.splits and eval_every and (epoch + 1) % eval_every == 0:
+                      examples_per_s=window['examples'] / max(now - window['t'], 1e-9))
+      if bar is not None:
+        bar.set_postfix(loss=f'{float(m["loss"]):.4f}', epoch=epoch)
+    if evaluate_now:
       val_loss, val_acc = evaluate(state['trainable'], frozen, run.bundle.splits['eval'],
                                    setup.eval_subnet(run))
       metrics_log.add(step=step, epoch=epoch, val_loss=val_loss, val_accuracy=val_acc)
       msg = f'epoch {epoch}: val_loss={val_loss:.4f} val_accuracy={val_acc:.4f}'
       bar.write(msg) if bar is not None else print(msg, flush=True)
-    if step % every == 0 or epoch_done:
+    if save_now:
       save(step)
-    if stop_after_steps is not None and step >= stop_after_steps:
+    if not pending:  # a fetch happened: the next window starts after this step's host work
+      window.update(t=time.perf_counter(), examples=0, steps=0, full=True)
+    if stop_now:
       stopped_early = True
       break
+  if pending:
+    fetch()
   if 'eval' in run.bundle.splits and math.isnan(val_acc):  # resumed after the last epoch
     val_loss, val_acc = evaluate(state['trainable'], frozen, run.bundle.splits['eval'],
                                  setup.eval_subnet(run))
@@ -128,10 +159,12 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
              'trainable_params': trainable_params,
              'stored_adapter_params': None if report is None else report.stored_adapter_params,
              'finished': not stopped_early,
-             # median over full batches after the first 2 (compile, warm-up) of this process
-             'median_step_ms': float(np.median(step_ms[2:])) if len(step_ms) > 2 else None}
-  metrics_lib.write_json(workdir / 'summary.json', summary)
-  if metrics_log.rows:
+             # median over fetch windows of full batches, after the first 2 steps
+             # (compile, warm-up) of this process: fwd, bwd and update, back to back
+             'median_step_ms': float(np.median(step_ms)) if step_ms else None}
+  if primary:
+    metrics_lib.write_json(workdir / 'summary.json', summary)
+  if primary and metrics_log.rows:
     metrics_lib.plot_curves(metrics_log.rows, workdir / 'curves.png')
   print(f'final: step={step} val_accuracy={val_acc:.4f} trainable_params={trainable_params:,}',
         flush=True)

@@ -176,9 +176,11 @@ def eval_subnet(run: Run) -> np.ndarray:
 def make_evaluator(run: Run, batch_size: int):
   """evaluate(trainable, arrays, subnet) -> (mean loss, accuracy), jitted once."""
   eval_step = steps.make_eval_step(run.bundle.task, run.spec)
-  frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, run.mesh)
+  frozen_specs, trainable_specs = param_specs(run)
   rep = sharding.replicated(run.mesh)
-  jitted = jax.jit(eval_step, in_shardings=(rep, frozen_sh, sharding.batch_sharding(run.mesh), rep),
+  jitted = jax.jit(eval_step, in_shardings=(sharding.named(run.mesh, trainable_specs),
+                                            sharding.named(run.mesh, frozen_specs),
+                                            sharding.batch_sharding(run.mesh), rep),
                    out_shardings=rep)
 
   def evaluate(trainable, frozen, arrays, subnet):
@@ -250,15 +252,49 @@ def abstract_state(run: Run) -> dict:
   return checkpoint.abstract(shapes, jax.tree.map(lambda _: default, shapes))
 
 
+def partition_rules(run: Run) -> list:
+  """The config's rules (mesh.rules) first, then the model's own."""
+  return sharding.as_rules(run.config.mesh.get('rules', ())) + list(run.bundle.partition_rules)
+
+
+def param_specs(run: Run, notes: list[str] | None = None) -> tuple[dict, dict]:
+  """(frozen specs, trainable specs): the frozen backbone by the rules (and FSDP
+  over 'data' with mesh.fsdp), the head or fully trained params by the same
+  rules, each adapter like the kernel it adapts."""
+  mesh, rules = run.mesh, partition_rules(run)
+  fsdp = bool(run.config.mesh.get('fsdp', False))
+  frozen = sharding.partition_specs(run.frozen, rules, mesh, fsdp=fsdp, notes=notes)
+  model = sharding.partition_specs(run.trainable['model'], rules, mesh, fsdp=fsdp, notes=notes)
+  adapters = {}
+  if run.spec is not None:
+    kernels = {**peft.flatten(model), **peft.flatten(frozen)}
+    adapters = sharding.adapter_specs(run.spec, kernels, mesh, notes=notes)
+  return frozen, {'model': model, 'adapters': adapters}
+
+
+def state_specs(run: Run, optimizer, state, notes: list[str] | None = None) -> tuple[dict, dict]:
+  """(train-state specs, frozen specs); Adam's moments follow their params."""
+  frozen, trainable = param_specs(run, notes)
+  specs = {k: jax.sharding.PartitionSpec() for k in state}
+  specs.update(trainable=trainable,
+               opt_state=sharding.optimizer_state_specs(optimizer, state['opt_state'], trainable))
+  return specs, frozen
+
+
 def make_jitted_step(run: Run, optimizer, state):
-  """(jitted step, state shardings, frozen shardings). Trainable state is
-  replicated (it is small), the frozen backbone sharded by the model's rules,
-  batches split over 'data'; the state is donated. Non-finite steps are flagged,
-  and with on_nonfinite='skip' they leave params and optimizer state unchanged."""
+  """(jitted step, state shardings, frozen shardings). The frozen backbone is
+  sharded by the partition rules, adapters and their optimizer state like their
+  kernels, batches split over 'data'; the state is donated. Non-finite steps are
+  flagged, and with on_nonfinite='skip' they leave params and optimizer state
+  unchanged. Leaves a mesh axis does not divide are replicated and listed once."""
   mesh = run.mesh
   rep = sharding.replicated(mesh)
-  state_sh = jax.tree.map(lambda _: rep, state)
-  frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, mesh)
+  notes: list[str] = []
+  specs, frozen_specs = state_specs(run, optimizer, state, notes)
+  if notes and jax.process_index() == 0:
+    print(f'sharding: {len(notes)} leaves replicated on dimensions the mesh does not divide, '
+          f'e.g. {notes[0]}', flush=True)
+  state_sh, frozen_sh = sharding.named(mesh, specs), sharding.named(mesh, frozen_specs)
   supernet = run.spec is not None and run.fixed_subnet is None
   train_step = steps.make_train_step(run.bundle.task, run.spec, optimizer, supernet)
   skip_nonfinite = run.config.on_nonfinite == 'skip'
