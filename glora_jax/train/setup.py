@@ -258,27 +258,9 @@ def partition_rules(run: Run) -> list:
 
 
 def param_specs(run: Run, notes: list[str] | None = None) -> tuple[dict, dict]:
-  """(frozen specs, trainable specs): the frozen backbone by the rules (and FSDP
-  over 'data' with mesh.fsdp), the head or fully trained params by the same
-  rules, each adapter like the kernel it adapts."""
-  mesh, rules = run.mesh, partition_rules(run)
-  fsdp = bool(run.config.mesh.get('fsdp', False))
-  frozen = sharding.partition_specs(run.frozen, rules, mesh, fsdp=fsdp, notes=notes)
-  model = sharding.partition_specs(run.trainable['model'], rules, mesh, fsdp=fsdp, notes=notes)
-  adapters = {}
-  if run.spec is not None:
-    kernels = {**peft.flatten(model), **peft.flatten(frozen)}
-    adapters = sharding.adapter_specs(run.spec, kernels, mesh, notes=notes)
-  return frozen, {'model': model, 'adapters': adapters}
-
-
-def state_specs(run: Run, optimizer, state, notes: list[str] | None = None) -> tuple[dict, dict]:
-  """(train-state specs, frozen specs); Adam's moments follow their params."""
-  frozen, trainable = param_specs(run, notes)
-  specs = {k: jax.sharding.PartitionSpec() for k in state}
-  specs.update(trainable=trainable,
-               opt_state=sharding.optimizer_state_specs(optimizer, state['opt_state'], trainable))
-  return specs, frozen
+  """(frozen specs, trainable specs) of a run (sharding.param_specs)."""
+  return sharding.param_specs(run.frozen, run.trainable['model'], run.spec, partition_rules(run),
+                              run.mesh, fsdp=bool(run.config.mesh.get('fsdp', False)), notes=notes)
 
 
 def make_jitted_step(run: Run, optimizer, state):
@@ -290,7 +272,8 @@ def make_jitted_step(run: Run, optimizer, state):
   mesh = run.mesh
   rep = sharding.replicated(mesh)
   notes: list[str] = []
-  specs, frozen_specs = state_specs(run, optimizer, state, notes)
+  frozen_specs, trainable_specs = param_specs(run, notes)
+  specs = sharding.train_state_specs(state, optimizer, trainable_specs)
   if notes and jax.process_index() == 0:
     print(f'sharding: {len(notes)} leaves replicated on dimensions the mesh does not divide, '
           f'e.g. {notes[0]}', flush=True)

@@ -136,6 +136,29 @@ def adapter_specs(adapter_spec, kernel_specs: dict[str, P], mesh: Mesh,
   return out
 
 
+def param_specs(frozen, model_trainable, adapter_spec, rules: Rules, mesh: Mesh, *,
+                fsdp: bool = False, notes: list[str] | None = None) -> tuple[dict, dict]:
+  """(frozen specs, trainable specs {'model', 'adapters'}) of a run: the frozen
+  backbone and the trained model params by the rules (FSDP over 'data' if asked),
+  each adapter like the kernel it adapts (`adapter_spec`: a peft.AdapterSpec or None)."""
+  frozen_specs = partition_specs(frozen, rules, mesh, fsdp=fsdp, notes=notes)
+  model_specs = partition_specs(model_trainable, rules, mesh, fsdp=fsdp, notes=notes)
+  adapters = {}
+  if adapter_spec is not None:
+    kernels = {**flatten(model_specs), **flatten(frozen_specs)}
+    adapters = adapter_specs(adapter_spec, kernels, mesh, notes=notes)
+  return frozen_specs, {'model': model_specs, 'adapters': adapters}
+
+
+def train_state_specs(state, optimizer: optax.GradientTransformation, trainable_specs) -> dict:
+  """Specs of the train state dict: trainable params as given, optimizer state
+  following them, everything else (step, key, subnet) replicated."""
+  specs = {k: P() for k in state}
+  specs.update(trainable=trainable_specs,
+               opt_state=optimizer_state_specs(optimizer, state['opt_state'], trainable_specs))
+  return specs
+
+
 def optimizer_state_specs(optimizer: optax.GradientTransformation, abstract_opt_state,
                           param_specs) -> Any:
   """Specs of an optax state: its parameter-shaped parts (Adam's moments) follow

@@ -1,0 +1,370 @@
+"""Memory and FLOPs of one training step at the users' scale, proven by compiling
+the real step ahead of time for the real shapes: nothing is allocated.
+
+For LLaMA-2-7B shapes (hidden 4096, MLP 11008, 32 heads, vocab 32000; batch 1 x
+2048 tokens per device, frozen weights and activations in bf16) and ViT-B/16
+(224², batch 64 per device), for each method (frozen backbone, LoRA r=8 in
+activation and weight mode, GLoRA supernet at ranks (4,), SURM circulant, full
+fine-tuning) on 1 device and on 8 devices (FSDP over 'data'), it builds the same
+train step as train.py (glora_jax.train.steps with the adapters entering each
+layer through peft's interception point, shardings from glora_jax.train.sharding),
+lowers it with jax.ShapeDtypeStructs, compiles it and reads
+`compiled.memory_analysis()` (per-device peak = arguments + temporaries + outputs
+- aliased) and `compiled.cost_analysis()` (FLOPs per device per step).
+
+LLaMA is compiled at 2 and 4 layers and extrapolated to 32 (memory and FLOPs are
+linear in depth; --check_depth 8 compiles 8 layers to show it). ViT-B/16 is
+compiled whole.
+
+Backends:
+  --backend tpu (default): XLA's TPU compiler through jax.experimental.topologies,
+      for a TPU v5p topology, on this CPU machine: compile only, no TPU needed,
+      but libtpu must be installed: pip install "jax[tpu]==$(python -c 'import jax;
+      print(jax.__version__)')" (in its own environment; never in CI).
+  --backend cpu: XLA's CPU compiler. It drops jax.checkpoint's rematerialisation
+      (its pipeline removes the optimisation barriers before CSE), so its peak
+      shows what the step would hold without remat; use it for FLOPs, or where
+      libtpu is absent.
+
+    python benchmarks/scale.py                       # everything, writes --out
+    python benchmarks/scale.py --table               # the tables from --out
+    python benchmarks/scale.py --models llama7b --methods glora,lora --devices 1
+
+The "frozen" method is the floor of every adapter method: one rank-1 LoRA on the
+first layer's query projection, so the backward pass runs through every layer
+(activation gradients) but computes no weight gradient of any size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+GiB = 2 ** 30
+METHODS = ('frozen', 'lora', 'lora_weight', 'glora', 'surm', 'full')
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--backend', choices=('tpu', 'cpu'), default='tpu')
+  p.add_argument('--models', default='llama7b,vitb16')
+  p.add_argument('--methods', default=','.join(METHODS))
+  p.add_argument('--devices', default='1,8', help='1 and/or 8 (FSDP over data)')
+  p.add_argument('--layers', default='2,4', help='LLaMA depths compiled for the extrapolation')
+  p.add_argument('--check_depth', type=int, default=0, help='also compile this depth (LLaMA)')
+  p.add_argument('--remat', default='full', help="per-layer remat policy ('none' = as before)")
+  p.add_argument('--attention', default='chunked', help="xla | chunked | dot_product")
+  p.add_argument('--baseline', action='store_true',
+                 help="also compile LoRA and GLoRA with remat 'none' and attention 'xla'")
+  p.add_argument('--out', default='benchmarks/results/scale.json')
+  p.add_argument('--table', action='store_true', help='print the tables from --out and exit')
+  return p.parse_args(argv)
+
+
+def setup_backend(backend: str):
+  """Before jax is imported: 8 host devices for the CPU backend; for the TPU
+  compiler, a topology description (no TPU needed)."""
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  if backend == 'cpu':
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                               + ' --xla_force_host_platform_device_count=8').strip()
+  else:  # libtpu asks the (absent) TPU metadata server otherwise
+    os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-16')
+    os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+  import jax
+  if backend == 'cpu':
+    return list(jax.devices()), 'XLA CPU'
+  from jax.experimental import topologies
+  topology = topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x2')
+  return list(topology.devices), f'XLA TPU ({topology.devices[0].device_kind}, compile only)'
+
+
+# --------------------------------------------------------------------------- #
+# The step, from shapes only
+# --------------------------------------------------------------------------- #
+
+
+def model_case(name: str, layers: int, remat: str, attention: str):
+  """(model, abstract params in bf16, forward(params, adapters, subnet, batch,
+  train, rng), loss, abstract per-device batch, default targets, frozen-floor
+  target, head pattern or None)."""
+  import jax
+  import jax.numpy as jnp
+  from glora_jax import peft
+  from glora_jax.models import llama, vit
+  from glora_jax.train import steps, tasks
+
+  bf16 = jnp.bfloat16
+  if name == 'llama7b':
+    cfg = llama.LlamaConfig(num_hidden_layers=layers, dtype=bf16, remat=remat, attention=attention,
+                            max_position_embeddings=4096)
+    model = llama.LlamaForCausalLM(cfg)
+    init = lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+    batch = {'input_ids': ((1, 2048), jnp.int32), 'attention_mask': ((1, 2048), jnp.int32),
+             'mask': ((1,), jnp.float32)}
+
+    def forward(params, adapters, subnet, batch, train, rng):
+      return peft.forward(model, params, adapters, subnet, batch['input_ids'], batch['attention_mask'])
+    return (model, init, forward, tasks.lm_loss, batch, llama.DEFAULT_TARGETS,
+            r'layers_0/self_attn/q_proj/kernel', None, llama.partition_rules())
+  if name == 'vitb16':
+    cfg = vit.preset('B/16', num_classes=100, dtype=bf16, remat=remat,
+                     attention='xla' if attention == 'chunked' else attention)
+    model = vit.VisionTransformer(cfg)
+    init = lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']
+    batch = {'image': ((64, 224, 224, 3), jnp.float32), 'label': ((64,), jnp.int32),
+             'mask': ((64,), jnp.float32)}
+
+    def forward(params, adapters, subnet, batch, train, rng):
+      return peft.forward(model, params, adapters, subnet, batch['image'])
+    return (model, init, forward, steps.classification_loss, batch, vit.DEFAULT_TARGETS,
+            r'blocks_0/attn/qkv/kernel', r'head/.*', vit.partition_rules())
+  raise ValueError(f"unknown model '{name}'; known: llama7b, vitb16")
+
+
+def family_for(method: str):
+  from glora_jax.adapters import glora, lora, surm
+  return {'frozen': lambda: lora.space(rank=1, mode='activation'),
+          'lora': lambda: lora.space(rank=8, alpha=16, mode='activation'),
+          'lora_weight': lambda: lora.space(rank=8, alpha=16, mode='weight'),
+          'glora': lambda: glora.space(ranks=(4,)),
+          'surm': lambda: surm.space('circulant')}[method]()
+
+
+def compile_case(devices, model_name: str, method: str, layers: int, num_devices: int,
+                 remat: str, attention: str) -> dict:
+  """Lowers and compiles one train step from abstract arguments; returns the
+  compiled memory and cost figures (per device)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from glora_jax import peft
+  from glora_jax.train import sharding, steps
+
+  (model, init, forward, loss, batch_shapes, targets, floor_target, head,
+   rules) = model_case(model_name, layers, remat, attention)
+  abstract = jax.eval_shape(init)
+  bf16 = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), abstract)
+  spec = None
+  if method == 'full':  # float32 master weights, all trained
+    model_trainable, frozen = abstract, {}
+  else:
+    model_trainable, frozen = peft.partition(bf16, [head]) if head else ({}, bf16)
+    model_trainable = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
+                                   model_trainable)
+  adapter_params = {}
+  if method != 'full':
+    fam = family_for(method)
+    target = floor_target if method == 'frozen' else targets
+    adapters = jax.eval_shape(lambda: peft.attach(frozen, fam, targets=target))
+    spec, adapter_params = adapters.spec, adapters.params
+  supernet = spec is not None and spec.searchable
+  subnet0 = np.zeros((1, 1) if spec is None else spec.num_options.shape, np.int32)
+  optimizer = steps.make_optimizer(1e-4, 1e-4)
+  trainable = {'model': model_trainable, 'adapters': adapter_params}
+  state = jax.eval_shape(lambda t: steps.init_state(t, optimizer, 0, subnet0), trainable)
+  train_step = steps.make_train_step(steps.Task(forward, loss), spec, optimizer, supernet)
+
+  mesh = Mesh(np.asarray(devices[:num_devices]).reshape(num_devices, 1), ('data', 'model'))
+  fsdp = num_devices > 1
+  frozen_specs, trainable_specs = sharding.param_specs(frozen, model_trainable, spec, rules, mesh,
+                                                       fsdp=fsdp)
+  state_specs = sharding.train_state_specs(state, optimizer, trainable_specs)
+  with_sharding = lambda tree, specs: jax.tree.map(
+      lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, p)),
+      tree, specs)
+  batch = {k: jax.ShapeDtypeStruct((shape[0] * num_devices,) + shape[1:], dtype,
+                                   sharding=NamedSharding(mesh, P('data')))
+           for k, (shape, dtype) in batch_shapes.items()}
+  args = (with_sharding(state, state_specs), with_sharding(frozen, frozen_specs), batch)
+  rep = NamedSharding(mesh, P())
+  state_sh = sharding.named(mesh, state_specs)
+  t0 = time.perf_counter()
+  lowered = jax.jit(train_step, out_shardings=(state_sh, rep, rep), donate_argnums=(0,)).lower(*args)
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  nbytes = lambda tree: int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize
+                                for s in jax.tree.leaves(tree)))
+  return {
+      'model': model_name, 'method': method, 'layers': layers, 'devices': num_devices,
+      'remat': remat, 'attention': attention,
+      'argument_bytes': int(mem.argument_size_in_bytes), 'temp_bytes': int(mem.temp_size_in_bytes),
+      'output_bytes': int(mem.output_size_in_bytes), 'alias_bytes': int(mem.alias_size_in_bytes),
+      'peak_bytes': int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                        + mem.output_size_in_bytes - mem.alias_size_in_bytes),
+      'flops': float(cost.get('flops', 0.0)),
+      'frozen_bytes': nbytes(frozen), 'train_state_bytes': nbytes(state),
+      'adapter_params': int(sum(np.prod(s.shape) for s in jax.tree.leaves(adapter_params))),
+      'compile_seconds': seconds,
+  }
+
+
+# --------------------------------------------------------------------------- #
+# Results, extrapolation and goals
+# --------------------------------------------------------------------------- #
+
+
+def key(r) -> tuple:
+  return (r['model'], r['method'], r['layers'], r['devices'], r['remat'], r['attention'])
+
+
+def load(path) -> list[dict]:
+  path = pathlib.Path(path)
+  return json.loads(path.read_text())['cases'] if path.exists() else []
+
+
+def save(path, backend: str, cases: list[dict]) -> None:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix('.tmp')
+  tmp.write_text(json.dumps({'backend': backend, 'cases': cases}, indent=1))
+  tmp.replace(path)
+
+
+def at_depth(cases, model, method, devices, remat, attention, depth=32) -> dict | None:
+  """LLaMA figures at `depth` layers, linear through the two smallest compiled
+  depths (bytes and FLOPs per layer from their difference); ViT as compiled."""
+  rows = sorted((r for r in cases if (r['model'], r['method'], r['devices'], r['remat'],
+                                      r['attention']) == (model, method, devices, remat, attention)),
+                key=lambda r: r['layers'])
+  if not rows:
+    return None
+  if model != 'llama7b':
+    return dict(rows[-1], extrapolated=False)
+  if len(rows) < 2:
+    return None
+  a, b = rows[0], rows[1]
+  out = dict(b, layers=depth, extrapolated=True)
+  for field in ('peak_bytes', 'temp_bytes', 'argument_bytes', 'flops', 'frozen_bytes',
+                'train_state_bytes', 'adapter_params'):
+    per_layer = (b[field] - a[field]) / (b['layers'] - a['layers'])
+    out[field] = b[field] + per_layer * (depth - b['layers'])
+    out[f'{field}_per_layer'] = per_layer
+  return out
+
+
+def tables(cases: list[dict], backend: str, remat: str, attention: str) -> str:
+  lines = [f'Compiled by {backend}; remat {remat!r}, attention {attention!r}. Per-device peak '
+           '(arguments + temporaries + outputs - aliased) and FLOPs per device per step.', '']
+  for model, title in (('llama7b', 'LLaMA-2-7B shapes, batch 1 x 2048 per device, bf16 frozen and '
+                                   'activations, 32 layers (extrapolated from the compiled depths)'),
+                       ('vitb16', 'ViT-B/16, 224², batch 64 per device, bf16 frozen and activations')):
+    if not any(r['model'] == model for r in cases):
+      continue
+    lines += [f'**{title}**', '',
+              '| method | devices | adapter params | peak GiB | per layer GiB | TFLOPs | '
+              'FLOPs / frozen | compiled depths |', '|---|---:|---:|---:|---:|---:|---:|---|']
+    for devices in (1, 8):
+      floor = at_depth(cases, model, 'frozen', devices, remat, attention)
+      for method in METHODS:
+        r = at_depth(cases, model, method, devices, remat, attention)
+        if r is None:
+          continue
+        depths = sorted({c['layers'] for c in cases if c['model'] == model and c['method'] == method
+                         and c['devices'] == devices and c['remat'] == remat})
+        ratio = f"{r['flops'] / floor['flops']:.2f}" if floor else '-'
+        per_layer = (f"{r['peak_bytes_per_layer'] / GiB:.3f}" if r.get('extrapolated') else '-')
+        lines.append(f"| {method} | {devices} | {int(r['adapter_params']):,} | "
+                     f"{r['peak_bytes'] / GiB:.2f} | {per_layer} | {r['flops'] / 1e12:.1f} | {ratio} | "
+                     f"{','.join(map(str, depths))} |")
+    lines.append('')
+  base = [r for r in cases if r['remat'] == 'none' and r['attention'] == 'xla']
+  if base:
+    lines += ["**Before: remat 'none', attention 'xla' (the full score matrix kept per layer)**", '',
+              '| model | method | devices | peak GiB | per layer GiB |', '|---|---|---:|---:|---:|']
+    for model in ('llama7b', 'vitb16'):
+      for method in METHODS:
+        r = at_depth(cases, model, method, 1, 'none', 'xla')
+        if r is not None:
+          per_layer = (f"{r['peak_bytes_per_layer'] / GiB:.3f}" if r.get('extrapolated') else '-')
+          lines.append(f"| {model} | {method} | 1 | {r['peak_bytes'] / GiB:.2f} | {per_layer} |")
+    lines.append('')
+  lines += goals(cases, remat, attention)
+  return '\n'.join(lines)
+
+
+def goals(cases, remat, attention) -> list[str]:
+  get = lambda model, method, devices: at_depth(cases, model, method, devices, remat, attention)
+  out = ['**Goals** (LLaMA-7B at 32 layers unless named)', '']
+
+  def line(name, value, goal, ok):
+    out.append(f"- {name}: {value} (goal {goal}): {'met' if ok else 'MISSED'}")
+
+  glora1, lora1, loraw1 = get('llama7b', 'glora', 1), get('llama7b', 'lora', 1), get('llama7b', 'lora_weight', 1)
+  frozen1 = get('llama7b', 'frozen', 1)
+  if glora1:
+    line('GLoRA supernet peak, 1 device', f"{glora1['peak_bytes'] / GiB:.2f} GiB", '<= 24 GiB',
+         glora1['peak_bytes'] <= 24 * GiB)
+  if lora1:
+    line('LoRA r=8 peak, 1 device', f"{lora1['peak_bytes'] / GiB:.2f} GiB", '<= 20 GiB',
+         lora1['peak_bytes'] <= 20 * GiB)
+  if glora1 and lora1:
+    ratio = glora1['peak_bytes'] / lora1['peak_bytes']
+    line('GLoRA peak / LoRA peak (activation mode)', f'{ratio:.3f}', '<= 1.25', ratio <= 1.25)
+  if glora1 and loraw1:
+    ratio = glora1['peak_bytes'] / loraw1['peak_bytes']
+    line('GLoRA peak / LoRA peak (weight mode)', f'{ratio:.3f}', '<= 1.25', ratio <= 1.25)
+  for model in ('llama7b', 'vitb16'):
+    for method in ('glora', 'lora'):
+      one, eight = get(model, method, 1), get(model, method, 8)
+      if one and eight:
+        activations = one['peak_bytes'] - one['argument_bytes']
+        bound = 1.1 * (one['frozen_bytes'] / 8 + one['train_state_bytes'] + activations)
+        line(f'{model} {method}, 8 devices: per-device peak vs (frozen/8 + adapters and optimizer '
+             'state + activations) x 1.1', f"{eight['peak_bytes'] / GiB:.2f} vs {bound / GiB:.2f} GiB",
+             '<=', eight['peak_bytes'] <= bound)
+  if glora1 and frozen1:
+    ratio = glora1['flops'] / frozen1['flops']
+    line("GLoRA step FLOPs / frozen backbone's forward+backward", f'{ratio:.2f}', '<= 1.5', ratio <= 1.5)
+  g, f = get('vitb16', 'glora', 1), get('vitb16', 'frozen', 1)
+  if g and f:
+    line('ViT-B/16 GLoRA FLOPs / frozen', f"{g['flops'] / f['flops']:.2f}", '<= 1.5',
+         g['flops'] / f['flops'] <= 1.5)
+  return out
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.table:
+    data = json.loads(pathlib.Path(args.out).read_text())
+    print(tables(data['cases'], data['backend'], args.remat, args.attention))
+    return
+  devices, backend = setup_backend(args.backend)
+  cases = load(args.out)
+  done = {key(r) for r in cases}
+  plan = []
+  for model in args.models.split(','):
+    depths = [int(d) for d in args.layers.split(',')] if model == 'llama7b' else [12]
+    if model == 'llama7b' and args.check_depth:
+      depths.append(args.check_depth)
+    for devices_n in (int(d) for d in args.devices.split(',')):
+      for method in args.methods.split(','):
+        for depth in depths:
+          plan.append((model, method, depth, devices_n, args.remat, args.attention))
+    if args.baseline:
+      for method in ('frozen', 'lora', 'glora'):
+        for depth in depths[:2]:
+          plan.append((model, method, depth, 1, 'none', 'xla'))
+  for case in plan:
+    if case in done:
+      continue
+    r = compile_case(devices, *case[:4], remat=case[4], attention=case[5])
+    print(f"{case}: peak {r['peak_bytes'] / GiB:.2f} GiB (args {r['argument_bytes'] / GiB:.2f}, "
+          f"temp {r['temp_bytes'] / GiB:.2f}), {r['flops'] / 1e12:.2f} TFLOPs, "
+          f"compiled in {r['compile_seconds']:.0f} s", flush=True)
+    cases.append(r)
+    save(args.out, backend, cases)
+  print(tables(cases, backend, args.remat, args.attention))
+
+
+if __name__ == '__main__':
+  main()
