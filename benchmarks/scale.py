@@ -109,7 +109,10 @@ def model_case(name: str, layers: int, remat: str, attention: str):
              'mask': ((1,), jnp.float32)}
 
     def forward(params, adapters, subnet, batch, train, rng):
-      return peft.forward(model, params, adapters, subnet, batch['input_ids'], batch['attention_mask'])
+      args = (batch['input_ids'], batch['attention_mask'])
+      if adapters is None:  # full fine-tuning
+        return model.apply({'params': params}, *args)
+      return peft.forward(model, params, adapters, subnet, *args)
     return (model, init, forward, tasks.lm_loss, batch, llama.DEFAULT_TARGETS,
             r'layers_0/self_attn/q_proj/kernel', None, llama.partition_rules())
   if name == 'vitb16':
@@ -121,6 +124,8 @@ def model_case(name: str, layers: int, remat: str, attention: str):
              'mask': ((64,), jnp.float32)}
 
     def forward(params, adapters, subnet, batch, train, rng):
+      if adapters is None:  # full fine-tuning
+        return model.apply({'params': params}, batch['image'])
       return peft.forward(model, params, adapters, subnet, batch['image'])
     return (model, init, forward, steps.classification_loss, batch, vit.DEFAULT_TARGETS,
             r'blocks_0/attn/qkv/kernel', r'head/.*', vit.partition_rules())

@@ -27,7 +27,7 @@ sys.path.insert(0, '.')
 sys.path.insert(0, 'benchmarks')
 from adapter_step import build_step, median_step_ms  # noqa: E402
 from glora_jax import peft, subnet  # noqa: E402
-from glora_jax.adapters import glora, lora, surm  # noqa: E402
+from glora_jax.adapters import glora, lora, structured  # noqa: E402
 from glora_jax.models import bert  # noqa: E402
 from glora_jax.search import fitness  # noqa: E402
 from glora_jax.train import sharding, steps  # noqa: E402
@@ -128,7 +128,7 @@ def section_surm(n_repeats):
   out = {}
   x_shape = (32, 128)
   for n in (384, 768, 1024):
-    st = surm.Structure('circulant', n, n, 0)
+    st = structured.Structure('circulant', n, n, 0)
     keys = jax.random.split(jax.random.key(0), len(st.shapes()))
     p = {name: jax.random.normal(k, shape) for k, (name, shape) in zip(keys, st.shapes().items())}
     x = jax.random.normal(jax.random.key(1), x_shape + (n,))

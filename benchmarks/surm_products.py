@@ -13,23 +13,23 @@ import time
 import jax
 import jax.numpy as jnp
 
-from glora_jax.adapters import surm
+from glora_jax.adapters import structured
 
 
-def _structure(spec: str, n: int) -> surm.Structure:
+def _structure(spec: str, n: int) -> structured.Structure:
   """'ldr:2' -> LDR of displacement rank 2 on n x n; block_circulant's default block is n."""
   kind, _, arg = spec.partition(':')
   default = {'kronecker': 4, 'ldr': 1, 'block_circulant': n}.get(kind, 0)
-  return surm.Structure(kind, n, n, int(arg) if arg else default)
+  return structured.Structure(kind, n, n, int(arg) if arg else default)
 
 
-def _random_params(st: surm.Structure, key):
+def _random_params(st: structured.Structure, key):
   keys = jax.random.split(key, len(st.shapes()))
   return {name: jax.random.normal(k, shape, jnp.float32)
           for k, (name, shape) in zip(keys, st.shapes().items())}
 
 
-def time_step(st: surm.Structure, how: str, x, params, warmup: int, repeats: int) -> float:
+def time_step(st: structured.Structure, how: str, x, params, warmup: int, repeats: int) -> float:
   """Median seconds of one jitted forward + backward step of 0.5 * mean((M x)^2)."""
 
   def loss(p, xs):
@@ -51,7 +51,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--sizes', default='64,128,256,384,768,1024,4096')
   parser.add_argument('--kinds', default='circulant',
-                      help=f'comma-separated, from {surm.KINDS}, with an optional '
+                      help=f'comma-separated, from {structured.KINDS}, with an optional '
                       ':rank or :block (ldr:2, block_circulant:64)')
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--seq', type=int, default=128)
@@ -66,7 +66,7 @@ def main():
         f'jax {jax.__version__}; x float32 of shape ({args.batch}, {args.seq}, n); '
         f'forward + backward (grads of params and x), median of {args.repeats} after '
         f'{args.warmup} warm-up')
-  print(f'surm.DENSE_BELOW = {surm.DENSE_BELOW}\n')
+  print(f'structured.DENSE_BELOW = {structured.DENSE_BELOW}\n')
   print('| kind | n | fft ms | dense ms | dense / fft | faster | auto picks |')
   print('|---|---:|---:|---:|---:|---|---|')
   crossover = {}

@@ -113,6 +113,12 @@ class AdapterSpec:
   def fixed_costs(self) -> np.ndarray:
     return np.asarray([l.family.fixed_cost(l.kernel_shape) for l in self.layers], np.int64)
 
+  def layer_params(self, subnet) -> np.ndarray:
+    """(layers,) int64 active adapter parameters of each layer under a concrete subnet
+    (head excluded): its fixed cost plus the costs of the options it chooses."""
+    chosen = np.asarray(chosen_option_costs(self.option_costs, subnet), np.int64)
+    return self.fixed_costs + chosen.sum(-1)
+
   @property
   def searchable(self) -> bool:
     return bool((self.num_options > 1).any())
@@ -121,6 +127,15 @@ class AdapterSpec:
   def num_choices(self) -> float:
     """Size of the search space (a float: it overflows ints quickly)."""
     return float(np.prod(self.num_options.astype(np.float64)))
+
+
+def chosen_option_costs(option_costs, subnet) -> jax.Array:
+  """(..., layers, supports) parameters of the option each support of a subnet (or a
+  batch of them) chooses: a gather into the (layers, supports, options) cost table.
+  Jittable and vmappable; `AdapterSpec.layer_params` and `subnet.count_params` sum it."""
+  subnet = jnp.asarray(subnet)
+  costs = jnp.broadcast_to(jnp.asarray(option_costs), subnet.shape + np.shape(option_costs)[-1:])
+  return jnp.take_along_axis(costs, subnet[..., None], axis=-1)[..., 0]
 
 
 @flax.struct.dataclass
@@ -466,13 +481,12 @@ def report(params: Params, adapters: Adapters, subnet=None, head: Params | None 
   `params` is the frozen backbone (the head excluded), `head` the trainable head."""
   spec = adapters.spec
   subnet = np.asarray(check_subnet(spec, subnet))
+  active = spec.layer_params(subnet)
   rows = []
   for i, layer in enumerate(spec.layers):
     fam = layer.family
-    active = int(spec.fixed_costs[i] + sum(
-        spec.option_costs[i, j, subnet[i, j]] for j in range(len(fam.supports))))
     choice = ','.join(f'{s}={fam.options(s)[subnet[i, j]]}' for j, s in enumerate(fam.supports))
-    rows.append((layer.path, fam.name, choice or '-', active,
+    rows.append((layer.path, fam.name, choice or '-', int(active[i]),
                  _num_params(adapters.params[layer.path])))
   return Report(rows=rows, adapter_params=sum(r[3] for r in rows),
                 stored_adapter_params=_num_params(adapters.params),

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glora_jax.peft import AdapterSpec, Adapters
+from glora_jax.peft import AdapterSpec, Adapters, chosen_option_costs
 
 
 def _spec(x) -> AdapterSpec:
@@ -21,8 +21,14 @@ def _spec(x) -> AdapterSpec:
 
 def sample(key, adapters: Adapters | AdapterSpec) -> jax.Array:
   """Each layer's supports drawn independently and uniformly from their options."""
-  spec = _spec(adapters)
-  return jax.random.randint(key, spec.num_options.shape, 0, jnp.asarray(spec.num_options),
+  return sample_table(key, _spec(adapters).num_options)
+
+
+def sample_table(key, num_options, batch: tuple[int, ...] = ()) -> jax.Array:
+  """`sample` from the (layers, supports) option-count table itself, `batch` subnets at
+  once, for callers that pass the table as a traced argument."""
+  num_options = jnp.asarray(num_options)
+  return jax.random.randint(key, tuple(batch) + num_options.shape, 0, num_options,
                             dtype=jnp.int32)
 
 
@@ -36,18 +42,24 @@ def count_params(adapters: Adapters | AdapterSpec, subnet) -> jax.Array:
 def count_params_table(option_costs, fixed_cost, subnet) -> jax.Array:
   """`count_params` from the (layers, supports, options) cost table itself, for
   callers that pass the table as a traced argument."""
-  subnet = jnp.asarray(subnet)
-  costs = jnp.broadcast_to(jnp.asarray(option_costs), subnet.shape + np.shape(option_costs)[-1:])
-  chosen = jnp.take_along_axis(costs, subnet[..., None], axis=-1)[..., 0]
-  return jnp.sum(chosen, axis=(-1, -2)) + fixed_cost
+  return jnp.sum(chosen_option_costs(option_costs, subnet), axis=(-1, -2)) + fixed_cost
+
+
+def cheapest_and_largest(num_options, option_costs) -> tuple[jax.Array, jax.Array]:
+  """The subnets choosing, per support, the option with the fewest and the one with the
+  most parameters (first on ties); the padding past a support's `num_options` never
+  counts. Jittable: the tables may be traced."""
+  costs = jnp.asarray(option_costs)
+  valid = jnp.arange(costs.shape[-1]) < jnp.asarray(num_options)[..., None]
+  cheapest = jnp.argmin(jnp.where(valid, costs, jnp.iinfo(costs.dtype).max), axis=-1)
+  most = jnp.argmax(jnp.where(valid, costs, -1), axis=-1)
+  return cheapest.astype(jnp.int32), most.astype(jnp.int32)
 
 
 def largest(adapters: Adapters | AdapterSpec) -> np.ndarray:
   """The subnet choosing, per support, the option with the most parameters."""
   spec = _spec(adapters)
-  masked = np.where(np.arange(spec.option_costs.shape[-1]) < spec.num_options[..., None],
-                    spec.option_costs, -1)
-  return masked.argmax(-1).astype(np.int32)
+  return np.asarray(cheapest_and_largest(spec.num_options, spec.option_costs)[1])
 
 
 def to_dict(adapters: Adapters | AdapterSpec, subnet) -> dict[str, dict[str, str]]:

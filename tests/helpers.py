@@ -1,6 +1,8 @@
-"""Shared by the training, search and fault tests: the tiny real-data config and
-reading a run's trained params back."""
+"""Shared by the training, search and fault tests: the tiny real-data config, reading a
+run's trained params back, and checking the plots a run draws."""
 import sys
+
+import matplotlib.image
 
 sys.path.insert(0, '.')
 from configs import tiny_bbc_glora  # noqa: E402
@@ -19,3 +21,12 @@ def tiny_config(**overrides):
 def trainable_of(config, workdir):
   """The trainable params of the latest checkpoint in a train.py workdir."""
   return setup.load_trained(workdir, config)[1]
+
+
+def assert_png(path, height, width):
+  """`path` is a PNG image of height x width pixels with something drawn on it."""
+  with open(path, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n', f'{path} is not a PNG'
+  image = matplotlib.image.imread(path)
+  assert image.shape[:2] == (height, width), image.shape
+  assert image[..., :3].std() > 0.01, f'{path} is blank'

@@ -18,7 +18,7 @@ def make_spec(layers=6, width=16):
 def test_mutation_redraws_at_the_stated_rate():
   spec = make_spec()
   num = jnp.asarray(spec.num_options)
-  parents = evolution.random_candidates(jax.random.key(0), num, 1)
+  parents = subnet.sample_table(jax.random.key(0), num, (1,))
   kids = evolution.mutate(jax.random.key(1), parents, num, 4000, 0.2)
   changed = float(jnp.mean(kids != parents[0]))
   # A redraw lands on the old value with probability 1/options, so the visible
@@ -45,7 +45,7 @@ def test_children_are_in_budget_unseen_and_distinct():
   spec = make_spec()
   num = jnp.asarray(spec.num_options)
   costs, fixed = jnp.asarray(spec.option_costs), jnp.asarray(0)
-  archive = evolution.random_candidates(jax.random.key(3), num, 40)
+  archive = subnet.sample_table(jax.random.key(3), num, (40,))
   parents = archive[:10]
   low, high = 50, 600
   kids, ok = evolution.propose(jax.random.key(4), parents, archive, jnp.ones(40, bool), num, costs,
@@ -103,7 +103,7 @@ def test_random_fill_meets_a_tight_budget():
   spec = make_spec(layers=12)
   num, costs = jnp.asarray(spec.num_options), jnp.asarray(spec.option_costs)
   mean = float(jnp.mean(jax.vmap(lambda s: subnet.count_params(spec, s))(
-      evolution.random_candidates(jax.random.key(0), num, 256))))
+      subnet.sample_table(jax.random.key(0), num, (256,)))))
   limit = mean / 8
   cands, ok = evolution.propose_random(jax.random.key(1), jnp.zeros((1,) + spec.num_options.shape, jnp.int32),
                                        jnp.zeros(1, bool), num, costs, jnp.asarray(0), 0, limit,
@@ -112,6 +112,6 @@ def test_random_fill_meets_a_tight_budget():
   assert len(found) >= 10
   n = np.asarray(jax.vmap(lambda s: subnet.count_params(spec, s))(jnp.asarray(found)))
   assert n.max() <= limit
-  uniform = evolution.random_candidates(jax.random.key(2), num, 200)
+  uniform = subnet.sample_table(jax.random.key(2), num, (200,))
   u = np.asarray(jax.vmap(lambda s: subnet.count_params(spec, s))(uniform))
   assert (u <= limit).mean() < 0.05  # the case the thinning exists for

@@ -43,8 +43,8 @@ def test_fsdp_splits_the_largest_free_dimension_of_large_leaves():
   rules = [(r'big/kernel', P(None, 'model')), (r'.*', P())]
   specs = sharding.partition_specs(params, rules, mesh(4, 2), fsdp=True)
   assert specs['big']['kernel'] == P('data', 'model')  # dim 1 is taken by 'model'
-  assert specs['small']['scale'] == P(None)  # below FSDP_MIN_ELEMENTS
-  assert specs['odd']['kernel'] == P(None, None)  # nothing divides by 4
+  assert specs['small']['scale'] == P()  # below FSDP_MIN_ELEMENTS
+  assert specs['odd']['kernel'] == P()  # nothing divides by 4
   specs = sharding.partition_specs(params, [(r'.*', P())], mesh(8, 1), fsdp=True)
   assert specs['big']['kernel'] == P(None, 'data')  # the larger dimension
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glora_jax.adapters import base
+from glora_jax.adapters import base, structured
 
 SUPPORTS = ('A', 'B', 'C', 'D', 'E')
 
@@ -36,8 +36,8 @@ class GLoRA(base.AdapterFamily):
   vector, which miscounts layers with in != out (fc1, fc2): we deliberately count
   `in`, the true size of C.
 
-  `structured_b` adds full-rank structured updates (SURM families, e.g.
-  'circulant') as extra options of the additive support B.
+  `structured_b` adds full-rank structured updates (the matrices of structured.py
+  that SURM uses, e.g. 'circulant') as extra options of the additive support B.
 
   Training runs in activation mode (`activation`): the layer's own frozen matmul
   y0 = x K plus the supports' terms, so that only a low-rank A needs a full-size
@@ -60,9 +60,8 @@ class GLoRA(base.AdapterFamily):
       raise ValueError(f'GLoRA ranks must be distinct positive integers, got {self.ranks}')
     object.__setattr__(self, 'ranks', tuple(sorted(ranks)))
     if self.structured_b:
-      from glora_jax.adapters import surm  # structured options live with SURM
       for fam in self.structured_b:
-        surm.check_family_name(fam)
+        structured.check_family_name(fam)
     object.__setattr__(self, 'structured_b', tuple(self.structured_b))
     object.__setattr__(self, 'mode', 'weight' if self.structured_b else 'activation')
 
@@ -102,9 +101,8 @@ class GLoRA(base.AdapterFamily):
           f"glora: rank {self.max_rank} is above min(in, out) = {min(d_in, d_out)} for "
           f"'{path}' (kernel {d_in}x{d_out}); use ranks <= {min(d_in, d_out)}")
     if self.structured_b:
-      from glora_jax.adapters import surm
       for fam in self.structured_b:
-        surm.check_structured(fam, d_out, d_in, path)
+        structured.check_structured(fam, d_out, d_in, path)
 
   def option_costs(self, kernel_shape):
     d_in, d_out = kernel_shape
@@ -122,8 +120,7 @@ class GLoRA(base.AdapterFamily):
         elif opt == 'none':
           row.append(0)
         else:
-          from glora_jax.adapters import surm
-          row.append(surm.structured_num_params(opt, d_out, d_in))
+          row.append(structured.structured_num_params(opt, d_out, d_in))
       costs.append(row)
     return costs
 
@@ -149,10 +146,9 @@ class GLoRA(base.AdapterFamily):
         'D': jnp.zeros((d_out,), dtype), 'E': jnp.zeros((d_out,), dtype),
     }
     if self.structured_b:
-      from glora_jax.adapters import surm
       keys = jax.random.split(k_s, len(self.structured_b))
       params['B_structured'] = {
-          fam: surm.init_structured(fam, k, d_out, d_in, dtype)
+          fam: structured.init_structured(fam, k, d_out, d_in, dtype)
           for fam, k in zip(self.structured_b, keys)}
     return params
 
@@ -175,10 +171,9 @@ class GLoRA(base.AdapterFamily):
     a = low_rank(p['Ad'], p['Au'], t_a)
     b = low_rank(p['Bd'], p['Bu'], t_b)
     if self.structured_b:
-      from glora_jax.adapters import surm
       d_out, d_in = b.shape
       for k, fam in enumerate(self.structured_b):
-        dense = surm.structured_dense(fam, p['B_structured'][fam], d_out, d_in)
+        dense = structured.structured_dense(fam, p['B_structured'][fam], d_out, d_in)
         b = b + (t_b['struct'] == k).astype(jnp.float32) * dense
     c = low_rank(p['Cd'], p['Cu'], t_c)
     return dict(A=a, B=b, C=c, D=scale_vector(p['D'], t_d), E=scale_vector(p['E'], t_e))

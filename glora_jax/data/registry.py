@@ -4,8 +4,10 @@ Bundled datasets (bbc_news, mnist5k) are prepared on first use; 'vtab/<task>' on
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from typing import Any, Callable
 
 import numpy as np
 
@@ -13,51 +15,22 @@ from glora_jax import bundled
 from glora_jax.data import bbc_news, mnist, prepared, text, vtab
 
 VTAB_PREFIX = 'vtab/'
-TEXT_DATASETS = (bbc_news.NAME,)
-BUNDLED_DATASETS = (bbc_news.NAME, mnist.NAME)
 
 
-def dataset_names() -> tuple[str, ...]:
-  return BUNDLED_DATASETS + tuple(VTAB_PREFIX + task for task in vtab.TASKS)
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """What the registry knows of one dataset; each public function below reads one field."""
+
+  splits: tuple[str, ...]
+  num_classes: Callable[[], int]
+  class_names: Callable[[str | os.PathLike | None], tuple[str, ...]]  # (data_dir)
+  load_source: Callable[..., Any]  # (split, data_dir, download) -> random-access source
+  # (split, data_dir) -> the whole split as numpy arrays; None: read lazily only.
+  load_arrays: Callable[..., dict[str, np.ndarray]] | None = None
+  text: bool = False
 
 
-def _check_name(name: str) -> None:
-  if name not in dataset_names():
-    raise ValueError(f"unknown dataset '{name}'; known datasets: {', '.join(dataset_names())}")
-
-
-def _vtab_task(name: str) -> vtab.VtabTask | None:
-  return vtab.TASKS[name[len(VTAB_PREFIX):]] if name.startswith(VTAB_PREFIX) else None
-
-
-def splits(name: str) -> tuple[str, ...]:
-  _check_name(name)
-  if name == bbc_news.NAME:
-    return bbc_news.SPLITS
-  if name == mnist.NAME:
-    return mnist.SPLITS
-  return vtab.SPLITS
-
-
-def num_classes(name: str) -> int:
-  _check_name(name)
-  if name == bbc_news.NAME:
-    return len(bbc_news.class_names())
-  if name == mnist.NAME:
-    return len(mnist.CLASS_NAMES)
-  return _vtab_task(name).num_classes
-
-
-def class_names(name: str, data_dir: str | os.PathLike | None = None) -> tuple[str, ...]:
-  """Label names in label order. VTAB names come from the prepared dataset's label file when the
-  label is a tfds ClassLabel, otherwise (derived labels, or not prepared) they are '0', '1', ...
-  """
-  _check_name(name)
-  if name == bbc_news.NAME:
-    return bbc_news.class_names()
-  if name == mnist.NAME:
-    return mnist.CLASS_NAMES
-  task = _vtab_task(name)
+def _vtab_class_names(task: vtab.VtabTask, data_dir: str | os.PathLike | None) -> tuple[str, ...]:
   fallback = tuple(str(i) for i in range(task.num_classes))
   if task.label_fn is not None:
     return fallback
@@ -73,6 +46,60 @@ def class_names(name: str, data_dir: str | os.PathLike | None = None) -> tuple[s
   return names if len(names) == task.num_classes else fallback
 
 
+def _vtab_dataset(task: vtab.VtabTask) -> Dataset:
+  return Dataset(
+      splits=vtab.SPLITS,
+      num_classes=lambda: task.num_classes,
+      class_names=functools.partial(_vtab_class_names, task),
+      load_source=lambda split, data_dir, download: vtab.load_split(
+          task, split, data_dir, download=download))
+
+
+DATASETS: dict[str, Dataset] = {
+    bbc_news.NAME: Dataset(
+        splits=bbc_news.SPLITS,
+        num_classes=lambda: len(bbc_news.class_names()),
+        class_names=lambda data_dir: bbc_news.class_names(),
+        load_source=lambda split, data_dir, download: bbc_news.data_source(split, data_dir),
+        load_arrays=bbc_news.load_split,
+        text=True),
+    mnist.NAME: Dataset(
+        splits=mnist.SPLITS,
+        num_classes=lambda: len(mnist.CLASS_NAMES),
+        class_names=lambda data_dir: mnist.CLASS_NAMES,
+        load_source=lambda split, data_dir, download: mnist.data_source(split, data_dir),
+        load_arrays=mnist.load_split),
+    **{VTAB_PREFIX + name: _vtab_dataset(task) for name, task in vtab.TASKS.items()},
+}
+TEXT_DATASETS = tuple(name for name, d in DATASETS.items() if d.text)
+BUNDLED_DATASETS = tuple(name for name, d in DATASETS.items() if d.load_arrays is not None)
+
+
+def dataset_names() -> tuple[str, ...]:
+  return tuple(DATASETS)
+
+
+def _dataset(name: str) -> Dataset:
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset '{name}'; known datasets: {', '.join(dataset_names())}")
+  return DATASETS[name]
+
+
+def splits(name: str) -> tuple[str, ...]:
+  return _dataset(name).splits
+
+
+def num_classes(name: str) -> int:
+  return _dataset(name).num_classes()
+
+
+def class_names(name: str, data_dir: str | os.PathLike | None = None) -> tuple[str, ...]:
+  """Label names in label order. VTAB names come from the prepared dataset's label file when the
+  label is a tfds ClassLabel, otherwise (derived labels, or not prepared) they are '0', '1', ...
+  """
+  return _dataset(name).class_names(data_dir)
+
+
 def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None,
                 download: bool = False):
   """A split as a random-access source of example dicts, read through tfds.data_source.
@@ -81,23 +108,16 @@ def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None
   preprocessed {'image': (224, 224, 3) float32, 'label'} and must already be prepared in
   data_dir (a clear error says how otherwise), unless download=True.
   """
-  _check_name(name)
-  if name == bbc_news.NAME:
-    return bbc_news.data_source(split, data_dir)
-  if name == mnist.NAME:
-    return mnist.data_source(split, data_dir)
-  return vtab.load_split(_vtab_task(name), split, data_dir, download=download)
+  return _dataset(name).load_source(split, data_dir, download)
 
 
 def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
   """A whole split of a small bundled dataset as a dict of numpy arrays (see bbc_news/mnist.load_split)."""
-  _check_name(name)
-  if name == bbc_news.NAME:
-    return bbc_news.load_split(split, data_dir)
-  if name == mnist.NAME:
-    return mnist.load_split(split, data_dir)
-  raise ValueError(f"dataset '{name}' is read lazily (its images do not fit in memory at 224x224); "
-                   f'use load_source, expected one of {list(BUNDLED_DATASETS)} here')
+  dataset = _dataset(name)
+  if dataset.load_arrays is None:
+    raise ValueError(f"dataset '{name}' is read lazily (its images do not fit in memory at 224x224); "
+                     f'use load_source, expected one of {list(BUNDLED_DATASETS)} here')
+  return dataset.load_arrays(split, data_dir)
 
 
 @functools.lru_cache(maxsize=32)
@@ -122,8 +142,7 @@ def load_text_classification(name: str = bbc_news.NAME, split: str = 'train',
   (n, max_len) int32 and label (n,) int32, in the split file's order (read-only, shared by
   the cache); metadata is {'name', 'split', 'num_classes', 'class_names', 'max_len'}.
   """
-  _check_name(name)
-  if name not in TEXT_DATASETS:
+  if not _dataset(name).text:
     raise ValueError(f"dataset '{name}' is not a text dataset; expected one of {list(TEXT_DATASETS)}")
   if split not in splits(name):
     raise ValueError(f"dataset '{name}' has no split '{split}'; expected one of {list(splits(name))}")

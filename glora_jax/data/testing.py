@@ -58,7 +58,7 @@ def write_fake_prepared(tfds_id: str, data_dir: str | os.PathLike,
   image_pool = {}
 
   class FakeBuilder(real_cls, skip_registration=True):  # pylint: disable=abstract-method
-    code_path = epath.Path(inspect.getfile(real_cls))  # See prepared.builder_code_path.
+    code_path = epath.Path(inspect.getfile(real_cls))  # See prepared.LocalBuilder.
 
     def _split_generators(self, dl_manager):
       del dl_manager

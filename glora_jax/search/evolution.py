@@ -55,18 +55,12 @@ class SearchConfig:
 # --------------------------------------------------------------------------- #
 
 
-def random_candidates(key, num_options, n: int):
-  """n subnets, every choice uniform over its options."""
-  num_options = jnp.asarray(num_options)
-  return jax.random.randint(key, (n,) + num_options.shape, 0, num_options, dtype=jnp.int32)
-
-
 def mutate(key, parents, num_options, n: int, prob: float):
   """n children: a random parent each, every choice redrawn with probability `prob`."""
   k_parent, k_flip, k_new = jax.random.split(key, 3)
   base = parents[jax.random.randint(k_parent, (n,), 0, parents.shape[0])]
   flip = jax.random.bernoulli(k_flip, prob, base.shape)
-  return jnp.where(flip, random_candidates(k_new, num_options, n), base)
+  return jnp.where(flip, subnet_lib.sample_table(k_new, num_options, (n,)), base)
 
 
 def crossover(key, parents, n: int):
@@ -112,21 +106,16 @@ def propose(key, parents, archive, archive_valid, num_options, costs, fixed_cost
   return jnp.concatenate([mut, cross]), jnp.concatenate([mut_ok, cross_ok])
 
 
-def cheapest_options(num_options, costs):
-  """(layers, supports): the option with the fewest parameters of each support."""
-  valid = jnp.arange(costs.shape[-1]) < num_options[..., None]
-  return jnp.argmin(jnp.where(valid, costs, jnp.iinfo(jnp.int32).max), axis=-1).astype(jnp.int32)
-
-
 def thinned_candidates(key, num_options, costs, n: int):
   """Uniform draws in which each layer keeps its draw with a per-candidate
   probability d ~ U(0, 1) and otherwise takes its cheapest options: candidates
   spread over the whole range of parameter counts, so tight budgets are met."""
   k_draw, k_density, k_keep = jax.random.split(key, 3)
-  cands = random_candidates(k_draw, num_options, n)
+  cands = subnet_lib.sample_table(k_draw, num_options, (n,))
   density = jax.random.uniform(k_density, (n, 1, 1))
   keep = jax.random.uniform(k_keep, (n, num_options.shape[0], 1)) < density
-  return jnp.where(keep, cands, cheapest_options(num_options, costs)[None])
+  cheapest, _ = subnet_lib.cheapest_and_largest(num_options, costs)
+  return jnp.where(keep, cands, cheapest[None])
 
 
 @functools.partial(jax.jit, static_argnames=('n', 'tries'))
@@ -137,7 +126,7 @@ def propose_random(key, archive, archive_valid, num_options, costs, fixed_cost, 
   meet a budget far below the average subnet's size)."""
   k_uniform, k_thin = jax.random.split(key)
   half = n * tries // 2
-  cands = jnp.concatenate([random_candidates(k_uniform, num_options, n * tries - half),
+  cands = jnp.concatenate([subnet_lib.sample_table(k_uniform, num_options, (n * tries - half,)),
                            thinned_candidates(k_thin, num_options, costs, half)])
   ok = acceptable(cands, archive, archive_valid, costs, fixed_cost, low, high)
   return first_accepted(cands, ok, n)
@@ -278,9 +267,8 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
 
 def check_budget(spec: AdapterSpec, cfg: SearchConfig) -> None:
   """Fails at once when no subnet can meet the parameter budget."""
-  valid = np.arange(spec.option_costs.shape[-1]) < spec.num_options[..., None]
-  lo = np.where(valid, spec.option_costs, np.iinfo(np.int64).max).min(-1).sum() + spec.fixed_costs.sum()
-  hi = np.where(valid, spec.option_costs, -1).max(-1).sum() + spec.fixed_costs.sum()
+  cheapest, most = subnet_lib.cheapest_and_largest(spec.num_options, spec.option_costs)
+  lo, hi = spec.layer_params(cheapest).sum(), spec.layer_params(most).sum()
   if lo > cfg.param_limit or hi < cfg.min_param_limit:
     raise BudgetError(
         f'no subnet meets the parameter budget [{cfg.min_param_limit:,.0f}, {cfg.param_limit:,.0f}]: '

@@ -11,13 +11,16 @@ import numpy as np
 
 
 class MetricsLog:
-  """Appends rows to workdir/metrics.csv (kept across resumes)."""
+  """Appends rows to workdir/metrics.csv (kept across resumes). path None keeps
+  the rows in memory only: in a run of several processes only the first writes."""
   FIELDS = ('step', 'epoch', 'train_loss', 'train_accuracy', 'lr', 'subnet_params',
             'examples_per_s', 'val_loss', 'val_accuracy')
 
-  def __init__(self, path: pathlib.Path, resume_step: int):
+  def __init__(self, path: pathlib.Path | None, resume_step: int):
     self.path = path
     self.rows = []
+    if path is None:
+      return
     if path.exists():  # drop rows a killed run logged after its last checkpoint
       with open(path) as f:
         self.rows = [r for r in csv.DictReader(f) if int(r['step']) <= resume_step]
@@ -29,6 +32,8 @@ class MetricsLog:
   def add(self, **row):
     row = {k: row.get(k, '') for k in self.FIELDS}
     self.rows.append(row)
+    if self.path is None:
+      return
     with open(self.path, 'a', newline='') as f:
       csv.DictWriter(f, self.FIELDS).writerow(row)
 

@@ -76,7 +76,7 @@ def spec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh | None = 
                      'dimensions')
   axes = list(spec) + [None] * (len(shape) - len(spec))
   if mesh is None:
-    return P(*axes)
+    return spec
   for i, (dim, ax) in enumerate(zip(shape, axes)):
     if ax is not None and dim % _axis_size(mesh, ax):
       if notes is not None:
@@ -89,7 +89,9 @@ def spec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh | None = 
     free = [i for i, ax in enumerate(axes) if ax is None and shape[i] % data == 0]
     if free:
       axes[max(free, key=lambda i: shape[i])] = 'data'
-  return P(*axes)
+  # As long as the rule wrote it, or up to the last sharded dimension (P() != P(None)).
+  used_len = max([len(spec)] + [i + 1 for i, ax in enumerate(axes) if ax is not None])
+  return P(*axes[:used_len])
 
 
 def partition_specs(tree: Any, rules: Rules, mesh: Mesh | None = None, **kwargs) -> Any:
