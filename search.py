@@ -2,9 +2,11 @@
 
   python search.py --ckpt runs/bbc --param_limit 0.1
 
-Prints the chosen subnet, its adapter parameters, validation and test accuracy;
-writes best_subnet.json, pareto.json, search.png and the merged plain params
-(orbax and safetensors) under --out (default: <ckpt>/search). Rerunning the same
+Prints the chosen subnet, its adapter parameters, validation and test accuracy
+(next-token accuracy for a causal LM); writes best_subnet.json, pareto.json,
+search.png, the merged plain params (orbax and safetensors) and model_config.json
+(the plain model to load them into: glora_jax.search.export.load_merged) under
+--out (default: <ckpt>/search). Rerunning the same
 command after an interruption continues from the last finished generation.
 """
 import sys
@@ -51,11 +53,14 @@ def main(argv):
                                  eval_batch_size=FLAGS.eval_batch_size,
                                  retrain_epochs=FLAGS.retrain_epochs)
     print(open(s['subnet_file']).read())
+    metric = s['val_metric']  # accuracy, or next_token_accuracy for a causal LM
+    name = metric.replace('_', ' ')
     print(f"chosen subnet: {s['adapter_params']:,} adapter params (+{s['head_params']:,} head), "
-          f"val accuracy {s['val_accuracy']:.4f}, test accuracy {s['test_accuracy']:.4f} "
-          f"(merged: {s['test_accuracy_merged']:.4f}, predictions agree on "
+          f"val {name} {s[f'val_{metric}']:.4f}, test {name} {s[f'test_{metric}']:.4f} "
+          f"(merged: {s[f'test_{metric}_merged']:.4f}, predictions agree on "
           f"{100 * s['merged_prediction_agreement']:.1f}%)")
-    print(f"merged params: {s['merged_params'][0]} and {s['merged_params'][1]}")
+    print(f"merged params: {s['merged_params'][0]} and {s['merged_params'][1]}, "
+          f"plain model: {s['model_config']}")
 
   return run_guarded(work)
 

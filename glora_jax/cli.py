@@ -9,7 +9,8 @@ from glora_jax import errors
 
 def expected_errors() -> tuple[type[BaseException], ...]:
   return (errors.ConfigError, errors.CheckpointMismatchError, errors.MissingAssetError,
-          errors.NonFiniteLossError, errors.BudgetError, errors.DatasetNotPreparedError)
+          errors.NonFiniteLossError, errors.BudgetError, errors.DatasetNotPreparedError,
+          errors.ExportError)
 
 
 def run_guarded(fn: Callable[[], object]) -> int:

@@ -27,3 +27,7 @@ class MissingAssetError(FileNotFoundError):
 
 class DatasetNotPreparedError(FileNotFoundError):
   """A dataset is not in the data_dir; the message says how to prepare it."""
+
+
+class ExportError(ValueError):
+  """Merged parameters that the plain model an export describes would not read exactly."""

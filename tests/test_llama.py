@@ -1,5 +1,5 @@
 """Tests for glora_jax.models.llama against transformers' LlamaForCausalLM (fixtures written
-by scripts/make_torch_fixtures.py): HF importer, single and sharded, loss, GQA, bias flags."""
+by scripts/make_torch_fixtures.py): HF importer, single and sharded, training loss, GQA, bias flags."""
 import dataclasses
 import functools
 import json
@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from glora_jax.models import importers, llama
-from glora_jax.train import sharding
+from glora_jax.train import sharding, tasks
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 
@@ -22,7 +22,8 @@ FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 @functools.partial(jax.jit, static_argnums=0)
 def logits_and_loss(model, params, ids, mask):
   logits = model.apply({'params': params}, ids, mask)
-  return logits, llama.causal_lm_loss(logits, ids, mask)
+  total, count, _ = tasks.lm_loss(logits, {'input_ids': ids, 'attention_mask': mask})
+  return logits, total / count
 
 
 @pytest.fixture(scope='module')
@@ -81,19 +82,6 @@ def test_causal_future_tokens_do_not_change_the_past(reference):
   b, _ = logits_and_loss(model, params, changed, mask)
   np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-6)
   assert not np.allclose(a[:, 6:], b[:, 6:])
-
-
-def test_causal_lm_loss_is_shifted_masked_cross_entropy():
-  rng = np.random.default_rng(0)
-  logits = jnp.asarray(rng.standard_normal((2, 5, 7)), jnp.float32)
-  ids = jnp.asarray(rng.integers(0, 7, (2, 5)))
-  mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-  logp = np.asarray(jax.nn.log_softmax(logits, -1))
-  ids = np.asarray(ids)
-  terms = [-logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, 5) if mask[b, t]]
-  np.testing.assert_allclose(llama.causal_lm_loss(logits, ids, mask), np.mean(terms), rtol=1e-6)
-  all_terms = [-logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, 5)]
-  np.testing.assert_allclose(llama.causal_lm_loss(logits, ids), np.mean(all_terms), rtol=1e-6)
 
 
 def test_sharded_index_naming_a_missing_tensor(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, '.')
 from configs import tiny_bbc_glora  # noqa: E402
+from helpers import assert_png  # noqa: E402
 from glora_jax import peft  # noqa: E402
 from glora_jax import subnet  # noqa: E402
 from glora_jax.search import driver, evolution, export, fitness  # noqa: E402
@@ -48,16 +49,27 @@ def test_search_writes_everything_and_merged_matches(supernet, tmp_path):
                                param_limit=80_000, seed=1)
   summary = driver.search_and_export(supernet, cfg, out=tmp_path, chunk=4, eval_batch_size=16,
                                      log=lambda s: None)
-  for name in ('best_subnet.json', 'pareto.json', 'search.png', 'summary.json', 'search_state.json',
-               'merged_params.safetensors'):
-    assert (tmp_path / name).exists(), name
+  assert json.loads((tmp_path / 'summary.json').read_text()) == json.loads(
+      json.dumps(summary, default=str))
   assert summary['adapter_params'] <= 80_000
   assert summary['merged_prediction_agreement'] == 1.0
   assert summary['test_accuracy'] == summary['test_accuracy_merged']
   state = json.loads((tmp_path / 'search_state.json').read_text())
   assert len(state['archive']['accuracy']) == 8 + 2 * 8
+  # The chosen subnet is the archive's best, and every file counts its parameters alike.
+  spec = setup.build(setup.load_config(supernet)).spec
+  best = subnet.loads(spec, (tmp_path / 'best_subnet.json').read_text())
+  assert summary['adapter_params'] == int(subnet.count_params(spec, best))
+  assert summary['val_accuracy'] == max(state['archive']['accuracy'])
+  cands = np.asarray(state['archive']['cands'], np.int32).reshape((-1,) + spec.num_options.shape)
+  assert any(np.array_equal(c, best) for c in cands)
   front = json.loads((tmp_path / 'pareto.json').read_text())
   assert [p['params'] for p in front] == sorted(p['params'] for p in front)
+  for point in front:
+    assert point['params'] == int(subnet.count_params(spec, subnet.from_dict(spec, point['subnet'])))
+    assert point['val_accuracy'] in state['archive']['accuracy']
+  assert front[-1]['val_accuracy'] == summary['val_accuracy']
+  assert_png(tmp_path / 'search.png', 380, 1000)  # figsize (10, 3.8) at 100 dpi
 
   # The plain model (no adapter code) on the exported safetensors gives the same
   # predictions as the adapted supernet with the chosen subnet.
@@ -75,3 +87,9 @@ def test_search_writes_everything_and_merged_matches(supernet, tmp_path):
   np.testing.assert_allclose(plain, adapted, rtol=1e-4, atol=1e-4)
   orbax_merged = export.load_orbax(tmp_path / 'merged_params')
   jax.tree.map(np.testing.assert_array_equal, orbax_merged, merged)
+  # The same through the loader every export has: model_config.json builds the model.
+  loaded_model, loaded = export.load_merged(tmp_path)
+  assert loaded_model.config == run.bundle.model.config
+  np.testing.assert_array_equal(loaded_model.apply({'params': loaded}, batch['input_ids'],
+                                                   batch['attention_mask'], batch['token_type_ids']),
+                                plain)

@@ -1,5 +1,5 @@
-"""LLaMA decoder (RMSNorm, HF rotary, SwiGLU, grouped-query attention), its HF safetensors
-importer and causal-LM loss; bias flags let merged adapter layers keep the bias they gain."""
+"""LLaMA decoder (RMSNorm, HF rotary, SwiGLU, grouped-query attention) and its HF safetensors
+importer; bias flags let merged adapter layers keep the bias they gain (loss: tasks.lm_loss)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import PartitionSpec as P
 
 from glora_jax.models import common, importers
@@ -203,20 +202,6 @@ class LlamaForCausalLM(nn.Module):
     else:
       logits = self.lm_head(x)
     return logits.astype(jnp.float32)
-
-
-def causal_lm_loss(logits, input_ids, loss_mask=None):
-  """Mean next-token cross-entropy: logits[:, t] predicts input_ids[:, t + 1].
-
-  `loss_mask` (batch, seq), aligned with input_ids, is 1 where a token should be
-  predicted (e.g. response tokens, not padding); the first token never is.
-  Equals HF's loss with labels = input_ids where loss_mask else -100."""
-  targets = input_ids[:, 1:]
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), targets)
-  weights = (jnp.ones(targets.shape, jnp.float32) if loss_mask is None
-             else jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32))
-  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 # --------------------------------------------------------------------------- #

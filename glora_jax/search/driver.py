@@ -1,5 +1,5 @@
-"""search.py's work: load a supernet checkpoint, search, optionally retrain,
-measure test accuracy once, merge and export.
+"""search.py's work: load a supernet checkpoint, search, optionally retrain, merge,
+measure the test split once (adapted and merged) and export.
 """
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ from glora_jax.train import loop, metrics, setup, sharding
 def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int = 8,
                       eval_batch_size: int = 32, retrain_epochs: int = 0,
                       stop_after_generations: int | None = None, log=print) -> dict:
+  """Searches the supernet in `ckpt`, then merges, checks and exports the best subnet
+  under `out`; returns the summary (also written to summary.json).
+
+  Fitness is the task's accuracy on the eval split, correct / count of its loss
+  sums: `val_metric` names it, 'accuracy' for a classifier, 'next_token_accuracy'
+  (over real tokens) for a causal LM. The summary keys carry that name
+  (val_<metric>, test_<metric>, test_<metric>_merged) beside the mean test loss."""
   ckpt = pathlib.Path(ckpt)
   config = setup.load_config(ckpt)
   if config.method != 'glora':
@@ -49,7 +56,7 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   best_subnet = archive.cands[best]
   (out / 'best_subnet.json').write_text(subnet_lib.dumps(run.spec, best_subnet))
   metrics.write_json(out / 'pareto.json', [
-      {'params': int(archive.params[i]), 'val_accuracy': float(archive.accuracy[i]),
+      {'params': int(archive.params[i]), f'val_{run.bundle.metric}': float(archive.accuracy[i]),
        'generation': int(archive.generation[i]), 'subnet': subnet_lib.to_dict(run.spec, archive.cands[i])}
       for i in front])
   metrics.plot_search(archive, front, out / 'search.png')
@@ -64,32 +71,45 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
     log(f'retraining the chosen subnet for {retrain_epochs} epochs in {out / "retrain"}')
     loop.train_and_evaluate(retrain_config, out / 'retrain')
     _, trainable = setup.load_trained(out / 'retrain', run=run)
-    fit.trainable = trainable  # the val accuracy reported below is the retrained one
+    fit.trainable = trainable  # the val fitness reported below is the retrained one
 
-  # Test accuracy, measured once, with the adapters and with the merged plain params.
-  test = run.bundle.splits['test']
+  # The test split, measured once on the task's own sums (loss, count, correct): the
+  # adapted supernet with the chosen subnet, and the merged plain model, which
+  # `plain_model` checks holds exactly the parameters it reads, before anything is written.
+  bundle, test = run.bundle, run.bundle.splits['test']
+  task = bundle.task
   adapters = peft.Adapters(params=trainable['adapters'], spec=run.spec)
-  forward = run.bundle.task.forward
-  preds_adapted = export.predict(forward, peft.combine(run.frozen, trainable['model']), adapters,
-                                 jax.numpy.asarray(best_subnet), test, eval_batch_size)
-  merged = export.merged_params(run.bundle.params, trainable, run.spec, best_subnet)
-  preds_merged = export.predict(forward, merged, None, None, test, eval_batch_size)
-  labels = np.asarray(test['label'])
-  val_acc = float(fit(best_subnet[None])[0]) if retrain_epochs else float(archive.accuracy[best])
-  export.save_orbax(out / 'merged_params', merged)
-  export.save_safetensors(out / 'merged_params.safetensors', merged)
+  sums_adapted, preds_adapted = export.evaluate(
+      task.forward, task.loss, bundle.predictions, peft.combine(run.frozen, trainable['model']),
+      adapters, jax.numpy.asarray(best_subnet), test, eval_batch_size)
+  plain_model, merged = export.plain_model(
+      bundle.model, export.merged_params(bundle.params, trainable, run.spec, best_subnet))
+  sums_merged, preds_merged = export.evaluate(
+      bundle.forward_with(plain_model), task.loss, bundle.predictions, merged, None, None, test,
+      eval_batch_size)
+  val = float(fit(best_subnet[None])[0]) if retrain_epochs else float(archive.accuracy[best])
+  files = export.save_merged(out, plain_model, merged)
+  metric = bundle.metric
   summary = {
       'subnet_file': str(out / 'best_subnet.json'),
       'adapter_params': int(subnet_lib.count_params(run.spec, best_subnet)),
       'head_params': int(sum(np.size(x) for x in jax.tree.leaves(trainable['model']))),
-      'val_accuracy': val_acc,
-      'test_accuracy': float((preds_adapted == labels).mean()),
-      'test_accuracy_merged': float((preds_merged == labels).mean()),
+      'val_metric': metric,
+      f'val_{metric}': val,
+      f'test_{metric}': _ratio(sums_adapted, 2),
+      f'test_{metric}_merged': _ratio(sums_merged, 2),
+      'test_loss': _ratio(sums_adapted, 0), 'test_loss_merged': _ratio(sums_merged, 0),
       'merged_prediction_agreement': float((preds_adapted == preds_merged).mean()),
       'candidates_evaluated': int(n), 'pareto_points': int(len(front)),
       'search_seconds': search_s, 'candidates_per_second': fit.evaluated / max(search_s, 1e-9),
       'retrain_epochs': retrain_epochs, 'search_config': dataclasses.asdict(cfg),
-      'merged_params': [str(out / 'merged_params'), str(out / 'merged_params.safetensors')],
+      'merged_params': [files[export.ORBAX_DIR], files[export.SAFETENSORS]],
+      'model_config': files[export.MODEL_CONFIG],
   }
   metrics.write_json(out / 'summary.json', summary)
   return summary
+
+
+def _ratio(sums, i: int) -> float:
+  """sums[i] / count of a task's (loss, count, correct) sums: mean loss or accuracy."""
+  return float(sums[i] / max(sums[1], 1))

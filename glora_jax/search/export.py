@@ -1,17 +1,54 @@
-"""Merge a chosen subnet into plain parameters and write them (orbax and
-safetensors), readable by the plain model with no adapter code.
+"""Merge a chosen subnet into plain parameters and write them (orbax, safetensors) with
+model_config.json, the plain model that reads them exactly, rebuilt with no adapter code.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
 import re
+from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import numpy as st_numpy
 
-from glora_jax import data, peft
+from glora_jax import data, errors, peft
+from glora_jax.models import bert, llama, vit
+from glora_jax.paths import natural_key
+
+MODEL_CONFIG = 'model_config.json'
+ORBAX_DIR = 'merged_params'
+SAFETENSORS = 'merged_params.safetensors'
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+  """A plain model an export can describe and rebuild. `bias_flags`: config field ->
+  regex of the Dense layer paths whose bias that field switches on."""
+  module: type[nn.Module]
+  config: type
+  example_inputs: Callable[[Any], tuple]  # config -> inputs of `init` (only their shapes matter)
+  bias_flags: Mapping[str, str]
+
+
+MODEL_KINDS = {
+    'bert': ModelKind(bert.BertClassifier, bert.BertConfig,
+                      lambda c: (jnp.zeros((1, 4), jnp.int32),) * 2, {}),
+    'vit': ModelKind(vit.VisionTransformer, vit.ViTConfig,
+                     lambda c: (jnp.zeros((1, c.image_size, c.image_size, c.in_channels)),),
+                     {'qkv_bias': r'blocks_\d+/attn/qkv'}),
+    'llama': ModelKind(llama.LlamaForCausalLM, llama.LlamaConfig,
+                       lambda c: (jnp.zeros((1, 4), jnp.int32),),
+                       {'attention_bias': r'layers_\d+/self_attn/(q|k|v|o)_proj',
+                        'mlp_bias': r'layers_\d+/mlp/(gate|up|down)_proj'}),
+}
+# How a model computes, not what: outputs are the same with any value, so they are
+# left out of model_config.json and a rebuilt model takes the defaults.
+EXECUTION_FIELDS = ('remat', 'attention', 'attention_chunk')
 
 
 def merged_params(base_params: dict, trainable: dict, spec: peft.AdapterSpec | None, subnet) -> dict:
@@ -23,7 +60,151 @@ def merged_params(base_params: dict, trainable: dict, spec: peft.AdapterSpec | N
   full = peft.combine(rest, trainable['model'])
   if spec is None:
     return full
-  return peft.merge(full, peft.Adapters(params=trainable['adapters'], spec=spec), subnet)
+  subnet = peft.check_subnet(spec, subnet)  # here: inside jit it is a tracer, not checked
+  # One compiled program: an eager merge compiles op by op, seconds even for a tiny model.
+  return jax.jit(peft.merge)(full, peft.Adapters(params=trainable['adapters'], spec=spec), subnet)
+
+
+# --------------------------------------------------------------------------- #
+# The plain model: described, rebuilt, checked against the params
+# --------------------------------------------------------------------------- #
+
+
+def _kind(model: nn.Module) -> tuple[str, ModelKind]:
+  for name, kind in MODEL_KINDS.items():
+    if type(model) is kind.module:
+      return name, kind
+  raise errors.ExportError(f'{type(model).__name__} cannot be exported; exportable models: '
+                           f'{[k.module.__name__ for k in MODEL_KINDS.values()]}')
+
+
+def describe(model: nn.Module) -> dict:
+  """{'model': kind, 'config': the config fields that define parameters and outputs
+  (dtype as a string), and the module's other fields, e.g. num_classes}."""
+  name, _ = _kind(model)
+  config = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(model.config)
+            if f.name not in EXECUTION_FIELDS}
+  config['dtype'] = jnp.dtype(config['dtype']).name
+  extra = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+           if f.name not in ('config', 'parent', 'name')}
+  return {'model': name, 'config': config, **extra}
+
+
+def build_model(description: Mapping[str, Any], source: str = MODEL_CONFIG) -> nn.Module:
+  """Inverse of `describe`."""
+  kind = MODEL_KINDS.get(description.get('model'))
+  if kind is None:
+    raise errors.ExportError(f"{source} names model '{description.get('model')}'; known: "
+                             f'{sorted(MODEL_KINDS)}')
+  config = dict(description.get('config', {}))
+  extra = {k: v for k, v in description.items() if k not in ('model', 'config')}
+  try:
+    config['dtype'] = jnp.dtype(config.get('dtype', 'float32'))
+    return kind.module(kind.config(**config), **extra)
+  except (TypeError, ValueError) as e:
+    raise errors.ExportError(f'{source} does not describe a {kind.module.__name__}: {e}') from None
+
+
+def expected_leaves(model: nn.Module) -> dict[str, jax.ShapeDtypeStruct]:
+  """{path: shape and dtype} of every parameter `model` reads (by jax.eval_shape)."""
+  _, kind = _kind(model)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *kind.example_inputs(model.config)))
+  return peft.flatten(shapes['params'])
+
+
+def _short(model: nn.Module) -> str:
+  _, kind = _kind(model)
+  flags = ', '.join(f'{f}={getattr(model.config, f)}' for f in kind.bias_flags)
+  return f"{type(model).__name__}{f' ({flags})' if flags else ''}"
+
+
+def check_fits(model: nn.Module, params) -> None:
+  """Raises ExportError unless `params` holds exactly the leaves, with the shapes,
+  that `model` reads: Flax ignores an extra leaf without a word."""
+  expected = expected_leaves(model)
+  flat = peft.flatten(params)
+  extra = sorted(set(flat) - set(expected), key=natural_key)
+  missing = sorted(set(expected) - set(flat), key=natural_key)
+  shapes = [f"'{p}' {tuple(np.shape(flat[p]))} (expected {tuple(expected[p].shape)})"
+            for p in sorted(set(flat) & set(expected), key=natural_key)
+            if tuple(np.shape(flat[p])) != tuple(expected[p].shape)]
+  listed = lambda paths: f'{paths[:6]}' + (f' ({len(paths)} in all)' if len(paths) > 6 else '')
+  problems = []
+  if extra:
+    problems.append(f'not in the model: {listed(extra)}')
+    if any(p.endswith('/bias') for p in extra):
+      problems.append("a merged bias on a layer built without one comes from GLoRA's C or E; "
+                      'leave that layer out of the adapter targets or choose C and E none there')
+  if missing:
+    problems.append(f'missing: {listed(missing)}')
+  if shapes:
+    problems.append(f"wrong shape: {', '.join(shapes[:6])}")
+  if problems:
+    raise errors.ExportError(f'params do not fit the plain {_short(model)}: ' + '; '.join(problems))
+
+
+def plain_model(model: nn.Module, params) -> tuple[nn.Module, dict]:
+  """(the plain model that reads `params` exactly, its params), checked by `check_fits`.
+
+  A merge gives a bias-less layer a bias (GLoRA's C, E). A bias that is zero
+  everywhere (C and E none in that layer) is dropped: the layer stays as it was.
+  Otherwise the config flag of its group is switched on (LLaMA's attention_bias
+  or mlp_bias) and the group's other layers get explicit zero biases."""
+  _, kind = _kind(model)
+  expected = expected_leaves(model)
+  flat = dict(peft.flatten(params))
+  for path in [p for p in flat if p.endswith('/bias') and p not in expected]:
+    if not np.any(np.asarray(jax.device_get(flat[path]))):
+      del flat[path]
+  switched = {}
+  for field, pattern in kind.bias_flags.items():
+    if getattr(model.config, field):
+      continue
+    layers = [p[:-len('/kernel')] for p in flat
+              if p.endswith('/kernel') and re.fullmatch(pattern, p[:-len('/kernel')])]
+    if not any(f'{layer}/bias' in flat for layer in layers):
+      continue
+    switched[field] = True
+    for layer in layers:
+      kernel = flat[f'{layer}/kernel']
+      flat.setdefault(f'{layer}/bias', jnp.zeros(kernel.shape[-1:], kernel.dtype))
+  if switched:
+    model = model.clone(config=dataclasses.replace(model.config, **switched))
+  params = peft.unflatten(flat)
+  check_fits(model, params)
+  return model, params
+
+
+# --------------------------------------------------------------------------- #
+# Files
+# --------------------------------------------------------------------------- #
+
+
+def save_merged(out, model: nn.Module, params) -> dict[str, str]:
+  """Writes the params (orbax and safetensors) and model_config.json under `out`,
+  after `check_fits`: no export is ever one its model would read wrongly.
+  Returns {file name: path}."""
+  check_fits(model, params)
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  config = out / MODEL_CONFIG
+  config.write_text(json.dumps(describe(model), indent=1) + '\n')
+  return {ORBAX_DIR: str(save_orbax(out / ORBAX_DIR, params)),
+          SAFETENSORS: str(save_safetensors(out / SAFETENSORS, params)), MODEL_CONFIG: str(config)}
+
+
+def load_merged(out) -> tuple[nn.Module, dict]:
+  """(plain model, params) of an export: the model model_config.json describes and
+  the safetensors params, checked to fit it exactly."""
+  out = pathlib.Path(out)
+  config = out / MODEL_CONFIG
+  if not config.is_file():
+    raise errors.ExportError(f'{config} does not exist; {out} is not a directory written by '
+                             'search.py (or export.save_merged)')
+  model = build_model(json.loads(config.read_text()), source=str(config))
+  params = load_safetensors(out / SAFETENSORS)
+  check_fits(model, params)
+  return model, params
 
 
 def save_orbax(path, params) -> pathlib.Path:
@@ -49,11 +230,25 @@ def load_safetensors(path) -> dict:
   return peft.unflatten(st_numpy.load_file(str(path)))
 
 
-def predict(forward, params, adapters, subnet, arrays, batch_size: int = 32) -> np.ndarray:
-  """Argmax predictions for every example of `arrays` (jitted once)."""
-  fn = jax.jit(lambda p, a, s, b: forward(p, a, s, b, False, None).argmax(-1))
-  preds = []
+# --------------------------------------------------------------------------- #
+# Measuring on a split
+# --------------------------------------------------------------------------- #
+
+
+def evaluate(forward, loss, predictions, params, adapters, subnet, arrays,
+             batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+  """(sums of the task's (loss, count, correct) over `arrays`, float64; the
+  predictions at every position `predictions` weighs, flattened in order).
+  Jitted once; the same code for a classifier and a causal LM."""
+  def step(p, a, s, batch):
+    out = forward(p, a, s, batch, False, None)
+    preds, weights = predictions(out, batch)
+    return jnp.stack(loss(out, batch)), preds, weights
+
+  step = jax.jit(step)
+  totals, preds = np.zeros(3), []
   for batch in data.eval_iterator(arrays, batch_size):
-    keep = batch['mask'] > 0
-    preds.append(np.asarray(fn(params, adapters, subnet, batch))[keep])
-  return np.concatenate(preds)
+    sums, p, w = jax.device_get(step(params, adapters, subnet, batch))
+    totals += np.asarray(sums, np.float64)
+    preds.append(np.asarray(p)[np.asarray(w) > 0])
+  return totals, np.concatenate(preds)

@@ -1,5 +1,5 @@
-"""Fitness of many subnets at once: validation accuracy with inherited supernet
-weights, jax.vmap over a chunk of candidates, compiled once for the whole search.
+"""Fitness of many subnets at once: validation accuracy (next-token accuracy for a causal
+LM) with inherited supernet weights, jax.vmap over a chunk of candidates, compiled once.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def make_chunk_evaluator(task: steps.Task, spec, mesh, frozen_shardings, chunk: 
 
 
 class Fitness:
-  """Callable: (n, L, S) int32 candidates -> (n,) accuracy on `arrays`.
+  """Callable: (n, L, S) int32 candidates -> (n,) accuracy on `arrays`, higher is
+  better: correct / count of the task's loss sums, so top-1 accuracy for a
+  classifier and next-token accuracy over real tokens for a causal LM.
 
   Candidates are padded to whole chunks (padding repeats the first candidate and
   is discarded), so every call runs the same compiled function."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +22,17 @@ KNOWN_TASKS = ('text_classification', 'image_classification', 'causal_lm')
 class Bundle:
   """A model with its params, loss and data. `splits` ({'train', 'eval', 'test'} ->
   arrays or a random-access source) are read on first use, after the cheap checks
-  of adapters and config have passed."""
+  of adapters and config have passed.
+
+  The task's accuracy is its loss's correct / count: `metric` names it and
+  `predictions` says which predictions it counts; `forward_with(other model)` is
+  task.forward for another model of the same inputs (the merged plain model)."""
   model: Any
   params: dict  # full model params: pretrained backbone + fresh head
   task: steps.Task
+  forward_with: Callable[[Any], Callable[..., Any]]
+  predictions: Callable[[Any, dict], tuple[jax.Array, jax.Array]]  # (outputs, batch) -> (preds, weights)
+  metric: str
   partition_rules: list
   load_splits: Any  # () -> dict of splits
   default_targets: str
@@ -42,6 +49,11 @@ def _dtype(name: str):
     return jnp.dtype(name)
   except TypeError:
     raise ValueError(f"unknown dtype '{name}'; use float32 or bfloat16") from None
+
+
+def classification_predictions(logits, batch):
+  """The predicted class of every example; padding rows (batch['mask'] 0) weigh 0."""
+  return jnp.argmax(logits, -1), batch.get('mask', jnp.ones(logits.shape[0], jnp.float32))
 
 
 def _bert_forward(model):
@@ -101,7 +113,8 @@ def text_classification(config) -> Bundle:
   else:
     params = bert.add_head(backbone, bert_config, num_classes, key)
   return Bundle(model=model, params=params, task=steps.Task(_bert_forward(model), steps.classification_loss),
-                partition_rules=bert.partition_rules(), load_splits=load_splits,
+                forward_with=_bert_forward, predictions=classification_predictions,
+                metric='accuracy', partition_rules=bert.partition_rules(), load_splits=load_splits,
                 default_targets=bert.DEFAULT_TARGETS, head_pattern=r'head/.*',
                 metadata={'num_classes': num_classes})
 
@@ -127,29 +140,7 @@ def _image_splits(dc) -> dict:
   return splits
 
 
-def image_classification(config) -> Bundle:
-  from glora_jax.models import vit
-
-  from glora_jax import data
-
-  mc, dc = config.model, config.data
-  num_classes = data.num_classes(dc.name)  # an unknown dataset fails here
-  # Sources are random-access and lazy, so open them now: an unprepared VTAB
-  # data_dir fails before the (slow) model initialisation.
-  splits = _image_splits(dc)
-  cfg = vit.preset(mc.preset, image_size=mc.image_size, num_classes=num_classes,
-                   in_channels=mc.get('in_channels', 3), drop_path_rate=mc.get('drop_path', 0.0),
-                   representation_size=mc.get('representation_size', 0) or None)
-  model = vit.VisionTransformer(cfg)
-  if mc.get('checkpoint', ''):
-    path = str(mc.checkpoint)
-    load = vit.load_npz if path.endswith('.npz') else vit.load_timm
-    ignore = [] if cfg.representation_size else ['pre_logits/.*']
-    params = vit.add_head(load(path, cfg, ignore=ignore), cfg)
-  else:  # random init (tests, or training from scratch)
-    params = model.init(jax.random.key(config.seed),
-                        jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.in_channels)))['params']
-
+def _vit_forward(model):
   def forward(params, adapters, subnet, batch, train, rng):
     images = batch['image']
     if images.dtype == jnp.uint8:  # bundled digits: scale to [0, 1] and standardise
@@ -160,24 +151,71 @@ def image_classification(config) -> Bundle:
     if adapters is None:
       return model.apply({'params': params}, images, **kwargs)
     return peft.forward(model, params, adapters, subnet, images, **kwargs)
+  return forward
 
-  return Bundle(model=model, params=params, task=steps.Task(forward, steps.classification_loss),
-                partition_rules=vit.partition_rules(), load_splits=lambda: splits,
+
+def image_classification(config) -> Bundle:
+  from glora_jax.models import vit
+
+  from glora_jax import data
+
+  mc, dc = config.model, config.data
+  num_classes = data.num_classes(dc.name)  # an unknown dataset fails here
+  # Sources are random-access and lazy, so open them now: an unprepared VTAB
+  # data_dir fails before the (slow) model initialisation.
+  splits = _image_splits(dc)
+  # model.depth (0: the preset's) shortens a randomly initialised ViT for tests;
+  # a checkpoint must have that many blocks.
+  depth = {'depth': mc.depth} if mc.get('depth', 0) else {}
+  cfg = vit.preset(mc.preset, image_size=mc.image_size, num_classes=num_classes,
+                   in_channels=mc.get('in_channels', 3), drop_path_rate=mc.get('drop_path', 0.0),
+                   representation_size=mc.get('representation_size', 0) or None, **depth)
+  model = vit.VisionTransformer(cfg)
+  if mc.get('checkpoint', ''):
+    path = str(mc.checkpoint)
+    load = vit.load_npz if path.endswith('.npz') else vit.load_timm
+    ignore = [] if cfg.representation_size else ['pre_logits/.*']
+    params = vit.add_head(load(path, cfg, ignore=ignore), cfg)
+  else:  # random init (tests, or training from scratch)
+    params = model.init(jax.random.key(config.seed),
+                        jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.in_channels)))['params']
+
+  return Bundle(model=model, params=params, task=steps.Task(_vit_forward(model), steps.classification_loss),
+                forward_with=_vit_forward, predictions=classification_predictions,
+                metric='accuracy', partition_rules=vit.partition_rules(), load_splits=lambda: splits,
                 default_targets=vit.DEFAULT_TARGETS, head_pattern=r'head/.*',
                 metadata={'num_classes': num_classes})
 
 
-def lm_loss(logits, batch):
-  """Next-token cross-entropy summed over real tokens (attention_mask, rows
-  masked by batch['mask']): (sum, number of predicted tokens, correct tokens)."""
-  targets = batch['input_ids'][:, 1:]
+def lm_predictions(logits, batch):
+  """(batch, seq - 1) next-token predictions (logits[:, t] predicts token t + 1) and
+  their weights: 1 where that token is real (attention_mask) in a real row (batch['mask'])."""
   weights = batch['attention_mask'][:, 1:].astype(jnp.float32)
   if 'mask' in batch:
     weights = weights * batch['mask'][:, None].astype(jnp.float32)
+  return jnp.argmax(logits[:, :-1], -1), weights
+
+
+def lm_loss(logits, batch):
+  """Next-token cross-entropy summed over the tokens `lm_predictions` weighs:
+  (sum, number of predicted tokens, correct tokens). Its mean (sum / number)
+  equals Hugging Face's loss with labels = input_ids where attention_mask else -100."""
+  targets = batch['input_ids'][:, 1:]
+  preds, weights = lm_predictions(logits, batch)
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
   nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
-  correct = (jnp.argmax(logits[:, :-1], -1) == targets).astype(jnp.float32)
+  correct = (preds == targets).astype(jnp.float32)
   return jnp.sum(nll * weights), jnp.sum(weights), jnp.sum(correct * weights)
+
+
+def _llama_forward(model):
+  def forward(params, adapters, subnet, batch, train, rng):
+    del train, rng  # no dropout in this decoder
+    args = (batch['input_ids'], batch['attention_mask'])
+    if adapters is None:
+      return model.apply({'params': params}, *args)
+    return peft.forward(model, params, adapters, subnet, *args)
+  return forward
 
 
 def causal_lm(config) -> Bundle:
@@ -213,16 +251,11 @@ def causal_lm(config) -> Bundle:
         splits[role] = {k: v[:limit] for k, v in arrays.items()} if limit else arrays
     return splits
 
-  def forward(params, adapters, subnet, batch, train, rng):
-    del rng  # no dropout in this decoder
-    args = (batch['input_ids'], batch['attention_mask'])
-    if adapters is None:
-      return model.apply({'params': params}, *args)
-    return peft.forward(model, params, adapters, subnet, *args)
-
   # Every parameter but the adapters is frozen for LLaMA (no task head).
-  return Bundle(model=model, params=params, task=steps.Task(forward, lm_loss),
-                partition_rules=llama.partition_rules(), load_splits=load_splits,
+  return Bundle(model=model, params=params, task=steps.Task(_llama_forward(model), lm_loss),
+                forward_with=_llama_forward, predictions=lm_predictions,
+                metric='next_token_accuracy', partition_rules=llama.partition_rules(),
+                load_splits=load_splits,
                 default_targets=llama.DEFAULT_TARGETS, head_pattern=None,
                 metadata={'vocab_size': cfg.vocab_size})
 

@@ -1,0 +1,129 @@
+"""Tests for glora_jax.search.export: merged params into a bias-less LLaMA, the plain
+model described by model_config.json, and exports that refuse to be silently wrong."""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import numpy as st_numpy
+
+from glora_jax import errors, peft
+from glora_jax import subnet as subnet_lib
+from glora_jax.adapters import glora
+from glora_jax.models import llama
+from glora_jax.search import export
+
+IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jnp.int32)
+MASK = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3])
+
+
+def tiny_llama(targets=llama.DEFAULT_TARGETS):
+  """A 2-layer LLaMA (no biases anywhere) and GLoRA adapters with every leaf
+  random, so each chosen support changes the outputs."""
+  config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+  model = llama.LlamaForCausalLM(config)
+  params = jax.jit(model.init)(jax.random.key(0), IDS)['params']
+  adapters = peft.attach(params, glora.space(ranks=(2,)), targets=targets)
+  rng = np.random.default_rng(1)
+  adapters = adapters.replace(params=jax.tree.map(
+      lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), adapters.params))
+  return model, params, adapters
+
+
+def choose(spec, bias_in=(), c='none', e='vector'):
+  """A and B low rank everywhere; C and E (the supports that make a bias) only in
+  the layers whose path contains one of `bias_in`."""
+  choices = {}
+  for path in spec.paths:
+    biased = any(s in path for s in bias_in)
+    choices[path] = {'A': 'lora_2', 'B': 'lora_2', 'C': c if biased else 'none', 'D': 'vector',
+                     'E': e if biased else 'none'}
+  return subnet_lib.from_dict(spec, choices)
+
+
+def logits(model, params):
+  return jax.jit(model.apply)({'params': params}, IDS, MASK)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def adapted_logits(model, params, adapters, subnet):
+  return peft.forward(model, params, adapters, subnet, IDS, MASK)
+
+
+def merged(params, adapters, subnet):
+  # jitted: an eager merge compiles op by op, several times slower on this tiny model
+  return jax.jit(export.merged_params, static_argnums=2)(
+      params, {'model': {}, 'adapters': adapters.params}, adapters.spec, subnet)
+
+
+def test_biases_gained_in_attention_give_a_model_with_attention_bias(tmp_path):
+  model, params, adapters = tiny_llama()
+  subnet = choose(adapters.spec, bias_in=('layers_1/self_attn/v_proj',), c='vector')
+  adapted = adapted_logits(model, params, adapters, subnet)
+  params_merged = merged(params, adapters, subnet)
+  # The bug this guards against: the bias-less model reads the merged kernels and
+  # ignores the bias the merge added, without a word.
+  assert not np.allclose(logits(model, params_merged), adapted, atol=1e-2)
+
+  plain, plain_params = export.plain_model(model, params_merged)
+  assert plain.config.attention_bias and not plain.config.mlp_bias
+  flat = peft.flatten(plain_params)
+  assert not any('mlp' in p and p.endswith('/bias') for p in flat)  # zero biases dropped
+  np.testing.assert_array_equal(flat['layers_0/self_attn/q_proj/bias'], 0.0)  # filled
+  assert np.abs(flat['layers_1/self_attn/v_proj/bias']).max() > 1e-3  # gained
+  np.testing.assert_allclose(logits(plain, plain_params), adapted,
+                             atol=1e-5, rtol=0)
+
+  files = export.save_merged(tmp_path, plain, plain_params)
+  described = json.loads((tmp_path / 'model_config.json').read_text())
+  assert described['model'] == 'llama' and described['config']['attention_bias'] is True
+  assert described['config']['dtype'] == 'float32'
+  assert 'remat' not in described['config']  # how it computes, not what: not recorded
+  assert sorted(files) == ['merged_params', 'merged_params.safetensors', 'model_config.json']
+  loaded, loaded_params = export.load_merged(tmp_path)
+  assert loaded.config == llama.LlamaConfig(**{**described['config'], 'dtype': jnp.float32})
+  np.testing.assert_allclose(logits(loaded, loaded_params), adapted,
+                             atol=1e-5, rtol=0)
+
+
+def test_a_subnet_without_c_and_e_keeps_the_bias_less_model():
+  model, params, adapters = tiny_llama()
+  subnet = choose(adapters.spec)
+  plain, plain_params = export.plain_model(model, merged(params, adapters, subnet))
+  assert plain.config == model.config
+  assert not any(p.endswith('/bias') for p in peft.flatten(plain_params))
+  np.testing.assert_allclose(logits(plain, plain_params),
+                             adapted_logits(model, params, adapters, subnet),
+                             atol=1e-5, rtol=0)
+
+
+def test_a_bias_the_plain_model_cannot_hold_is_refused(tmp_path):
+  model, params, adapters = tiny_llama(targets=llama.DEFAULT_TARGETS + '|lm_head/kernel')
+  params_merged = merged(params, adapters, choose(adapters.spec, bias_in=('lm_head',)))
+  with pytest.raises(errors.ExportError, match=r"'lm_head/bias'.*GLoRA's C or E"):
+    export.plain_model(model, params_merged)
+  # save_merged checks too: nothing is written for a model that would ignore a leaf.
+  with pytest.raises(errors.ExportError, match=r"not in the model: \['layers_0/mlp/down_proj/bias'"):
+    export.save_merged(tmp_path, model, params_merged)
+  assert not list(tmp_path.iterdir())
+
+
+def test_load_merged_names_an_extra_or_missing_leaf(tmp_path):
+  model, params, adapters = tiny_llama()
+  export.save_merged(tmp_path, *export.plain_model(model, merged(params, adapters,
+                                                                 choose(adapters.spec))))
+  path = tmp_path / 'merged_params.safetensors'
+  flat = st_numpy.load_file(str(path))
+  st_numpy.save_file({**flat, 'layers_0/mlp/up_proj/bias': np.zeros(64, np.float32)}, str(path))
+  with pytest.raises(errors.ExportError, match=r"not in the model: \['layers_0/mlp/up_proj/bias'\]"):
+    export.load_merged(tmp_path)
+  del flat['norm/scale']
+  st_numpy.save_file(flat, str(path))
+  with pytest.raises(errors.ExportError, match=r"missing: \['norm/scale'\]"):
+    export.load_merged(tmp_path)
+  (tmp_path / 'model_config.json').write_text(json.dumps({'model': 'gpt2', 'config': {}}))
+  with pytest.raises(errors.ExportError, match="model 'gpt2'; known: .*'llama'"):
+    export.load_merged(tmp_path)

@@ -1,0 +1,94 @@
+"""End to end for the image-classification and causal-LM tasks on bundled data: train a
+tiny supernet, search, merge, and rebuild the plain model from the exported files alone."""
+import json
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, '.')
+from configs import llama_glora, tiny_mnist_vit_glora  # noqa: E402
+from glora_jax import peft  # noqa: E402
+from glora_jax import subnet as subnet_lib  # noqa: E402
+from glora_jax.search import driver, evolution, export  # noqa: E402
+from glora_jax.train import loop, setup  # noqa: E402
+
+TINY_SEARCH = evolution.SearchConfig(population=4, generations=2, parents=2, mutations=2,
+                                     crossovers=2, param_limit=1e9, seed=0)
+
+
+def train(config, workdir):
+  config.checkpoint.async_save = False
+  # One device: the suite simulates 8 on this CPU, and a search chunk that does not
+  # split over them would be evaluated 8 times over.
+  config.mesh.num_devices = 1
+  loop.train_and_evaluate(config, workdir, progress=False)
+  return workdir
+
+
+def test_vit_mnist_search_and_plain_model_from_files(tmp_path):
+  workdir = train(tiny_mnist_vit_glora.get_config(), tmp_path / 'train')
+  out = tmp_path / 'search'
+  summary = driver.search_and_export(workdir, TINY_SEARCH, out=out, chunk=4, eval_batch_size=16,
+                                     log=lambda s: None)
+  assert summary['val_metric'] == 'accuracy'
+  assert summary['merged_prediction_agreement'] == 1.0
+  assert summary['test_accuracy'] == summary['test_accuracy_merged']
+  assert json.loads((out / 'model_config.json').read_text())['model'] == 'vit'
+
+  run, trainable = setup.load_trained(workdir)
+  chosen = subnet_lib.loads(run.spec, (out / 'best_subnet.json').read_text())
+  model, params = export.load_merged(out)
+  batch = {k: jnp.asarray(v[:16]) for k, v in run.bundle.splits['test'].items()}
+  plain = run.bundle.forward_with(model)(params, None, None, batch, False, None)
+  adapted = run.bundle.task.forward(peft.combine(run.frozen, trainable['model']),
+                                    peft.Adapters(params=trainable['adapters'], spec=run.spec),
+                                    chosen, batch, False, None)
+  np.testing.assert_allclose(plain, adapted, rtol=1e-4, atol=1e-4)
+
+
+def bias_supports_active(spec, subnet) -> bool:
+  """Whether some layer of `subnet` chose GLoRA's C or E, the supports that give
+  a layer a bias."""
+  return any(row.get(s, 'none') != 'none' for row in subnet_lib.to_dict(spec, subnet).values()
+             for s in ('C', 'E'))
+
+
+def test_llama_search_and_plain_model_with_gained_biases_from_files(tmp_path):
+  workdir = train(llama_glora.get_config('tiny'), tmp_path / 'train')
+  out = tmp_path / 'search'
+  summary = driver.search_and_export(workdir, TINY_SEARCH, out=out, chunk=4, eval_batch_size=16,
+                                     log=lambda s: None)
+  # Fitness and the test report are next-token accuracy over real tokens, for the
+  # adapted supernet and the merged plain model alike.
+  assert summary['val_metric'] == 'next_token_accuracy'
+  assert 0.0 <= summary['val_next_token_accuracy'] <= 1.0
+  assert summary['merged_prediction_agreement'] >= 0.99  # near-ties of a barely trained LM
+  assert abs(summary['test_next_token_accuracy'] - summary['test_next_token_accuracy_merged']) <= 0.01
+  assert abs(summary['test_loss'] - summary['test_loss_merged']) < 1e-4
+
+  run, trainable = setup.load_trained(workdir)
+  chosen = subnet_lib.loads(run.spec, (out / 'best_subnet.json').read_text())
+  if not bias_supports_active(run.spec, chosen):
+    # The bias test must not be vacuous: export a subnet with E active in every layer.
+    names = run.spec.support_names[0]
+    chosen = chosen.copy()
+    chosen[:, names.index('E')] = run.spec.layers[0].family.options('E').index('vector')
+    out = tmp_path / 'forced'
+    base = export.merged_params(run.bundle.params, trainable, run.spec, chosen)
+    export.save_merged(out, *export.plain_model(run.bundle.model, base))
+  model, params = export.load_merged(out)
+  assert model.config.attention_bias or model.config.mlp_bias  # some layer really gained a bias
+  described = json.loads((out / 'model_config.json').read_text())['config']
+  assert described['attention_bias'] == model.config.attention_bias
+
+  batch = {k: jnp.asarray(v[:8]) for k, v in run.bundle.splits['test'].items()}
+  plain = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'])
+  adapted = peft.forward(run.bundle.model, peft.combine(run.frozen, trainable['model']),
+                         peft.Adapters(params=trainable['adapters'], spec=run.spec), chosen,
+                         batch['input_ids'], batch['attention_mask'])
+  np.testing.assert_allclose(plain, adapted, rtol=1e-4, atol=1e-4)
+  # Non-vacuous: the original bias-less model would ignore what the merge added.
+  ignored = run.bundle.model.apply({'params': export.merged_params(
+      run.bundle.params, trainable, run.spec, chosen)}, batch['input_ids'], batch['attention_mask'])
+  assert np.abs(ignored - adapted).max() > 1e-3
