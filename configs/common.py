@@ -12,6 +12,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = 'minilm'
   c.model.param_dtype = 'float32'
   c.model.frozen_dtype = 'float32'  # 'bfloat16' keeps the frozen backbone in bf16
+  c.model.remat = 'none'  # per-layer remat: none | full | dots (models/common.py)
+  c.model.attention = 'xla'  # xla | chunked | dot_product (LLaMA, ViT; BERT keeps xla)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'bbc_news'

@@ -105,6 +105,7 @@ def text_classification(config) -> Bundle:
     return splits
 
   num_classes = data.num_classes(dc.name)
+  bert_config = dataclasses.replace(bert_config, remat=mc.get('remat', 'none'))
   model = bert.BertClassifier(bert_config, num_classes)
   key = jax.random.key(config.seed)
   if backbone is None:
@@ -169,7 +170,8 @@ def image_classification(config) -> Bundle:
   depth = {'depth': mc.depth} if mc.get('depth', 0) else {}
   cfg = vit.preset(mc.preset, image_size=mc.image_size, num_classes=num_classes,
                    in_channels=mc.get('in_channels', 3), drop_path_rate=mc.get('drop_path', 0.0),
-                   representation_size=mc.get('representation_size', 0) or None, **depth)
+                   representation_size=mc.get('representation_size', 0) or None,
+                   remat=mc.get('remat', 'none'), attention=mc.get('attention', 'xla'), **depth)
   model = vit.VisionTransformer(cfg)
   if mc.get('checkpoint', ''):
     path = str(mc.checkpoint)
@@ -234,6 +236,7 @@ def causal_lm(config) -> Bundle:
                             num_hidden_layers=mc.layers, num_attention_heads=mc.heads,
                             num_key_value_heads=mc.kv_heads, max_position_embeddings=max(512, dc.max_len))
     params = None
+  cfg = dataclasses.replace(cfg, remat=mc.get('remat', 'none'), attention=mc.get('attention', 'xla'))
   model = llama.LlamaForCausalLM(cfg)
   if params is None:
     params = model.init(jax.random.key(config.seed), jnp.zeros((1, 8), jnp.int32))['params']
