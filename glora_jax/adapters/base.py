@@ -23,7 +23,7 @@ class AdapterFamily:
       () for a family without choices (LoRA, SURM).
     mode: 'weight' (the adapter changes kernel and bias, the plain model runs on
       them) or 'activation' (the adapter acts on activations at the interception
-      point; see `peft.activation_hooks`).
+      point; see `peft.AdapterHooks`).
     mergeable: whether `delta` exists (a linear update that folds into weights).
   """
 
