@@ -135,3 +135,77 @@ def test_vit_and_bert_remat_change_nothing():
                        adapters, subnet, ids, jnp.ones_like(ids), deterministic=False, rngs=rngs)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), got[1], want[1])
+
+
+# --------------------------------------------------------------------------- #
+# Dropout: the mask against a numpy Threefry-2x32, its rate, and its sharding
+# --------------------------------------------------------------------------- #
+
+def numpy_threefry2x32(key, x0, x1):
+  """Threefry-2x32 with 20 rounds (Salmon et al. 2011), as Random123 defines it."""
+  rot = [13, 15, 26, 6, 17, 29, 16, 24]
+  k0, k1 = np.uint32(key[0]), np.uint32(key[1])
+  ks = [k0, k1, np.uint32(k0 ^ k1 ^ np.uint32(0x1BD11BDA))]
+  x = [x0.astype(np.uint32) + ks[0], x1.astype(np.uint32) + ks[1]]
+  for block in range(5):
+    for r in rot[(block % 2) * 4:(block % 2) * 4 + 4]:
+      x[0] = x[0] + x[1]
+      x[1] = ((x[1] << np.uint32(r)) | (x[1] >> np.uint32(32 - r))) ^ x[0]
+    x = [x[0] + ks[(block + 1) % 3], x[1] + ks[(block + 2) % 3] + np.uint32(block + 1)]
+  return x
+
+
+def numpy_keep_mask(key_data, rate, shape):
+  """keep_mask from its docstring: entry i of the last axis reads 16-bit word i % 4
+  (little-endian: the low half of the first output first) of the hash of block
+  (row, i // 4), with the blocks numbered row-major."""
+  words = -(-shape[-1] // 4)
+  counter = np.arange(int(np.prod(shape[:-1])) * words, dtype=np.uint32)
+  with np.errstate(over='ignore'):
+    hi, lo = numpy_threefry2x32(key_data, np.zeros_like(counter), counter)
+  bits = np.stack([hi, lo], -1).view(np.uint16).reshape(shape[:-1] + (4 * words,))[..., :shape[-1]]
+  return bits >= np.uint16(round(rate * 65536))
+
+
+@pytest.mark.parametrize('shape', [(3, 5, 8), (2, 7), (11,)])
+def test_keep_mask_matches_numpy_threefry(shape):
+  key = jax.random.key(42)
+  got = np.asarray(jax.jit(lambda k: common.keep_mask(k, 0.3, shape))(key))
+  np.testing.assert_array_equal(got, numpy_keep_mask(np.asarray(jax.random.key_data(key)), 0.3, shape))
+
+
+def test_keep_mask_rate_and_independence_of_the_four_words():
+  n = 1 << 20
+  mask = np.asarray(common.keep_mask(jax.random.key(0), 0.1, (256, n // 256)))
+  # Each of the four 16-bit words of a hash keeps at the same rate (5 sigma bounds).
+  for j in range(4):
+    rate = 1 - mask[:, j::4].mean()
+    assert abs(rate - 6554 / 65536) < 5 * np.sqrt(0.09 / (n / 4)), (j, rate)
+  # Neighbours (same hash) are uncorrelated: P(both dropped) ~ rate^2.
+  both = ((~mask[:, 0::4]) & (~mask[:, 1::4])).mean()
+  assert abs(both - 0.1**2) < 5 * np.sqrt(0.01 / (n / 4))
+
+
+def test_dropout_scales_kept_entries_and_draws_the_same_mask_on_a_mesh():
+  x = jax.random.normal(jax.random.key(1), (8, 16, 24))
+  key = jax.random.key(7)
+  single = common.dropout(x, 0.25, key)
+  mask = np.asarray(common.keep_mask(key, 0.25, x.shape))
+  np.testing.assert_allclose(single, np.where(mask, np.asarray(x) / 0.75, 0.0), rtol=1e-6)
+  mesh = jax.make_mesh((8,), ('data',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  fn = jax.jit(lambda x, k: common.dropout(x, 0.25, k), out_shardings=sharding)
+  sharded = fn(jax.device_put(x, sharding), key)
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(single))
+  # Each device hashes only its own rows' counters: (1, 16, 6) words, never (8, 16, 6).
+  hlo = fn.lower(jax.device_put(x, sharding), key).compile().as_text()
+  assert 'u32[1,16,6]' in hlo and 'u32[8,16,6' not in hlo
+
+
+def test_dropout_module_is_identity_when_deterministic_and_rate_one_zeros():
+  x = jnp.arange(12.0).reshape(3, 4)
+  module = common.Dropout(0.5)
+  np.testing.assert_array_equal(module.apply({}, x, True), x)
+  np.testing.assert_array_equal(common.dropout(x, 1.0, jax.random.key(0)), np.zeros((3, 4)))
+  y = module.apply({}, x, False, rngs={'dropout': jax.random.key(0)})
+  assert set(np.unique(np.asarray(y) / np.where(x == 0, 1, np.asarray(x)))) <= {0.0, 2.0}

@@ -70,7 +70,7 @@ class BertEmbeddings(nn.Module):
          + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                     name='token_type_embeddings')(token_type_ids))
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name='LayerNorm')(x)
-    return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+    return common.Dropout(cfg.hidden_dropout_prob)(x, deterministic)
 
 
 class DenseAddNorm(nn.Module):
@@ -82,7 +82,7 @@ class DenseAddNorm(nn.Module):
   def __call__(self, x, residual, *, deterministic: bool):
     cfg = self.config
     x = nn.Dense(self.features, dtype=cfg.dtype, name='dense')(x)
-    x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = common.Dropout(cfg.hidden_dropout_prob)(x, deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name='LayerNorm')(x + residual)
 
 
@@ -99,12 +99,12 @@ class BertAttention(nn.Module):
       return y.reshape(*y.shape[:-1], heads, head_dim)
 
     q, k, v = split('query'), split('key'), split('value')
-    # Softmax in float32 so bf16 activations do not saturate the attention weights.
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(head_dim)
-    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-    context = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(x.shape[:-1] + (cfg.hidden_size,))
+    # Float32 softmax (bf16 activations do not saturate the weights), heads-first
+    # einsums and the cheap dropout mask: models/common.attention.
+    drop = cfg.attention_probs_dropout_prob
+    key = None if deterministic or not drop else self.make_rng('dropout')
+    context = common.attention(q, k, v, mask[:, None, None, :], dropout_rate=drop,
+                               dropout_key=key).reshape(x.shape[:-1] + (cfg.hidden_size,))
     return DenseAddNorm(cfg, cfg.hidden_size, name='output')(context, x, deterministic=deterministic)
 
 

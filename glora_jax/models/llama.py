@@ -121,17 +121,10 @@ class LlamaAttention(nn.Module):
     k = dense(kv * hd, 'k_proj')(x).reshape(*x.shape[:-1], kv, hd)
     v = dense(kv * hd, 'v_proj')(x).reshape(*x.shape[:-1], kv, hd)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    if cfg.attention_dropout and not deterministic:
-      # Grouped-query attention: query head h reads kv head h // (heads // kv), as HF's repeat_kv.
-      k, v = jnp.repeat(k, heads // kv, axis=2), jnp.repeat(v, heads // kv, axis=2)
-      scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(hd)
-      scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-      probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    else:
-      out = common.attention(q, k, v, allowed[:, None], impl=cfg.attention,
-                             chunk=cfg.attention_chunk)
+    drop = cfg.attention_dropout
+    key = None if deterministic or not drop else self.make_rng('dropout')
+    out = common.attention(q, k, v, allowed[:, None], impl=cfg.attention,
+                           chunk=cfg.attention_chunk, dropout_rate=drop, dropout_key=key)
     out = out.reshape(*x.shape[:-1], heads * hd)
     return dense(cfg.hidden_size, 'o_proj')(out)
 

@@ -122,15 +122,12 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * cfg.embed_dim, use_bias=cfg.qkv_bias, dtype=cfg.dtype, name='qkv')(x)
     # Output order is (q, k, v) x heads x head_dim, as timm's reshape(B, N, 3, H, D).
     q, k, v = jnp.moveaxis(qkv.reshape(*x.shape[:-1], 3, heads, head_dim), -3, 0)
-    if cfg.attention == 'xla':
-      scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(head_dim)
-      probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-      probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
-      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(x.shape)
-    else:
-      out = common.attention(q, k, v, impl=cfg.attention).reshape(x.shape)
+    drop = cfg.attention_dropout_rate
+    key = None if deterministic or not drop else self.make_rng('dropout')
+    out = common.attention(q, k, v, impl=cfg.attention, dropout_rate=drop,
+                           dropout_key=key).reshape(x.shape)
     out = nn.Dense(cfg.embed_dim, dtype=cfg.dtype, name='proj')(out)
-    return nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return common.Dropout(cfg.dropout_rate)(out, deterministic)
 
 
 class Mlp(nn.Module):
@@ -140,9 +137,9 @@ class Mlp(nn.Module):
   def __call__(self, x, *, deterministic: bool):
     cfg = self.config
     x = nn.gelu(nn.Dense(cfg.mlp_dim, dtype=cfg.dtype, name='fc1')(x), approximate=False)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = common.Dropout(cfg.dropout_rate)(x, deterministic)
     x = nn.Dense(cfg.embed_dim, dtype=cfg.dtype, name='fc2')(x)
-    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return common.Dropout(cfg.dropout_rate)(x, deterministic)
 
 
 class Block(nn.Module):
@@ -177,7 +174,7 @@ class VisionTransformer(nn.Module):
     block_cls = common.maybe_remat(Block, cfg.remat, static_argnums=(2,))
     self.blocks = [block_cls(cfg, r) for r in drop_path_rates(cfg)]
     self.norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype)
-    self.pos_drop = nn.Dropout(cfg.dropout_rate)
+    self.pos_drop = common.Dropout(cfg.dropout_rate)
     if cfg.representation_size:
       self.pre_logits = nn.Dense(cfg.representation_size, dtype=cfg.dtype)
     if cfg.num_classes:
