@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.structured_b = ()
   c.adapter.lora_rank = 8
   c.adapter.lora_alpha = 16.0
-  c.adapter.lora_mode = 'weight'
+  c.adapter.lora_mode = 'activation'  # activation | weight (adapters/lora.py says when)
   c.adapter.surm = ml_collections.ConfigDict({'kind': 'circulant', 'form': 'lora'})
   c.subnet = ''  # a subnet JSON (search.py output): train that subnet only
   c.init_from = ''  # a train.py workdir: start from its latest trainable params

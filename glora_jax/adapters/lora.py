@@ -17,15 +17,20 @@ from glora_jax.adapters import base
 class LoRA(base.AdapterFamily):
   """LoRA with rank `rank` and scale alpha / rank. No choices: supports = ().
 
-  mode='weight' folds BA into the kernel each step; mode='activation' computes
-  x A^T B^T on the activations (cheaper for very wide layers). Both give the same
+  mode='activation' (the default, as PEFT) computes y + x A^T B^T beside the frozen
+  matmul: training needs no full-size kernel gradient (measured 0.81x the weight
+  mode's MiniLM train step on CPU, and 18.0 against 21.6 GiB for LLaMA-7B's).
+  mode='weight' builds W0 + BA inside the layer on every call: cheaper only for
+  unmerged inference on many tokens (more than in*out/(in+out) per call, 192 for
+  MiniLM's 384x384 layers), where x A^T B^T costs more FLOPs than adding BA to W0;
+  merge (peft.merge) is the zero-cost way to serve either. Both give the same
   outputs (tested)."""
 
   rank: int = 8
   alpha: float = 16.0
   name: str = 'lora'
   supports: tuple[str, ...] = ()
-  mode: str = 'weight'
+  mode: str = 'activation'
   mergeable: bool = True
 
   def __post_init__(self):
@@ -73,5 +78,5 @@ class LoRA(base.AdapterFamily):
     return y + self.scale * jnp.einsum('...r,or->...o', h, params['B'].astype(x.dtype)).astype(y.dtype)
 
 
-def space(rank: int = 8, alpha: float = 16.0, mode: str = 'weight') -> LoRA:
+def space(rank: int = 8, alpha: float = 16.0, mode: str = 'activation') -> LoRA:
   return LoRA(rank=rank, alpha=alpha, mode=mode)

@@ -73,7 +73,7 @@ def family(config):
     if config.method == 'glora':
       return glora.space(ranks=tuple(a.ranks), structured_b=tuple(a.get('structured_b', ())))
     if config.method == 'lora':
-      return lora.space(rank=a.lora_rank, alpha=a.lora_alpha, mode=a.get('lora_mode', 'weight'))
+      return lora.space(rank=a.lora_rank, alpha=a.lora_alpha, mode=a.get('lora_mode', 'activation'))
     if config.method == 'surm':
       from glora_jax.adapters import surm
       return surm.space(**dict(a.surm))
