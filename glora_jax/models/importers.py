@@ -1,8 +1,10 @@
 """Checkpoint reading (safetensors single or sharded, bf16 included, and npz; no torch) and
-strict conversion of checkpoint keys to Flax paths that reports every problem in one error."""
+strict conversion between checkpoint keys and Flax paths, both ways from one rule table
+(`convert` reads it forwards, `invert` backwards), reporting every problem in one error."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
@@ -125,19 +127,24 @@ def cast(tree, dtype):
 # --------------------------------------------------------------------------- #
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """One Flax leaf built from checkpoint keys: `target` (a '/'-joined path) is
-  `transform(*[checkpoint[k] for k in sources])`."""
-
-  target: str
-  sources: tuple[str, ...]
-  transform: Callable[..., np.ndarray] = lambda x: x
+def identity(x):
+  """A leaf stored as the checkpoint stores it (the default transform)."""
+  return x
 
 
 def transpose(x):
-  """torch Linear weight (out, in) -> Flax Dense kernel (in, out)."""
+  """torch Linear weight (out, in) -> Flax Dense kernel (in, out); its own inverse."""
   return np.swapaxes(x, -1, -2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One Flax leaf built from checkpoint keys: `target` (a '/'-joined path) is
+  `transform(*[checkpoint[k] for k in sources])`. Read backwards by `invert`."""
+
+  target: str
+  sources: tuple[str, ...]
+  transform: Callable[..., np.ndarray] = identity
 
 
 def _fmt_shape(shape) -> str:
@@ -247,3 +254,74 @@ def require(config: Mapping[str, Any], key: str, expected, source: str) -> None:
   found = config.get(key, expected)
   if found != expected:
     raise ValueError(f"{source}: '{key}' is {found!r}; this importer supports {expected!r}")
+
+
+# --------------------------------------------------------------------------- #
+# The same rules, backwards: params -> checkpoint keys
+# --------------------------------------------------------------------------- #
+
+
+def _invert_transform(rule: Rule, value: np.ndarray) -> np.ndarray:
+  """The checkpoint tensor that `rule.transform` turns into `value`.
+
+  identity and transpose are their own inverses. Any other single-key transform that
+  only moves elements (an axis permutation such as timm's conv kernel, a reshape) is
+  inverted by pushing element indices through it: for each ordering of `value`'s
+  dimensions (its own first) as the checkpoint shape, the transform of
+  arange(size) must give `value`'s shape and every index once; that index map,
+  read backwards, is the inverse. Nothing is written twice."""
+  if rule.transform is identity:
+    return value
+  if rule.transform is transpose:
+    return transpose(value)
+  if len(rule.sources) != 1:
+    raise ValueError(f"'{rule.target}' is built from {len(rule.sources)} checkpoint keys "
+                     f'{list(rule.sources)}; only one-key rules can be read backwards')
+  size = int(np.prod(value.shape))
+  for shape in dict.fromkeys(itertools.permutations(value.shape)):
+    index = np.arange(size).reshape(shape)
+    try:
+      moved = np.asarray(rule.transform(index))
+    except (ValueError, TypeError):
+      continue
+    if (moved.shape != value.shape or not np.issubdtype(moved.dtype, np.integer)
+        or not np.array_equal(np.sort(moved, axis=None), np.arange(size))):
+      continue
+    out = np.empty(size, value.dtype)
+    out[moved.reshape(-1)] = value.reshape(-1)
+    return out.reshape(shape)
+  raise ValueError(f"the transform of '{rule.target}' (from '{rule.sources[0]}') is not a "
+                   f'rearrangement of its elements at shape {_fmt_shape(value.shape)}, so it '
+                   'cannot be read backwards')
+
+
+def invert(params: Mapping[str, Any], rules: Sequence[Rule], *, model: str,
+           optional: Iterable[str] = ()) -> dict[str, np.ndarray]:
+  """Checkpoint tensors {key: array} from params: `convert` read backwards, so that
+  `convert(invert(params, rules), rules, ...)` gives `params` back bit for bit.
+
+  Each leaf keeps its dtype. Every problem is collected into ONE ValueError: a leaf
+  a rule needs that `params` lacks, and a leaf that no rule reads (it would be lost).
+  `optional`: regexes of paths that may be absent (e.g. a head)."""
+  optional = [re.compile(p) for p in optional]
+  flat = {k: v for k, v in flatten(params).items()}
+  out: dict[str, np.ndarray] = {}
+  missing, bad = [], []
+  for rule in rules:
+    if rule.target not in flat:
+      if not any(p.fullmatch(rule.target) for p in optional):
+        missing.append(f"  missing leaf '{rule.target}' (for '{rule.sources[0]}')")
+      continue
+    value = np.asarray(jax.device_get(flat[rule.target]))
+    try:
+      out[rule.sources[0]] = _invert_transform(rule, value)
+    except ValueError as e:
+      bad.append(f'  {e}')
+  read = {r.target for r in rules}
+  unread = [f"  leaf '{p}' {_fmt_shape(np.shape(flat[p]))} has no place in the checkpoint"
+            for p in sorted(flat, key=natural_key) if p not in read]
+  problems = missing + unread + bad
+  if problems:
+    raise ValueError(f'params do not fit {model}: {len(problems)} problem(s).\n'
+                     + '\n'.join(problems))
+  return out
