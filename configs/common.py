@@ -33,6 +33,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.lora_alpha = 16.0
   c.adapter.lora_mode = 'activation'  # activation | weight (adapters/lora.py says when)
   c.adapter.surm = ml_collections.ConfigDict({'kind': 'circulant', 'form': 'lora'})
+  # Supernet training (GLoRA without a fixed subnet; train/steps.SupernetOptions).
+  # The defaults are the authors': one uniformly drawn subnet per step. A step
+  # costs num_random + (1 largest, 2 largest_smallest) forward+backward passes,
+  # plus one teacher forward when distill > 0 without a sandwich.
+  c.supernet = ml_collections.ConfigDict()
+  c.supernet.num_random = 1  # random subnets per step
+  c.supernet.sandwich = 'none'  # none | largest | largest_smallest (BigNAS's sandwich rule)
+  c.supernet.sampling = 'uniform'  # uniform | fair (FairNAS: each option once per cycle)
+  c.supernet.distill = 0.0  # in [0, 1]: weight of KL to the largest subnet's soft labels
+  c.supernet.temperature = 1.0  # of the distillation's softmax
+  c.supernet.progressive_epochs = 0.0  # > 0: widen from the largest subnet to all options (OFA)
   c.subnet = ''  # a subnet JSON (search.py output): train that subnet only
   c.init_from = ''  # a train.py workdir: start from its latest trainable params
 

@@ -62,6 +62,61 @@ def largest(adapters: Adapters | AdapterSpec) -> np.ndarray:
   return np.asarray(cheapest_and_largest(spec.num_options, spec.option_costs)[1])
 
 
+# --------------------------------------------------------------------------- #
+# Supernet sampling rules (train/steps.py, config.supernet): pure functions of a
+# key and a counter, so a resumed run draws what the uninterrupted one drew.
+# --------------------------------------------------------------------------- #
+
+
+def option_order(num_options, option_costs) -> np.ndarray:
+  """(layers, supports, max options) int32: each support's option indices from the
+  most to the fewest parameters (first on ties); padding past `num_options` last."""
+  costs = np.asarray(option_costs).astype(np.float64)
+  valid = np.arange(costs.shape[-1]) < np.asarray(num_options)[..., None]
+  return np.argsort(np.where(valid, -costs, np.inf), axis=-1, kind='stable').astype(np.int32)
+
+
+def allowed_options(num_options, step, widen_steps: int) -> jax.Array:
+  """(layers, supports) how many of each support's options, the most expensive
+  first (`option_order`), progressive shrinking (OFA) allows at `step`: 1 (the
+  largest subnet only) at step 0, widening in equal stages to every option at
+  `widen_steps`: min(n, 1 + step * (n - 1) // widen_steps). widen_steps 0: all."""
+  num_options = jnp.asarray(num_options, jnp.int32)
+  if not widen_steps:
+    return num_options
+  step = jnp.asarray(step, jnp.int32)
+  return jnp.minimum(num_options, 1 + step * (num_options - 1) // widen_steps)
+
+
+def sample_allowed(key, order, allowed, batch: tuple[int, ...] = ()) -> jax.Array:
+  """Subnets drawing each support uniformly from its first `allowed` options of
+  `order`."""
+  ranks = jax.random.randint(key, tuple(batch) + allowed.shape, 0, allowed, dtype=jnp.int32)
+  return jnp.take_along_axis(jnp.broadcast_to(jnp.asarray(order), ranks.shape + order.shape[-1:]),
+                             ranks[..., None], axis=-1)[..., 0]
+
+
+def fair_sample(key, draw, order, allowed) -> jax.Array:
+  """Draw number `draw` (a traced int) of fair sampling (FairNAS): a support with m
+  allowed options takes, at draw g, position g % m of a random permutation of its
+  options that is fixed for the cycle g // m, so each option is drawn exactly once
+  in every m consecutive draws (a cycle). Permutations are independent across
+  layers, supports and cycles, and a function of (key, draw) only."""
+  order = jnp.asarray(order)
+  allowed = jnp.asarray(allowed, jnp.int32)
+  width = order.shape[-1]
+  draw = jnp.asarray(draw, jnp.int32)
+  entry = jnp.arange(allowed.size, dtype=jnp.int32).reshape(allowed.shape)
+
+  def rank(e, m):
+    k = jax.random.fold_in(jax.random.fold_in(key, e), draw // m)
+    u = jnp.where(jnp.arange(width) < m, jax.random.uniform(k, (width,)), 2.0)
+    return jnp.argsort(u)[draw % m]
+
+  ranks = jax.vmap(rank)(entry.ravel(), allowed.ravel()).reshape(allowed.shape)
+  return jnp.take_along_axis(order, ranks[..., None], axis=-1)[..., 0].astype(jnp.int32)
+
+
 def to_dict(adapters: Adapters | AdapterSpec, subnet) -> dict[str, dict[str, str]]:
   """{'encoder/layer_0/attention/query': {'A': 'lora_4', 'B': 'none', ...}, ...}.
   Layers of families without choices (LoRA, SURM) map to {}."""

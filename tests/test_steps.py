@@ -125,3 +125,166 @@ def test_supernet_step_draws_its_subnet_from_the_step_key():
     assert int(metrics['subnet_params']) == int(spec.layer_params(np.asarray(want)).sum())
     seen.add(np.asarray(subnet).tobytes())
   assert len(seen) == 3
+
+
+# --------------------------------------------------------------------------- #
+# Supernet options: sandwich, in-place distillation, fair sampling, progressive
+# shrinking, each against an independent computation
+# --------------------------------------------------------------------------- #
+
+
+def supernet_setup():
+  """The small adapted MLP (random adapters, no dropout), as trainable / frozen trees,
+  with a batch whose last row is padding."""
+  model, params, x, adapters = mlp_setup(glora.space(ranks=(2, 4)))
+  adapters = perturbed(adapters, scale=0.3)
+  trainable = {'model': {'head': params['head']}, 'adapters': adapters.params}
+  frozen = {k: v for k, v in params.items() if k != 'head'}
+  traces = []
+
+  def forward(p, a, subnet, batch, train, rng):
+    del train, rng
+    traces.append(1)
+    return peft.forward(model, p, a, subnet, batch['x'])
+
+  batch = {'x': x, 'label': jnp.array([0, 1, 2, 0]), 'mask': jnp.array([1.0, 1.0, 1.0, 0.0])}
+  return adapters.spec, steps.Task(forward, steps.classification_loss), trainable, frozen, batch, traces
+
+
+def np_logits(task, trainable, frozen, spec, subnet, batch):
+  out = task.forward(peft.combine(frozen, trainable['model']),
+                     peft.Adapters(params=trainable['adapters'], spec=spec), jnp.asarray(subnet),
+                     batch, True, None)
+  return np.asarray(out, np.float64)
+
+
+def np_cross_entropy(logits, labels, mask):
+  nll = -np_log_softmax(logits)[np.arange(len(labels)), labels]
+  return (nll * mask).sum() / mask.sum()
+
+
+def np_kl(teacher, student, mask, temperature):
+  t, s = np_log_softmax(teacher / temperature), np_log_softmax(student / temperature)
+  return temperature ** 2 * ((np.exp(t) * (t - s)).sum(-1) * mask).sum() / mask.sum()
+
+
+def test_sandwich_loss_and_update_are_the_mean_over_independent_subnets():
+  spec, task, trainable, frozen, batch, _ = supernet_setup()
+  options = steps.SupernetOptions(num_random=2, sandwich='largest_smallest')
+  assert options.num_subnets == 4 and options.backbone_passes() == 4
+  lr = 0.5
+  optimizer = optax.sgd(lr)
+  state = steps.init_state(trainable, optimizer, seed=5, subnet=np.zeros(spec.num_options.shape))
+  step = jax.jit(steps.make_train_step(task, spec, optimizer, options))
+  new_state, metrics, subnets = step(state, frozen, batch)
+  subnets = np.asarray(subnets)
+  cheapest, _ = subnet_lib.cheapest_and_largest(spec.num_options, spec.option_costs)
+  assert subnets.shape == (4,) + spec.num_options.shape
+  np.testing.assert_array_equal(subnets[0], subnet_lib.largest(spec))
+  np.testing.assert_array_equal(subnets[1], cheapest)
+  assert not np.array_equal(subnets[2], subnets[3])
+  assert np.all((subnets >= 0) & (subnets < spec.num_options))
+
+  labels, mask = np.asarray(batch['label']), np.asarray(batch['mask'])
+  want = np.mean([np_cross_entropy(np_logits(task, trainable, frozen, spec, s, batch), labels, mask)
+                  for s in subnets])
+  np.testing.assert_allclose(float(metrics['loss']), want, rtol=1e-5)
+  # The update is the mean of the four gradients, each taken on its own.
+  def single_loss(t, s):
+    total, n, _ = task.loss(task.forward(peft.combine(frozen, t['model']),
+                                         peft.Adapters(params=t['adapters'], spec=spec), s,
+                                         batch, True, None), batch)
+    return total / n
+  grads = [jax.grad(single_loss)(trainable, jnp.asarray(s)) for s in subnets]
+  mean_grad = jax.tree.map(lambda *g: sum(np.asarray(x, np.float64) for x in g) / 4, *grads)
+  jax.tree.map(lambda new, old, g: np.testing.assert_allclose(new, old - lr * g, rtol=1e-4, atol=1e-6),
+               new_state['trainable'], trainable, mean_grad)
+  want_params = np.mean([int(subnet_lib.count_params(spec, s)) for s in subnets])
+  assert int(metrics['subnet_params']) == int(np.round(want_params))
+
+
+def test_in_place_distillation_loss_is_kl_to_the_largest_subnets_soft_labels():
+  spec, task, trainable, frozen, batch, _ = supernet_setup()
+  labels, mask = np.asarray(batch['label']), np.asarray(batch['mask'])
+  optimizer = optax.sgd(0.0)
+  largest = subnet_lib.largest(spec)
+  teacher = np_logits(task, trainable, frozen, spec, largest, batch)
+  for options in (steps.SupernetOptions(num_random=2, sandwich='largest', distill=0.7, temperature=2.0),
+                  steps.SupernetOptions(num_random=2, distill=1.0, temperature=1.0)):
+    state = steps.init_state(trainable, optimizer, seed=1, subnet=np.zeros(spec.num_options.shape))
+    _, metrics, subnets = jax.jit(steps.make_train_step(task, spec, optimizer, options))(
+        state, frozen, batch)
+    subnets = np.asarray(subnets)
+    a, temp = options.distill, options.temperature
+    per_subnet = []
+    for i, s in enumerate(subnets):
+      logits = np_logits(task, trainable, frozen, spec, s, batch)
+      ce = np_cross_entropy(logits, labels, mask)
+      if options.sandwich == 'largest' and i == 0:  # the teacher learns from the labels
+        np.testing.assert_array_equal(s, largest)
+        per_subnet.append(ce)
+      else:
+        per_subnet.append((1 - a) * ce + a * np_kl(teacher, logits, mask, temp))
+    np.testing.assert_allclose(float(metrics['loss']), np.mean(per_subnet), rtol=1e-5)
+  # Without a sandwich the teacher is an extra forward: 2 + 1/3 passes.
+  assert options.teacher_forwards == 1 and options.backbone_passes() == 2 + 1 / 3
+
+
+def test_distillation_pulls_students_towards_the_teacher_only():
+  """The KL term's gradient reaches the students, never the teacher: with distill=1
+  and a sandwich of the largest alone plus one student equal to it, the KL is 0 and
+  the update is half the largest's cross-entropy gradient."""
+  spec, task, trainable, frozen, batch, _ = supernet_setup()
+  student, teacher = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3))), jnp.zeros((4, 3))
+  g_student = jax.grad(lambda s: steps.distillation_loss(s, teacher, batch, 1.0))(student)
+  g_teacher = jax.grad(lambda t: steps.distillation_loss(student, t, batch, 1.0))(teacher)
+  assert np.abs(np.asarray(g_student)[:3]).max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(g_student)[3], 0.0)  # padding row
+  np.testing.assert_array_equal(np.asarray(g_teacher), 0.0)
+
+
+def test_supernet_options_compile_once_while_steps_and_subnets_change():
+  spec, task, trainable, frozen, batch, traces = supernet_setup()
+  optimizer = optax.adamw(1e-3)
+  options = steps.SupernetOptions(num_random=2, sandwich='largest_smallest', sampling='fair',
+                                  distill=0.5, widen_steps=3)
+  step = jax.jit(steps.make_train_step(task, spec, optimizer, options))
+  state = steps.init_state(trainable, optimizer, seed=2, subnet=np.zeros(spec.num_options.shape))
+  seen = []
+  for i in range(6):
+    state, metrics, subnets = step(state, frozen, batch)
+    seen.append(np.asarray(subnets)[2:].tobytes())
+    if i == 0:
+      traced = len(traces)
+  assert traced == 4  # one trace of each subnet's forward (the largest is the teacher)
+  assert len(traces) == traced and step._cache_size() == 1
+  assert len(set(seen)) == 6
+  assert np.isfinite(float(metrics['loss']))
+
+
+def test_draws_follow_fair_cycles_and_progressive_stages_from_the_step_alone():
+  spec, *_ = supernet_setup()
+  state = steps.init_state({'w': jnp.zeros(1)}, optax.sgd(0.1), seed=9,
+                           subnet=np.zeros(spec.num_options.shape))
+  at = lambda options, step: np.asarray(steps.draw_subnets(spec, options, dict(state, step=jnp.int32(step))))
+  # Fair, 2 random subnets a step: draws 0..59 (30 steps) cover each option of a
+  # support with n options 60 / n times, and each cycle of n draws once each.
+  fair = steps.SupernetOptions(num_random=2, sampling='fair')
+  draws = np.concatenate([at(fair, s) for s in range(30)])
+  for (l, s), n in np.ndenumerate(spec.num_options):
+    assert np.bincount(draws[:, l, s], minlength=n).tolist() == [60 // n] * n
+  # Progressive shrinking over 8 steps: the largest subnet only at first, then wider.
+  prog = steps.SupernetOptions(num_random=3, sandwich='largest_smallest', widen_steps=8)
+  largest = subnet_lib.largest(spec)
+  assert all(np.array_equal(s, largest) for s in at(prog, 0))  # smallest allowed = largest too
+  order = subnet_lib.option_order(spec.num_options, spec.option_costs)
+  mid = at(prog, 4)  # 5 options: 1 + 4*4//8 = 3 allowed; 3 options: 2 allowed
+  allowed = np.asarray(subnet_lib.allowed_options(spec.num_options, 4, 8))
+  np.testing.assert_array_equal(mid[1], np.take_along_axis(order, allowed[..., None] - 1, -1)[..., 0])
+  for (l, s), m in np.ndenumerate(allowed):
+    assert set(mid[:, l, s]) <= set(order[l, s, :m].tolist())
+  cheapest, _ = subnet_lib.cheapest_and_largest(spec.num_options, spec.option_costs)
+  np.testing.assert_array_equal(at(prog, 8)[1], cheapest)
+  # Defaults: the authors' single uniform draw from the step's subnet key, unchanged.
+  np.testing.assert_array_equal(at(steps.SupernetOptions(), 3)[0],
+                                subnet_lib.sample(steps.step_keys(dict(state, step=jnp.int32(3)))[0], spec))

@@ -54,6 +54,7 @@ def validate(config) -> None:
     family(config)  # raises for bad ranks / names
   if config.method == 'glora' and config.get('subnet'):
     need(pathlib.Path(config.subnet).is_file(), f'subnet file {config.subnet} does not exist')
+  validate_supernet(config)
   mesh_data, mesh_model = config.mesh.data, config.mesh.model
   n = config.mesh.get('num_devices', 0) or jax.device_count()
   need(n <= jax.device_count(), f'mesh.num_devices={n} but only {jax.device_count()} devices exist')
@@ -64,6 +65,38 @@ def validate(config) -> None:
   need(config.batch_size % data == 0,
        f'batch_size={config.batch_size} is not divisible by the data-parallel size {data}; '
        f'use a multiple of {data}')
+
+
+def validate_supernet(config) -> None:
+  """config.supernet (steps.SupernetOptions): known values, and options other than
+  the defaults only where a supernet trains (a fixed subnet ignores them, so a
+  searched subnet retrains from its supernet's config)."""
+  c = config.get('supernet', None)
+  if c is None:
+    return
+  def need(cond, msg):
+    if not cond:
+      raise ConfigError(f'supernet.{msg}')
+  sandwich, sampling = c.get('sandwich', 'none'), c.get('sampling', 'uniform')
+  need(sandwich in steps.SANDWICH, f"sandwich '{sandwich}' is unknown; allowed: {list(steps.SANDWICH)}")
+  need(sampling in steps.SAMPLING, f"sampling '{sampling}' is unknown; allowed: {list(steps.SAMPLING)}")
+  num_random = c.get('num_random', 1)
+  need(isinstance(num_random, int) and not isinstance(num_random, bool) and num_random >= 0,
+       f'num_random must be an integer >= 0, got {num_random!r}')
+  need(num_random >= 1 or sandwich != 'none',
+       "num_random=0 trains no subnet without a sandwich; use num_random >= 1 or "
+       "sandwich 'largest' / 'largest_smallest'")
+  distill, temperature = c.get('distill', 0.0), c.get('temperature', 1.0)
+  need(0.0 <= distill <= 1.0, f'distill must be in [0, 1] (the weight of the KL term), got {distill}')
+  need(temperature > 0, f'temperature must be > 0, got {temperature}')
+  epochs = c.get('progressive_epochs', 0.0)
+  need(0.0 <= epochs <= config.num_epochs,
+       f'progressive_epochs must be in [0, num_epochs={config.num_epochs}], got {epochs}')
+  options = steps.supernet_options(config, steps_per_epoch=1)
+  if options != steps.SupernetOptions(widen_steps=options.widen_steps) or epochs:
+    need(config.method == 'glora', f"options train a GLoRA supernet; method is '{config.method}'")
+    need(not (distill > 0 and config.task == 'causal_lm'),
+         'distill needs a classification task (soft labels over classes); task is causal_lm')
 
 
 def family(config):
@@ -278,7 +311,13 @@ def make_jitted_step(run: Run, optimizer, state):
     print(f'sharding: {len(notes)} leaves replicated on dimensions the mesh does not divide, '
           f'e.g. {notes[0]}', flush=True)
   state_sh, frozen_sh = sharding.named(mesh, specs), sharding.named(mesh, frozen_specs)
-  supernet = run.spec is not None and run.fixed_subnet is None
+  supernet = False
+  if run.spec is not None and run.fixed_subnet is None:
+    per_epoch = None
+    if run.config.get('supernet', {}).get('progressive_epochs', 0):
+      per_epoch = data.BatchIterator(run.bundle.splits['train'], run.config.batch_size, shuffle=False,
+                                     drop_remainder=run.config.drop_remainder).batches_per_epoch
+    supernet = steps.supernet_options(run.config, per_epoch)
   train_step = steps.make_train_step(run.bundle.task, run.spec, optimizer, supernet)
   skip_nonfinite = run.config.on_nonfinite == 'skip'
 

@@ -1,7 +1,9 @@
 """Pure train and eval steps over (trainable, frozen) pytrees, jitted with shardings.
 
-Supernet training draws a fresh subnet from the step's key inside the jitted step;
-fixed-subnet training reads the subnet from the state. Neither recompiles.
+Supernet training draws fresh subnets from the step's key inside the jitted step
+(one, as the authors, or several under SupernetOptions: sandwich, fair sampling,
+in-place distillation, progressive shrinking); fixed-subnet training reads the
+subnet from the state. Neither recompiles.
 """
 from __future__ import annotations
 
@@ -74,32 +76,163 @@ def _adapters(spec, trainable):
   return None if spec is None else peft.Adapters(params=trainable['adapters'], spec=spec)
 
 
-def make_train_step(task: Task, spec: peft.AdapterSpec | None, optimizer, supernet: bool):
-  """train_step(state, frozen, batch) -> (state, metrics). `frozen` is never
-  differentiated: gradients are taken w.r.t. state['trainable'] only."""
+SANDWICH = ('none', 'largest', 'largest_smallest')
+SAMPLING = ('uniform', 'fair')
+
+
+@dataclasses.dataclass(frozen=True)
+class SupernetOptions:
+  """How a supernet step picks and weighs its subnets (config.supernet). The
+  defaults are the authors': one subnet per step, each support uniform.
+
+  num_random: random subnets per step. sandwich: 'largest' adds the largest
+  subnet, 'largest_smallest' also the smallest allowed one (BigNAS's sandwich
+  rule). The step's loss is the mean of its subnets' losses. sampling 'fair':
+  random draws follow `subnet.fair_sample` (FairNAS), draw g = step * num_random + j.
+  distill: weight α of in-place distillation, each subnet but the largest learns
+  (1 - α) CE + α T² KL(teacher_T || student_T) from the largest subnet's outputs
+  (stop_gradient; classification only). widen_steps > 0: progressive shrinking,
+  `subnet.allowed_options`. The count of subnets is static: one compile."""
+  num_random: int = 1
+  sandwich: str = 'none'
+  sampling: str = 'uniform'
+  distill: float = 0.0
+  temperature: float = 1.0
+  widen_steps: int = 0
+
+  @property
+  def num_subnets(self) -> int:
+    """Subnets trained (forward and backward) in one step."""
+    return self.num_random + {'none': 0, 'largest': 1, 'largest_smallest': 2}[self.sandwich]
+
+  @property
+  def teacher_forwards(self) -> int:
+    """Forward-only passes per step: the teacher, when it is not trained in the step."""
+    return int(self.distill > 0 and self.sandwich == 'none')
+
+  def backbone_passes(self) -> float:
+    """Backbone compute of a step in forward+backward passes, a forward counted
+    as 1/3 of one (backward = 2 forwards): num_subnets + teacher_forwards / 3."""
+    return self.num_subnets + self.teacher_forwards / 3
+
+
+def supernet_options(config, steps_per_epoch: int | None = None) -> SupernetOptions:
+  """A config's supernet options (config.supernet; absent fields keep the defaults,
+  so workdirs written before the options existed still load). Progressive
+  shrinking is given in epochs and needs `steps_per_epoch`."""
+  c = config.get('supernet', None) or {}
+  get = lambda name, default: c.get(name, default) if hasattr(c, 'get') else default
+  epochs = float(get('progressive_epochs', 0.0))
+  widen = 0
+  if epochs > 0:
+    if not steps_per_epoch:
+      raise ValueError('supernet.progressive_epochs needs the number of steps per epoch')
+    widen = max(1, int(round(epochs * steps_per_epoch)))
+  return SupernetOptions(num_random=int(get('num_random', 1)), sandwich=str(get('sandwich', 'none')),
+                         sampling=str(get('sampling', 'uniform')), distill=float(get('distill', 0.0)),
+                         temperature=float(get('temperature', 1.0)), widen_steps=widen)
+
+
+def draw_subnets(spec: peft.AdapterSpec, options: SupernetOptions, state: State) -> jax.Array:
+  """(options.num_subnets, layers, supports) subnets of a step: the largest, the
+  smallest allowed (as options.sandwich says), then the random ones. A function
+  of the state's seed and step only, identical on every replica."""
+  k_subnet, _ = step_keys(state)
+  num = spec.num_options
+  step = state['step']
+  allowed = subnet_lib.allowed_options(num, step, options.widen_steps)
+  order = jnp.asarray(subnet_lib.option_order(num, spec.option_costs))
+  out = []
+  if options.sandwich != 'none':
+    out.append(order[..., 0])
+  if options.sandwich == 'largest_smallest':
+    cheapest, _ = subnet_lib.cheapest_and_largest(num, spec.option_costs)
+    smallest = jnp.take_along_axis(order, (allowed - 1)[..., None], -1)[..., 0]
+    out.append(jnp.where(allowed == jnp.asarray(num), cheapest, smallest))  # cheapest: first on ties
+  k = options.num_random
+  if k and options.sampling == 'fair':
+    # The permutations' key depends on the seed only: a cycle spans several steps.
+    fair_key = jax.random.split(jax.random.wrap_key_data(state['key']))[1]
+    draws = step * k + jnp.arange(k, dtype=jnp.int32)
+    out.extend(jax.vmap(lambda g: subnet_lib.fair_sample(fair_key, g, order, allowed))(draws))
+  elif k == 1 and not options.widen_steps:
+    out.append(subnet_lib.sample(k_subnet, spec))  # the authors' draw, as before these options
+  elif k:
+    out.extend(subnet_lib.sample_allowed(k_subnet, order, allowed, (k,)))
+  return jnp.stack([jnp.asarray(s, jnp.int32) for s in out])
+
+
+def distillation_loss(student, teacher, batch, temperature: float):
+  """Sum over real rows (batch['mask']) of T² KL(softmax(teacher / T) ||
+  softmax(student / T)); the teacher's logits are constants."""
+  mask = batch.get('mask', jnp.ones(student.shape[0], jnp.float32)).astype(jnp.float32)
+  t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher).astype(jnp.float32) / temperature)
+  s = jax.nn.log_softmax(student.astype(jnp.float32) / temperature)
+  kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+  return temperature ** 2 * jnp.sum(kl * mask)
+
+
+def make_train_step(task: Task, spec: peft.AdapterSpec | None, optimizer,
+                    supernet: bool | SupernetOptions):
+  """train_step(state, frozen, batch) -> (state, metrics, subnet). `frozen` is never
+  differentiated: gradients are taken w.r.t. state['trainable'] only.
+
+  supernet: False trains state['subnet']; True draws one subnet per step (the
+  authors); SupernetOptions as they say (the third output is then the
+  (subnets, layers, supports) stack when a step trains more than one)."""
+  options = (SupernetOptions() if supernet is True else supernet) if spec is not None else None
+  options = options or None  # False -> fixed subnet
+  # The distillation teacher without a sandwich, computed here: numpy, not traced.
+  largest = subnet_lib.largest(spec) if options is not None and options.distill > 0 else None
 
   def train_step(state, frozen, batch):
     k_subnet, k_dropout = step_keys(state)
-    if spec is not None and supernet:
-      subnet = subnet_lib.sample(k_subnet, spec)
+    if options is not None:
+      subnets = draw_subnets(spec, options, state)
     else:
-      subnet = state['subnet']
+      subnets = jnp.asarray(state['subnet'])[None]
+    num = subnets.shape[0]
+    has_teacher = options is not None and options.sandwich != 'none'
+    distill = options is not None and options.distill > 0
 
     def loss_fn(trainable):
-      out = task.forward(_model_params(trainable, frozen), _adapters(spec, trainable), subnet,
-                         batch, True, k_dropout)
-      loss_sum, n, correct = task.loss(out, batch)
-      return loss_sum / jnp.maximum(n, 1.0), (n, correct)
+      params, adapters = _model_params(trainable, frozen), _adapters(spec, trainable)
+      forward = lambda subnet, key: task.forward(params, adapters, subnet, batch, True, key)
+      # One subnet: the step's dropout key, as before these options; several: one each.
+      keys = [k_dropout] if num == 1 else [jax.random.fold_in(k_dropout, i) for i in range(num)]
+      outs = [forward(subnets[i], keys[i]) for i in range(num)]
+      teacher = None
+      if distill:
+        teacher = (outs[0] if has_teacher else
+                   forward(jnp.asarray(largest), jax.random.fold_in(k_dropout, num)))
+        teacher = jax.lax.stop_gradient(teacher)
+      losses, corrects = [], []
+      for i, out in enumerate(outs):
+        loss_sum, n, correct = task.loss(out, batch)
+        loss = loss_sum / jnp.maximum(n, 1.0)
+        if distill and not (has_teacher and i == 0):
+          kl = distillation_loss(out, teacher, batch, options.temperature) / jnp.maximum(n, 1.0)
+          loss = (1.0 - options.distill) * loss + options.distill * kl
+        losses.append(loss)
+        corrects.append(correct)
+      if num == 1:
+        return losses[0], (n, corrects[0])
+      return sum(losses) / num, (n, sum(corrects) / num)
 
     (loss, (n, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['trainable'])
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['trainable'])
     trainable = optax.apply_updates(state['trainable'], updates)
+    if spec is None:
+      subnet_params = jnp.zeros((), jnp.int32)
+    elif num == 1:
+      subnet_params = subnet_lib.count_params(spec, subnets[0])
+    else:  # the mean over the step's subnets
+      counts = jax.vmap(lambda s: subnet_lib.count_params(spec, s))(subnets)
+      subnet_params = jnp.round(jnp.mean(counts.astype(jnp.float32))).astype(counts.dtype)
     metrics = {'loss': loss, 'accuracy': correct / jnp.maximum(n, 1.0), 'examples': n,
-               'grad_norm': optax.tree.norm(grads),
-               'subnet_params': (subnet_lib.count_params(spec, subnet) if spec is not None
-                                 else jnp.zeros((), jnp.int32))}
+               'grad_norm': optax.tree.norm(grads), 'subnet_params': subnet_params}
     new_state = dict(state, step=state['step'] + 1, trainable=trainable, opt_state=opt_state)
-    return new_state, metrics, subnet
+    return new_state, metrics, (subnets[0] if num == 1 else subnets)
 
   return train_step
 
