@@ -4,9 +4,11 @@
 
 Prints the chosen subnet, its adapter parameters, validation and test accuracy
 (next-token accuracy for a causal LM); writes best_subnet.json, pareto.json,
-search.png, the merged plain params (orbax and safetensors) and model_config.json
-(the plain model to load them into: glora_jax.search.export.load_merged) under
---out (default: <ckpt>/search). Rerunning the same
+search.png and the merged plain params under --out (default: <ckpt>/search), in the
+--export_formats: 'flax' (merged_params/ and merged_params.safetensors with
+model_config.json, the plain model to load them into: glora_jax.search.export.load_merged)
+and 'torch' (the model's PyTorch layout: hf/ for BERT and LLaMA, which
+transformers.AutoModel.from_pretrained reads, timm/ for ViT). Rerunning the same
 command after an interruption continues from the last finished generation.
 """
 import sys
@@ -28,6 +30,9 @@ flags.DEFINE_integer('seed', 0, 'Search seed.')
 flags.DEFINE_integer('chunk', 8, 'Candidates evaluated together in one vmapped call.')
 flags.DEFINE_integer('eval_batch_size', 32, 'Examples per evaluation batch.')
 flags.DEFINE_integer('retrain_epochs', 0, 'Retrain the chosen subnet (choices fixed) before merging.')
+flags.DEFINE_list('export_formats', ['flax', 'torch'],
+                  "Merged exports to write: 'flax' (merged_params, model_config.json) and/or "
+                  "'torch' (HF transformers layout in <out>/hf, timm's in <out>/timm).")
 flags.mark_flag_as_required('ckpt')
 FLAGS = flags.FLAGS
 
@@ -51,7 +56,8 @@ def main(argv):
       raise ConfigError(str(e)) from None
     s = driver.search_and_export(FLAGS.ckpt, cfg, out=FLAGS.out or None, chunk=FLAGS.chunk,
                                  eval_batch_size=FLAGS.eval_batch_size,
-                                 retrain_epochs=FLAGS.retrain_epochs)
+                                 retrain_epochs=FLAGS.retrain_epochs,
+                                 export_formats=FLAGS.export_formats)
     print(open(s['subnet_file']).read())
     metric = s['val_metric']  # accuracy, or next_token_accuracy for a causal LM
     name = metric.replace('_', ' ')
@@ -59,12 +65,12 @@ def main(argv):
           f"val {name} {s[f'val_{metric}']:.4f}, test {name} {s[f'test_{metric}']:.4f} "
           f"(merged: {s[f'test_{metric}_merged']:.4f}, predictions agree on "
           f"{100 * s['merged_prediction_agreement']:.1f}%)")
-    print(f"merged params: {s['merged_params'][0]} and {s['merged_params'][1]}, "
-          f"plain model: {s['model_config']}")
+    print('merged params: ' + ', '.join(s['exports'].values()))
 
   return run_guarded(work)
 
 
 if __name__ == '__main__':
   sys.path.insert(0, '.')
-  app.run(main)
+  from glora_jax.cli import parse_flags
+  app.run(main, flags_parser=parse_flags)

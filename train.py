@@ -55,4 +55,5 @@ def main(argv):
 
 if __name__ == '__main__':
   sys.path.insert(0, '.')  # configs/ imports configs.common
-  app.run(main)
+  from glora_jax.cli import parse_flags
+  app.run(main, flags_parser=parse_flags)

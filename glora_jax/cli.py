@@ -1,8 +1,12 @@
-"""What the command lines share: expected errors become one line and exit code 2."""
+"""What the command lines share: expected errors, and bad flags or config overrides,
+become one 'error:' line and exit code 2."""
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+import re
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 from glora_jax import errors
 
@@ -21,3 +25,90 @@ def run_guarded(fn: Callable[[], object]) -> int:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2
   return 0
+
+
+def _one_line(text: str) -> str:
+  """A message on one line; of a traceback printed into a message, its last line
+  without the exception's class name (what the config file itself said)."""
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  if any(line.startswith('Traceback (most recent call last)') for line in lines):
+    last = lines[-1]
+    return re.sub(r'^[\w.]+(Error|Exception): ', '', last)
+  return ' '.join(lines)
+
+
+def _config_arg(argv: Sequence[str]) -> str | None:
+  """The value of --config (`--config=path[:arg]` or `--config path[:arg]`), if given."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg[len('--config='):]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config(value: str):
+  """get_config(arg) of a config file, as ml_collections calls it; None if it fails."""
+  path, _, arg = value.partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('_config_for_error_message', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception:  # noqa: BLE001 - the parse error itself is reported instead
+    return None
+
+
+def _unknown_config_field(config, argv: Sequence[str]) -> str | None:
+  """The first `--config.a.b=...` in argv naming a field `config` lacks, said with the
+  fields that exist where it fails; None if every override names a field."""
+  for arg in argv:
+    m = re.match(r'--config\.([^=\s]+)', arg)
+    if not m:
+      continue
+    node, walked = config, []
+    for part in m.group(1).split('.'):
+      keys = list(node.keys()) if hasattr(node, 'keys') else None
+      if keys is None or part not in keys:
+        where = f"'{'.'.join(walked)}'" if walked else 'the config'
+        allowed = ', '.join(sorted(keys)) if keys else f'none (it is a {type(node).__name__})'
+        return (f"unknown config field '{m.group(1)}' in {arg}: {where} has no field "
+                f"'{part}'; its fields: {allowed}")
+      node, walked = node[part], walked + [part]
+  return None
+
+
+def flag_error_message(error: BaseException, argv: Sequence[str]) -> str:
+  """One line for a failed flag parse: a config file that does not exist (with the
+  configs beside it), an unknown config field (with the fields that exist there), or
+  the config file's own message (e.g. the arguments it accepts)."""
+  value = _config_arg(argv)
+  if value is not None:
+    path = pathlib.Path(value.partition(':')[0])
+    if not path.is_file():
+      folder = path.parent if path.parent.is_dir() else pathlib.Path('configs')
+      known = sorted(p.name for p in folder.glob('*.py') if not p.name.startswith('_'))
+      return f"--config {value}: no such file; configs in {folder}/: {', '.join(known)}"
+    config = _load_config(value)
+    unknown = _unknown_config_field(config, argv) if config is not None else None
+    if unknown:
+      return unknown
+    if str(error).startswith('flag --config='):
+      return f'--config {value}: {_one_line(error)}'
+  return _one_line(error)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing for `app.run(main, flags_parser=parse_flags)`: a bad flag value,
+  a config file or argument that does not load, or an unknown config field prints one
+  'error:' line and exits 2, before main runs (so nothing is written)."""
+  from absl import flags
+  try:
+    rest = flags.FLAGS(argv)
+    config = flags.FLAGS['config'].value if 'config' in flags.FLAGS else None
+    if config is not None:
+      config.keys()  # a file that failed to load raises here, not later inside main
+    return rest
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    print(f'error: {flag_error_message(e, argv[1:])}', file=sys.stderr, flush=True)
+    sys.exit(2)

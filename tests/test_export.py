@@ -82,7 +82,12 @@ def test_biases_gained_in_attention_give_a_model_with_attention_bias(tmp_path):
   assert described['model'] == 'llama' and described['config']['attention_bias'] is True
   assert described['config']['dtype'] == 'float32'
   assert 'remat' not in described['config']  # how it computes, not what: not recorded
-  assert sorted(files) == ['merged_params', 'merged_params.safetensors', 'model_config.json']
+  assert sorted(files) == ['hf', 'merged_params', 'merged_params.safetensors', 'model_config.json']
+  # The same params in transformers' layout, read back by the LLaMA importer.
+  hf_config, hf_params = llama.load_llama(files['hf'])
+  assert hf_config.attention_bias and not hf_config.mlp_bias
+  np.testing.assert_allclose(logits(llama.LlamaForCausalLM(hf_config), hf_params), adapted,
+                             atol=1e-5, rtol=0)
   loaded, loaded_params = export.load_merged(tmp_path)
   assert loaded.config == llama.LlamaConfig(**{**described['config'], 'dtype': jnp.float32})
   np.testing.assert_allclose(logits(loaded, loaded_params), adapted,
@@ -127,3 +132,19 @@ def test_load_merged_names_an_extra_or_missing_leaf(tmp_path):
   (tmp_path / 'model_config.json').write_text(json.dumps({'model': 'gpt2', 'config': {}}))
   with pytest.raises(errors.ExportError, match="model 'gpt2'; known: .*'llama'"):
     export.load_merged(tmp_path)
+
+
+def test_export_formats_choose_what_is_written(tmp_path):
+  model, params, adapters = tiny_llama()
+  plain, plain_params = export.plain_model(model, merged(params, adapters, choose(adapters.spec)))
+  files = export.save_merged(tmp_path / 'torch', plain, plain_params, formats='torch')
+  assert list(files) == ['hf']
+  assert sorted(p.name for p in (tmp_path / 'torch').iterdir()) == ['hf']
+  assert sorted(p.name for p in (tmp_path / 'torch' / 'hf').iterdir()) == ['config.json',
+                                                                         'model.safetensors']
+  files = export.save_merged(tmp_path / 'flax', plain, plain_params, formats=['flax'])
+  assert 'hf' not in files and not (tmp_path / 'flax' / 'hf').exists()
+  with pytest.raises(errors.ConfigError, match=r"unknown export formats \['onnx'\]; choose one or "
+                     r"more of \['flax', 'torch'\]"):
+    export.save_merged(tmp_path / 'bad', plain, plain_params, formats='flax,onnx')
+  assert not (tmp_path / 'bad').exists()

@@ -19,15 +19,18 @@ from glora_jax.train import loop, metrics, setup, sharding
 
 def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int = 8,
                       eval_batch_size: int = 32, retrain_epochs: int = 0,
-                      stop_after_generations: int | None = None, log=print) -> dict:
+                      stop_after_generations: int | None = None,
+                      export_formats=export.FORMATS, log=print) -> dict:
   """Searches the supernet in `ckpt`, then merges, checks and exports the best subnet
-  under `out`; returns the summary (also written to summary.json).
+  under `out` in `export_formats` (export.FORMATS: ours, and the model's PyTorch
+  layout in <out>/hf or <out>/timm); returns the summary (also written to summary.json).
 
   Fitness is the task's accuracy on the eval split, correct / count of its loss
   sums: `val_metric` names it, 'accuracy' for a classifier, 'next_token_accuracy'
   (over real tokens) for a causal LM. The summary keys carry that name
   (val_<metric>, test_<metric>, test_<metric>_merged) beside the mean test loss."""
   ckpt = pathlib.Path(ckpt)
+  export_formats = export.check_formats(export_formats)
   config = setup.load_config(ckpt)
   if config.method != 'glora':
     raise errors.ConfigError(f"{ckpt} trained method '{config.method}'; search needs a GLoRA "
@@ -88,7 +91,8 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
       bundle.forward_with(plain_model), task.loss, bundle.predictions, merged, None, None, test,
       eval_batch_size)
   val = float(fit(best_subnet[None])[0]) if retrain_epochs else float(archive.accuracy[best])
-  files = export.save_merged(out, plain_model, merged)
+  files = export.save_merged(out, plain_model, merged, export_formats,
+                             copy_files_from=source_model_dir(config))
   metric = bundle.metric
   summary = {
       'subnet_file': str(out / 'best_subnet.json'),
@@ -103,11 +107,20 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
       'candidates_evaluated': int(n), 'pareto_points': int(len(front)),
       'search_seconds': search_s, 'candidates_per_second': fit.evaluated / max(search_s, 1e-9),
       'retrain_epochs': retrain_epochs, 'search_config': dataclasses.asdict(cfg),
-      'merged_params': [files[export.ORBAX_DIR], files[export.SAFETENSORS]],
-      'model_config': files[export.MODEL_CONFIG],
+      'exports': files,
   }
   metrics.write_json(out / 'summary.json', summary)
   return summary
+
+
+def source_model_dir(config) -> pathlib.Path | None:
+  """The directory the pretrained model came from (its tokenizer files go along with a
+  PyTorch export): the bundled MiniLM, or model.checkpoint when it is a directory."""
+  if config.model.get('name') == 'minilm':
+    from glora_jax import bundled
+    return bundled.minilm_dir()
+  checkpoint = config.model.get('checkpoint', '')
+  return pathlib.Path(checkpoint) if checkpoint and pathlib.Path(checkpoint).is_dir() else None
 
 
 def _ratio(sums, i: int) -> float:

@@ -1,5 +1,6 @@
-"""Merge a chosen subnet into plain parameters and write them (orbax, safetensors) with
-model_config.json, the plain model that reads them exactly, rebuilt with no adapter code.
+"""Merge a chosen subnet into plain parameters and write them: ours (orbax, safetensors
+with model_config.json, the plain model that reads them exactly, rebuilt with no adapter
+code) and the model's PyTorch layout (HF transformers or timm, glora_jax.interop).
 """
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import numpy as st_numpy
 
-from glora_jax import data, errors, peft
+from glora_jax import data, errors, interop, peft
 from glora_jax.models import bert, llama, vit
 from glora_jax.paths import natural_key
 
 MODEL_CONFIG = 'model_config.json'
 ORBAX_DIR = 'merged_params'
 SAFETENSORS = 'merged_params.safetensors'
+# 'flax': the three files above; 'torch': the model's PyTorch layout in a folder named
+# after its library, <out>/hf (BERT, LLaMA: transformers) or <out>/timm (ViT).
+FORMATS = ('flax', 'torch')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,17 +184,41 @@ def plain_model(model: nn.Module, params) -> tuple[nn.Module, dict]:
 # --------------------------------------------------------------------------- #
 
 
-def save_merged(out, model: nn.Module, params) -> dict[str, str]:
-  """Writes the params (orbax and safetensors) and model_config.json under `out`,
-  after `check_fits`: no export is ever one its model would read wrongly.
-  Returns {file name: path}."""
+def check_formats(formats) -> tuple[str, ...]:
+  """`formats` (a sequence, or a comma-separated string) as a tuple of known names."""
+  if isinstance(formats, str):
+    formats = [f.strip() for f in formats.split(',') if f.strip()]
+  unknown = [f for f in formats if f not in FORMATS]
+  if unknown or not formats:
+    said = f'unknown export formats {unknown}' if unknown else 'no export format given'
+    raise errors.ConfigError(f'{said}; choose one or more of {list(FORMATS)} (flax: '
+                             'merged_params and model_config.json; torch: the HF transformers '
+                             'or timm layout)')
+  return tuple(dict.fromkeys(formats))
+
+
+def save_merged(out, model: nn.Module, params, formats=FORMATS, *,
+                copy_files_from=None) -> dict[str, str]:
+  """Writes the params under `out` in `formats`, after `check_fits`: no export is ever
+  one its model would read wrongly. 'flax': orbax, safetensors and model_config.json;
+  'torch': `interop.save_pretrained` into <out>/hf or <out>/timm (with the tokenizer
+  files of `copy_files_from`, if given). Returns {file or folder name: path}."""
+  formats = check_formats(formats)
   check_fits(model, params)
   out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  config = out / MODEL_CONFIG
-  config.write_text(json.dumps(describe(model), indent=1) + '\n')
-  return {ORBAX_DIR: str(save_orbax(out / ORBAX_DIR, params)),
-          SAFETENSORS: str(save_safetensors(out / SAFETENSORS, params)), MODEL_CONFIG: str(config)}
+  files = {}
+  if 'torch' in formats:  # first: it refuses params its layout cannot hold before writing
+    torch_dir = out / interop.layout(model).library
+    interop.save_pretrained(torch_dir, model, params, copy_files_from=copy_files_from)
+    files[torch_dir.name] = str(torch_dir)
+  if 'flax' in formats:
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / MODEL_CONFIG
+    config.write_text(json.dumps(describe(model), indent=1) + '\n')
+    files.update({ORBAX_DIR: str(save_orbax(out / ORBAX_DIR, params)),
+                  SAFETENSORS: str(save_safetensors(out / SAFETENSORS, params)),
+                  MODEL_CONFIG: str(config)})
+  return files
 
 
 def load_merged(out) -> tuple[nn.Module, dict]:

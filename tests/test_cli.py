@@ -1,0 +1,62 @@
+"""Tests for glora_jax.cli through the real command lines: a bad config argument, an
+unknown config field, a missing config file or export format is one 'error:' line naming
+what is allowed, exit code 2, and nothing written."""
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, '.')
+from configs import bbc_minilm_glora  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(script, *args):
+  proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  return proc.returncode, proc.stdout, proc.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize('args,expected', [
+    (['--config', 'configs/bbc_minilm_glora.py:nosuch'],
+     "error: --config configs/bbc_minilm_glora.py:nosuch: unknown argument 'nosuch' for "
+     'bbc_minilm_glora; use 8shot or quick'),
+    (['--config=configs/nosuch.py'], 'error: --config configs/nosuch.py: no such file; configs '
+     'in configs/: bbc_minilm_full.py, bbc_minilm_glora.py'),
+    (['--config', 'configs/bbc_minilm_glora.py', '--config.optim.lr=abc'],
+     "error: flag --config.optim.lr=abc: could not convert string to float: 'abc'"),
+])
+def test_config_errors_are_one_line(tmp_path, args, expected):
+  code, out, err = run('train.py', *args, '--workdir', str(tmp_path / 'run'))
+  assert code == 2 and out == ''
+  assert len(err) == 1 and err[0].startswith(expected), err
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('field,where', [('nosuch', ''), ('optim.nosuch', 'optim'),
+                                         ('data.max_len.x', 'data.max_len')])
+def test_unknown_config_field_lists_the_fields_there(tmp_path, field, where):
+  code, out, err = run('train.py', '--config', 'configs/bbc_minilm_glora.py',
+                       f'--config.{field}=3', '--workdir', str(tmp_path / 'run'))
+  assert code == 2 and out == '' and len(err) == 1, err
+  node = bbc_minilm_glora.get_config()
+  for part in where.split('.') if where else []:
+    node = node[part]
+  said = f"'{where}'" if where else 'the config'
+  allowed = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else 'none (it is a int)'
+  assert err[0] == (f"error: unknown config field '{field}' in --config.{field}=3: {said} has no "
+                    f"field '{field.split('.')[-1]}'; its fields: {allowed}")
+  assert not (tmp_path / 'run').exists()
+
+
+def test_search_refuses_an_unknown_export_format(tmp_path):
+  code, out, err = run('search.py', '--ckpt', str(tmp_path), '--export_formats=flax,onnx')
+  assert code == 2 and out == ''
+  assert err == ["error: unknown export formats ['onnx']; choose one or more of ['flax', "
+                 "'torch'] (flax: merged_params and model_config.json; torch: the HF "
+                 'transformers or timm layout)']
+  assert list(tmp_path.iterdir()) == []
+  code, _, err = run('search.py', '--ckpt', str(tmp_path), '--population=many')
+  assert code == 2 and len(err) == 1 and err[0].startswith('error: flag --population=many:')
