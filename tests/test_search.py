@@ -71,7 +71,7 @@ def test_search_is_seeded_resumable_and_compiles_once(tmp_path):
   compiled_before = evolution.propose._cache_size()
   (tmp_path / 'a').mkdir()
   full = evolution.run(spec, fitness, cfg, tmp_path / 'a', log=lambda s: None)
-  assert evolution.propose._cache_size() - compiled_before == 1  # 4 generations, 1 compile
+  assert evolution.propose._cache_size() - compiled_before == 1  # 5 generations, 1 compile
   again = evolution.run(spec, fitness, cfg, None, log=lambda s: None)
   np.testing.assert_array_equal(full.cands[:full.size], again.cands[:again.size])
   (tmp_path / 'b').mkdir()
@@ -79,7 +79,7 @@ def test_search_is_seeded_resumable_and_compiles_once(tmp_path):
   resumed = evolution.run(spec, fitness, cfg, tmp_path / 'b', log=lambda s: None)
   np.testing.assert_array_equal(full.cands[:full.size], resumed.cands[:resumed.size])
   np.testing.assert_array_equal(full.accuracy[:full.size], resumed.accuracy[:resumed.size])
-  assert full.size == 12 + 4 * 12
+  assert full.size == 12 + 5 * 12  # the random population, then 5 generations
   params = np.asarray(jax.vmap(lambda s: subnet.count_params(spec, s))(jnp.asarray(full.cands[:full.size])))
   assert params.max() <= 2000
   assert len({c.tobytes() for c in full.cands[:full.size]}) == full.size
@@ -115,3 +115,48 @@ def test_random_fill_meets_a_tight_budget():
   uniform = subnet.sample_table(jax.random.key(2), num, (200,))
   u = np.asarray(jax.vmap(lambda s: subnet.count_params(spec, s))(uniform))
   assert (u <= limit).mean() < 0.05  # the case the thinning exists for
+
+
+def toy_fitness(spec):
+  weights = np.random.default_rng(0).normal(size=spec.num_options.shape)
+  return lambda cands: np.tanh((np.asarray(cands) * weights).sum(axis=(1, 2)) / 10)
+
+
+def test_authors_schedule_evaluates_1050_candidates():
+  """The authors' defaults: 50 random, then 20 generations of 50 (25 mutations, 25
+  crossovers, random top-up): 1,050 evaluations."""
+  spec = make_spec(layers=6)
+  archive = evolution.run(spec, toy_fitness(spec), evolution.SearchConfig(param_limit=1e9),
+                          log=lambda s: None)
+  assert archive.size == 1050
+  assert np.bincount(archive.generation[:archive.size]).tolist() == [50] * 21
+  assert len({c.tobytes() for c in archive.cands[:archive.size]}) == 1050
+
+
+@pytest.mark.parametrize('refill, per_generation', [('population', 12), ('children', 6)])
+def test_refill_tops_every_generation_up_to_population(refill, per_generation):
+  """Population 12 with 3 + 3 children: the authors top each generation up to 12
+  with random candidates; 'children' keeps the 6 children only."""
+  spec = make_spec()
+  cfg = evolution.SearchConfig(population=12, generations=4, parents=4, mutations=3, crossovers=3,
+                               param_limit=1e9, seed=1, refill=refill)
+  archive = evolution.run(spec, toy_fitness(spec), cfg, log=lambda s: None)
+  assert np.bincount(archive.generation[:archive.size]).tolist() == [12] + [per_generation] * 4
+
+
+def test_uniform_random_fill_is_the_authors_sampler():
+  """random_fill='uniform': the random candidates are the first acceptable of
+  uniform draws (no thinning)."""
+  spec = make_spec()
+  num, costs = jnp.asarray(spec.num_options), jnp.asarray(spec.option_costs)
+  empty, none = jnp.zeros((1,) + spec.num_options.shape, jnp.int32), jnp.zeros(1, bool)
+  key = jax.random.key(5)
+  cands, ok = evolution.propose_random(key, empty, none, num, costs, jnp.asarray(0), 0, 1e9,
+                                       n=6, tries=2, thinned=False)
+  uniform = subnet.sample_table(jax.random.split(key)[0], num, (12,))
+  assert np.all(np.asarray(ok))
+  np.testing.assert_array_equal(cands, uniform[:6])
+  with pytest.raises(ValueError, match="search random_fill 'thin' is unknown"):
+    evolution.SearchConfig(random_fill='thin')
+  with pytest.raises(ValueError, match="search refill 'all' is unknown"):
+    evolution.SearchConfig(refill='all')

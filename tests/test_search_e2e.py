@@ -55,7 +55,7 @@ def test_search_writes_everything_and_merged_matches(supernet, tmp_path):
   assert summary['merged_prediction_agreement'] == 1.0
   assert summary['test_accuracy'] == summary['test_accuracy_merged']
   state = json.loads((tmp_path / 'search_state.json').read_text())
-  assert len(state['archive']['accuracy']) == 8 + 2 * 8
+  assert len(state['archive']['accuracy']) == 8 + 3 * 8  # random population + 3 generations
   # The chosen subnet is the archive's best, and every file counts its parameters alike.
   spec = setup.build(setup.load_config(supernet)).spec
   best = subnet.loads(spec, (tmp_path / 'best_subnet.json').read_text())

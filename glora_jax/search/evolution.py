@@ -23,11 +23,23 @@ from glora_jax.peft import AdapterSpec
 from glora_jax.train.metrics import write_json
 
 
+REFILLS = ('population', 'children')
+RANDOM_FILLS = ('mixed', 'uniform')
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-  """The authors' defaults: population 50, 20 generations, top 10 parents, 25
-  mutations (p = 0.2) and 25 crossovers per generation, 10x tries, then random
-  fill; at most 1.0 M adapter parameters."""
+  """The authors' defaults: a random population of 50, then 20 generations of
+  evolution (50 + 20 x 50 = 1,050 evaluations), each with the top 10 as parents, 25
+  mutations (p = 0.2) and 25 crossovers from 10x tries, topped up to `population`
+  with random candidates; at most 1.0 M adapter parameters.
+
+  generations: rounds of evolution after the random first population (the
+  authors' count). refill: 'population' tops every generation up to `population`
+  with random candidates (the authors); 'children' only up to mutations +
+  crossovers (this code before issue 16). random_fill: 'mixed' draws half the
+  random candidates uniformly (the authors' sampler) and half thinned towards
+  cheap layers (ours: tight budgets are met); 'uniform' is the authors' alone."""
   population: int = 50
   generations: int = 20
   parents: int = 10
@@ -38,11 +50,19 @@ class SearchConfig:
   param_limit: float = 1.0e6
   min_param_limit: float = 0.0
   seed: int = 0
+  refill: str = 'population'
+  random_fill: str = 'mixed'
 
   def __post_init__(self):
-    for name in ('population', 'generations', 'parents', 'tries'):
+    for name in ('population', 'parents', 'tries'):
       if getattr(self, name) <= 0:
         raise ValueError(f'search {name} must be > 0, got {getattr(self, name)}')
+    if self.generations < 0:
+      raise ValueError(f'search generations must be >= 0, got {self.generations}')
+    if self.refill not in REFILLS:
+      raise ValueError(f"search refill '{self.refill}' is unknown; allowed: {list(REFILLS)}")
+    if self.random_fill not in RANDOM_FILLS:
+      raise ValueError(f"search random_fill '{self.random_fill}' is unknown; allowed: {list(RANDOM_FILLS)}")
     if not 0.0 <= self.mutation_prob <= 1.0:
       raise ValueError(f'mutation_prob must be in [0, 1], got {self.mutation_prob}')
     if self.min_param_limit > self.param_limit:
@@ -118,14 +138,14 @@ def thinned_candidates(key, num_options, costs, n: int):
   return jnp.where(keep, cands, cheapest[None])
 
 
-@functools.partial(jax.jit, static_argnames=('n', 'tries'))
+@functools.partial(jax.jit, static_argnames=('n', 'tries', 'thinned'))
 def propose_random(key, archive, archive_valid, num_options, costs, fixed_cost, low, high, *,
-                   n: int, tries: int):
+                   n: int, tries: int, thinned: bool = True):
   """n acceptable random candidates: half of the attempts uniform (the authors'
   sampler), half thinned towards cheap layers (ours: uniform draws almost never
-  meet a budget far below the average subnet's size)."""
+  meet a budget far below the average subnet's size); thinned=False: all uniform."""
   k_uniform, k_thin = jax.random.split(key)
-  half = n * tries // 2
+  half = n * tries // 2 if thinned else 0
   cands = jnp.concatenate([subnet_lib.sample_table(k_uniform, num_options, (n * tries - half,)),
                            thinned_candidates(k_thin, num_options, costs, half)])
   ok = acceptable(cands, archive, archive_valid, costs, fixed_cost, low, high)
@@ -204,7 +224,7 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
   low, high = jnp.asarray(cfg.min_param_limit), jnp.asarray(cfg.param_limit)
   check_budget(spec, cfg)
   per_gen = max(cfg.population, cfg.mutations + cfg.crossovers)
-  archive = Archive(spec, per_gen * (cfg.generations + 1))
+  archive = Archive(spec, per_gen * (cfg.generations + 1))  # the random population + generations
   state_file = None if state_dir is None else pathlib.Path(state_dir) / 'search_state.json'
   start = 0
   if state_file is not None and state_file.exists():
@@ -225,10 +245,11 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
     cands, ok = propose_random(
         key, jnp.asarray(np.concatenate([archive.cands, pad])),
         jnp.asarray(np.concatenate([archive.valid, np.arange(per_gen) < len(existing)])),
-        num_options, costs, fixed, low, high, n=per_gen, tries=cfg.tries)
+        num_options, costs, fixed, low, high, n=per_gen, tries=cfg.tries,
+        thinned=cfg.random_fill == 'mixed')
     return np.asarray(cands)[np.asarray(ok)]
 
-  for gen in range(start, cfg.generations):
+  for gen in range(start, cfg.generations + 1):  # 0: the random population
     key = jax.random.fold_in(base_key, gen)
     k_children, k_fill = jax.random.split(key)
     empty = np.zeros((0,) + archive.shape, np.int32)
@@ -241,7 +262,8 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
                              n_mut=cfg.mutations, n_cross=cfg.crossovers, tries=cfg.tries,
                              prob=cfg.mutation_prob)
       new = np.asarray(children)[np.asarray(ok)]
-    target = cfg.population if gen == 0 else cfg.mutations + cfg.crossovers
+    target = (cfg.population if gen == 0 or cfg.refill == 'population'
+              else cfg.mutations + cfg.crossovers)
     for attempt in range(cfg.tries):  # random fill, as the authors do
       if len(new) >= target:
         break
