@@ -10,7 +10,16 @@ on val at LoRA's adapter-parameter count and at a quarter of it.
   python benchmarks/accuracy_bbc.py --setting full --methods lora,glora --seeds 0,1,2
   python benchmarks/accuracy_bbc.py --setting 8shot --methods surm --lr surm=1e-2   # val-only sweep
   python benchmarks/accuracy_bbc.py --setting full --methods glora --retrain_epochs 5
-  python benchmarks/accuracy_bbc.py --setting full --table    # BENCHMARKS.md's table
+  python benchmarks/accuracy_bbc.py --setting full --methods glora_sandwich,glora_distill --seeds 0,1,2
+  python benchmarks/accuracy_bbc.py --setting full --table    # mean ± std over seeds per row
+  python benchmarks/accuracy_bbc.py --setting full --table --per_seed   # one line per run
+
+Methods glora_fair, glora_progressive, glora_sandwich, glora_distill and
+glora_distill_lite train the supernet with config.supernet options (README,
+"Supernet training options"). Every training row records its compute: steps,
+backbone forward+backward passes per step (a forward alone counts 1/3; the linear
+probe 1/3, a sandwich step with k subnets k, a distillation teacher that is not in
+the sandwich 1/3) and in all; the table gives them relative to LoRA's.
 
 Prints one row per run and writes runs/accuracy/<setting>/results.json; a finished
 run is resumed and re-evaluated, not retrained, and keeps its recorded timings.
@@ -21,6 +30,7 @@ import argparse
 import importlib
 import json
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -31,7 +41,7 @@ import numpy as np
 sys.path.insert(0, '.')
 from glora_jax import subnet as subnet_lib  # noqa: E402
 from glora_jax.search import driver, evolution  # noqa: E402
-from glora_jax.train import loop, setup  # noqa: E402
+from glora_jax.train import loop, setup, steps  # noqa: E402
 
 CONFIGS = {
     'linear_probe': ('bbc_minilm_linear_probe', {}),
@@ -40,19 +50,41 @@ CONFIGS = {
     'glora': ('bbc_minilm_glora', {}),
     'surm': ('bbc_minilm_surm', {}),
     'glora_structured': ('bbc_minilm_glora', {'adapter.structured_b': ('circulant',)}),
+    # Supernet training options (config.supernet); passes = forward+backward per step.
+    'glora_fair': ('bbc_minilm_glora', {'supernet.sampling': 'fair'}),  # 1 pass
+    'glora_progressive': ('bbc_minilm_glora', {  # 1 pass; widening over the first half
+        'supernet.progressive_epochs': lambda c: c.num_epochs / 2}),
+    'glora_sandwich': ('bbc_minilm_glora', {  # BigNAS: largest + smallest + 2 random, 4 passes
+        'supernet.sandwich': 'largest_smallest', 'supernet.num_random': 2}),
+    'glora_distill': ('bbc_minilm_glora', {  # the sandwich + in-place distillation, 4 passes
+        'supernet.sandwich': 'largest_smallest', 'supernet.num_random': 2, 'supernet.distill': 1.0}),
+    'glora_distill_lite': ('bbc_minilm_glora', {  # largest teaches 1 fair draw: 2 passes
+        'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
+        'supernet.distill': 1.0}),
 }
 
 
 def make_config(method: str, setting: str, seed: int, lr: float | None):
   module, overrides = CONFIGS[method]
   config = importlib.import_module(f'configs.{module}').get_config('8shot' if setting == '8shot' else None)
-  config.update_from_flattened_dict(overrides)
+  config.update_from_flattened_dict({k: v(config) if callable(v) else v for k, v in overrides.items()})
   config.seed = seed
   config.eval_every_epochs = 0  # val once, at the last epoch
   config.checkpoint.keep = 1
   if lr:
     config.optim.lr = lr
   return config
+
+
+def passes_per_step(config) -> float:
+  """Backbone compute of one training step in forward+backward passes (a forward
+  alone counts 1/3): a GLoRA supernet by its options (steps.SupernetOptions), the
+  linear probe a forward, every other method one pass."""
+  if config.method == 'linear_probe':
+    return 1 / 3
+  if config.method == 'glora' and not config.get('subnet'):
+    return steps.supernet_options(config, steps_per_epoch=1).backbone_passes()
+  return 1.0
 
 
 def evaluate_test(config, workdir):
@@ -81,6 +113,8 @@ def main():
                   help='GLoRA: also retrain each searched subnet (fixed) for this many epochs')
   ap.add_argument('--table', action='store_true',
                   help='print the rows recorded so far as a markdown table; run nothing')
+  ap.add_argument('--per_seed', action='store_true',
+                  help='with --table: one line per run instead of mean +- std over seeds')
   ap.add_argument('--skip_search', action='store_true',
                   help='GLoRA: report the largest subnet only (for learning-rate sweeps on val)')
   args = ap.parse_args()
@@ -99,7 +133,7 @@ def main():
           f"{row['wall_s']:8.0f}", flush=True)
 
   if args.table:
-    print(markdown(results))
+    print(markdown(results) if args.per_seed else summary_table(results))
     return
   print(f"{'method':<28} {'adapter':>9} {'with head':>10} {'val':>8} {'test':>8} {'step ms':>9} {'wall s':>8}")
   for method in args.methods.split(','):
@@ -114,13 +148,15 @@ def main():
       summary = loop.train_and_evaluate(config, workdir, progress=False)
       wall = time.perf_counter() - t0
       test_acc, adapter, head = evaluate_test(config, workdir)
+      compute = {'train_steps': summary['step'], 'passes_per_step': passes_per_step(config),
+                 'backbone_passes': summary['step'] * passes_per_step(config)}
       row = name + ('/largest' if method.startswith('glora') else '')
       # A resumed finished run has no step times: keep the row of the run that trained.
       if row not in results or summary.get('median_step_ms') is not None:
         record(row, {
             'adapter_params': adapter, 'head_params': head, 'val_accuracy': summary['val_accuracy'],
             'test_accuracy': test_acc, 'median_step_ms': summary['median_step_ms'], 'wall_s': wall,
-            'lr': config.optim.lr})
+            'lr': config.optim.lr, **compute})
       if method == 'lora':
         lora_budget = adapter
       if method.startswith('glora') and not args.skip_search:
@@ -136,8 +172,8 @@ def main():
             t0 = time.perf_counter()
             s = driver.search_and_export(workdir, cfg, out=workdir / f'search_{limit}',
                                          log=lambda m: None)
-            record(row, search_row(s, summary['median_step_ms'], time.perf_counter() - t0,
-                                   config.optim.lr))
+            record(row, dict(search_row(s, summary['median_step_ms'], time.perf_counter() - t0,
+                                        config.optim.lr), **compute))
           if args.retrain_epochs:
             # Same search (copied, so it resumes finished), then the chosen subnet is
             # trained alone from the supernet's weights: more compute than the row above.
@@ -152,7 +188,7 @@ def main():
                    search_row(s, None, time.perf_counter() - t0, config.optim.lr))
   print(f'jax {jax.__version__}, {jax.devices()[0].device_kind} x{jax.device_count()}; '
         f'results in {results_file}')
-  print(markdown(results))
+  print(summary_table(results))
 
 
 def search_row(s: dict, step_ms, wall_s: float, lr: float) -> dict:
@@ -163,12 +199,56 @@ def search_row(s: dict, step_ms, wall_s: float, lr: float) -> dict:
           'candidates': s['candidates_evaluated']}
 
 
+def _method_rank(name: str) -> int:
+  order = list(CONFIGS)
+  method = name.split('/')[0]
+  return order.index(method) if method in order else len(order)
+
+
+def group_name(name: str) -> str:
+  """A run's row without its seed: 'glora/seed1/search<=331,776 (lora budget)' ->
+  'glora/search<=331,776 (lora budget)'."""
+  return '/'.join(part for part in name.split('/') if not re.fullmatch(r'seed\d+', part))
+
+
+def summary_table(results: dict) -> str:
+  """Mean +- sample standard deviation over the seeds present of every row (the
+  seed count beside it), with each supernet's training compute: forward+backward
+  backbone passes per step and in all, relative to LoRA's in this setting."""
+  groups: dict[str, list[dict]] = {}
+  for name, r in results.items():
+    groups.setdefault(group_name(name), []).append(r)
+  lora = [r['backbone_passes'] for r in groups.get('lora', []) if r.get('backbone_passes')]
+  lora_passes = float(np.mean(lora)) if lora else None
+
+  def stat(rows, key, fmt):
+    v = np.asarray([r[key] for r in rows if r.get(key) is not None], np.float64)
+    if not len(v):
+      return '-'
+    return (f'{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}' if len(v) > 1 else f'{v.mean():{fmt}}')
+
+  lines = ['| row | seeds | lr | adapter params | with head | val | test | passes/step | '
+           'compute vs LoRA | median step ms |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for name, rows in sorted(groups.items(), key=lambda kv: _method_rank(kv[0])):
+    passes = [r['backbone_passes'] for r in rows if r.get('backbone_passes')]
+    per_step = rows[0].get('passes_per_step')
+    ratio = f'{np.mean(passes) / lora_passes:.2f}x' if passes and lora_passes else '-'
+    step = stat(rows, 'median_step_ms', ',.0f')
+    lines.append(
+        f"| {name} | {len(rows)} | {rows[0]['lr']:g} | {stat(rows, 'adapter_params', ',.0f')} | "
+        f"{stat([dict(r, p=r['adapter_params'] + r['head_params']) for r in rows], 'p', ',.0f')} | "
+        f"{stat(rows, 'val_accuracy', '.4f')} | {stat(rows, 'test_accuracy', '.4f')} | "
+        f"{'-' if per_step is None else f'{per_step:g}'} | {ratio} | {step} |")
+  return '\n'.join(lines)
+
+
 def markdown(results: dict) -> str:
   """Every row recorded so far in this setting, as the table in BENCHMARKS.md."""
   lines = ['| row | lr | adapter params | with head | val | test | median step ms | wall s |',
            '|---|---:|---:|---:|---:|---:|---:|---:|']
-  order = list(CONFIGS)  # rows grouped by method, in the order of CONFIGS, then as recorded
-  for name, r in sorted(results.items(), key=lambda kv: order.index(kv[0].split('/')[0])):
+  # rows grouped by method, in the order of CONFIGS, then as recorded
+  for name, r in sorted(results.items(), key=lambda kv: _method_rank(kv[0])):
     step = f"{r['median_step_ms']:,.0f}" if r.get('median_step_ms') else '-'
     lines.append(f"| {name} | {r['lr']:g} | {r['adapter_params']:,} | "
                  f"{r['adapter_params'] + r['head_params']:,} | {r['val_accuracy']:.4f} | "
