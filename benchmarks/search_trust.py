@@ -1,0 +1,134 @@
+"""Can the search be trusted? Kendall's tau between inherited-weight and retrained
+val accuracy of subnets spread over a search's Pareto front (issue 16).
+
+For a trained GLoRA supernet (a train.py workdir) and a search of it (search.py's
+pareto.json, or search_state.json's whole archive), picks about --points subnets
+spread evenly over the front by parameter count (topped up from the archive when
+the front is shorter), measures each one's val accuracy with the supernet's weights
+as inherited, retrains each alone from those weights for --retrain_epochs (the
+config's recipe with the subnet fixed, as search.py --retrain_epochs does) and
+measures val accuracy again. Only the val split is read; test never.
+
+  python benchmarks/search_trust.py --ckpt runs/bbc --search runs/bbc/search --retrain_epochs 5
+  python benchmarks/search_trust.py --ckpt runs/bbc --source archive --points 8
+
+Prints one row per subnet and tau; writes <out>/search_trust.json (default out:
+<search>/trust). A rerun resumes: finished retrains are re-evaluated, not retrained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, '.')
+from glora_jax import subnet as subnet_lib  # noqa: E402
+from glora_jax.train import loop, metrics, setup  # noqa: E402
+
+
+def kendall_tau(x, y) -> float:
+  """Kendall's tau-b (ties in either list corrected, as scipy.stats.kendalltau):
+  (concordant - discordant pairs) / sqrt(pairs untied in x * pairs untied in y).
+  NaN when either list is constant."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.shape != y.shape or x.ndim != 1:
+    raise ValueError(f'kendall_tau needs two equally long lists, got shapes {x.shape} and {y.shape}')
+  upper = np.triu(np.ones((len(x), len(x)), bool), k=1)
+  dx, dy = np.sign(x[:, None] - x[None])[upper], np.sign(y[:, None] - y[None])[upper]
+  untied_x, untied_y = np.count_nonzero(dx), np.count_nonzero(dy)
+  if not untied_x or not untied_y:
+    return float('nan')
+  return float(np.sum(dx * dy) / np.sqrt(untied_x * untied_y))
+
+
+def spread(params, n: int) -> list[int]:
+  """Indices of up to n entries spread evenly over the order of `params` (both ends
+  included): positions round(linspace(0, len - 1, n)) of the sorted list."""
+  order = np.argsort(np.asarray(params), kind='stable')
+  if len(order) <= n:
+    return order.tolist()
+  return order[np.unique(np.round(np.linspace(0, len(order) - 1, n)).astype(int))].tolist()
+
+
+def pick_subnets(spec, search_dir: pathlib.Path, n: int, source: str) -> list[dict]:
+  """[{'params', 'search_val_accuracy', 'subnet' (array), 'from'}] of about n
+  subnets: spread over the Pareto front, topped up from the archive (source
+  'front'), or spread over the whole archive by parameters (source 'archive')."""
+  points = []
+  if source == 'front':
+    front = json.loads((search_dir / 'pareto.json').read_text())
+    metric = next(k for k in front[0] if k.startswith('val_'))
+    for i in spread([p['params'] for p in front], n):
+      p = front[i]
+      points.append({'params': p['params'], 'search_val_accuracy': p[metric],
+                     'subnet': subnet_lib.from_dict(spec, p['subnet']), 'from': 'front'})
+  state_file = search_dir / 'search_state.json'
+  if len(points) < n and state_file.exists():
+    archive = json.loads(state_file.read_text())['archive']
+    cands = np.asarray(archive['cands'], np.int32).reshape((-1,) + spec.num_options.shape)
+    taken = {p['subnet'].tobytes() for p in points}
+    rest = [i for i in range(len(cands)) if cands[i].tobytes() not in taken]
+    for j in spread([archive['params'][i] for i in rest], n - len(points)):
+      i = rest[j]
+      points.append({'params': archive['params'][i], 'search_val_accuracy': archive['accuracy'][i],
+                     'subnet': cands[i], 'from': 'archive'})
+  if len(points) < 2:
+    raise SystemExit(f'error: {search_dir} holds fewer than 2 subnets to compare; run a longer search')
+  return sorted(points, key=lambda p: p['params'])
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--ckpt', required=True, help='a train.py workdir holding a GLoRA supernet')
+  ap.add_argument('--search', default='', help="search.py's --out (default <ckpt>/search)")
+  ap.add_argument('--source', choices=('front', 'archive'), default='front')
+  ap.add_argument('--points', type=int, default=8)
+  ap.add_argument('--retrain_epochs', type=int, default=5)
+  ap.add_argument('--eval_batch_size', type=int, default=32)
+  ap.add_argument('--out', default='')
+  args = ap.parse_args()
+  ckpt = pathlib.Path(args.ckpt)
+  search_dir = pathlib.Path(args.search) if args.search else ckpt / 'search'
+  out = pathlib.Path(args.out) if args.out else search_dir / 'trust'
+  (out / 'subnets').mkdir(parents=True, exist_ok=True)
+
+  config = setup.load_config(ckpt)
+  run, trainable = setup.load_trained(ckpt, config)
+  evaluate = setup.make_evaluator(run, args.eval_batch_size)
+  val = run.bundle.splits['eval']
+  points = pick_subnets(run.spec, search_dir, args.points, args.source)
+  print(f"{'#':>2} {'from':<7} {'params':>9} {'inherited val':>13} {'retrained val':>13} {'wall s':>7}")
+  rows = []
+  for i, p in enumerate(points):
+    _, inherited = evaluate(trainable, run.frozen, val, p['subnet'])
+    subnet_file = out / 'subnets' / f'point{i}.json'
+    subnet_file.write_text(subnet_lib.dumps(run.spec, p['subnet']))
+    retrain = setup.load_config(ckpt)
+    retrain.subnet, retrain.init_from = str(subnet_file), str(ckpt)
+    retrain.num_epochs, retrain.eval_every_epochs = args.retrain_epochs, 0
+    retrain.checkpoint.keep = 1
+    t0 = time.perf_counter()
+    summary = loop.train_and_evaluate(retrain, out / f'point{i}', progress=False)
+    row = {'params': int(p['params']), 'from': p['from'],
+           'search_val_accuracy': float(p['search_val_accuracy']),
+           'inherited_val_accuracy': float(inherited),
+           'retrained_val_accuracy': float(summary['val_accuracy']),
+           'retrain_wall_s': time.perf_counter() - t0, 'subnet_file': str(subnet_file)}
+    rows.append(row)
+    print(f"{i:>2} {row['from']:<7} {row['params']:>9,} {row['inherited_val_accuracy']:>13.4f} "
+          f"{row['retrained_val_accuracy']:>13.4f} {row['retrain_wall_s']:>7.0f}", flush=True)
+  tau = kendall_tau([r['inherited_val_accuracy'] for r in rows],
+                    [r['retrained_val_accuracy'] for r in rows])
+  result = {'ckpt': str(ckpt), 'search': str(search_dir), 'source': args.source,
+            'retrain_epochs': args.retrain_epochs, 'kendall_tau': tau, 'points': rows}
+  metrics.write_json(out / 'search_trust.json', result)
+  print(f'Kendall tau (inherited vs retrained val accuracy, {len(rows)} subnets): {tau:.3f}; '
+        f'written to {out / "search_trust.json"}')
+
+
+if __name__ == '__main__':
+  main()
