@@ -121,7 +121,7 @@ def supernet_options(config, steps_per_epoch: int | None = None) -> SupernetOpti
   so workdirs written before the options existed still load). Progressive
   shrinking is given in epochs and needs `steps_per_epoch`."""
   c = config.get('supernet', None) or {}
-  get = lambda name, default: c.get(name, default) if hasattr(c, 'get') else default
+  get = c.get
   epochs = float(get('progressive_epochs', 0.0))
   widen = 0
   if epochs > 0:
