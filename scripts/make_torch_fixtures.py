@@ -37,6 +37,8 @@ sentence-transformers 6.2.0, timm 1.0.31.
                            PEFT's logits for peft_minilm_export and ours; the max absolute
                            logit differences both ways (import_max_abs_diff: ours reading
                            PEFT's files, per LoRA mode; export_max_abs_diff: PEFT reading ours)
+                           A rerun writes the same tensors; PEFT writes target_modules from a
+                           set, so their order in adapter_config.json may change.
 """
 from __future__ import annotations
 

@@ -151,3 +151,29 @@ def test_bert_runs_sharded_on_8_devices():
   assert specs['encoder']['layer_0']['attention']['query']['kernel'] == P(None, None)
   assert ("'encoder/layer_0/attention/query/kernel' dimension 1 (12) does not divide by mesh axis "
           'model (8): replicated') in notes
+
+
+def test_invert_reads_the_rules_backwards_and_lists_every_problem():
+  rules = [importers.Rule('a/kernel', ('a.weight',), importers.transpose),
+           importers.Rule('a/bias', ('a.bias',)),
+           importers.Rule('conv/kernel', ('conv.weight',), lambda x: x.transpose(2, 3, 1, 0))]
+  rng = np.random.default_rng(0)
+  state = {'a.weight': rng.standard_normal((3, 2)).astype(np.float32),
+           'a.bias': np.arange(3, dtype=np.int32),
+           'conv.weight': rng.standard_normal((5, 3, 2, 2)).astype(ml_dtypes.bfloat16)}
+  shapes = {'a/kernel': (2, 3), 'a/bias': (3,), 'conv/kernel': (2, 2, 3, 5)}
+  params = importers.convert(state, rules, shapes, source='s', model='m')
+  back = importers.invert(params, rules, model='m')
+  assert sorted(back) == sorted(state)
+  for k in state:
+    assert back[k].dtype == state[k].dtype and back[k].shape == state[k].shape
+    np.testing.assert_array_equal(back[k], state[k])
+  del params['a']['bias']
+  params['b'] = {'bias': np.zeros(2, np.float32)}
+  with pytest.raises(ValueError) as err:
+    importers.invert(params, rules, model='m')
+  assert _problems(err) == ["missing leaf 'a/bias' (for 'a.bias')",
+                            "leaf 'b/bias' (2,) has no place in the checkpoint"]
+  qkv = importers.Rule('qkv', ('q', 'k'), lambda q, k: np.concatenate([q, k], -1))
+  with pytest.raises(ValueError, match=r"'qkv' is built from 2 checkpoint keys"):
+    importers.invert({'qkv': np.zeros((2, 4))}, [qkv], model='m')
