@@ -18,9 +18,8 @@ from glora_jax.models import bert, importers, llama, vit
 # name 'head' is ours, the key 'head.weight' is where PEFT's modules_to_save puts it.
 BERT_HEAD_RULES = (importers.Rule('head/kernel', ('head.weight',), importers.transpose),
                    importers.Rule('head/bias', ('head.bias',)))
-# What a HF BERT checkpoint holds that our model does not keep: the pooler (mean pooling
-# replaces it) and the position_ids buffer. Exports leave them out.
-BERT_NOT_KEPT = ('pooler.dense.weight', 'pooler.dense.bias', 'embeddings.position_ids')
+# A HF BERT checkpoint's pooler and position_ids buffer are not kept (bert._IGNORED), so
+# exports leave them out.
 
 
 @dataclasses.dataclass(frozen=True)
