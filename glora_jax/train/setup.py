@@ -94,7 +94,9 @@ def validate_supernet(config) -> None:
        f'progressive_epochs must be in [0, num_epochs={config.num_epochs}], got {epochs}')
   options = steps.supernet_options(config, steps_per_epoch=1)
   if options != steps.SupernetOptions(widen_steps=options.widen_steps) or epochs:
-    need(config.method == 'glora', f"options train a GLoRA supernet; method is '{config.method}'")
+    if config.method != 'glora':
+      raise ConfigError(f"supernet options other than the defaults train a GLoRA supernet; method "
+                        f"is '{config.method}' (leave config.supernet at its defaults)")
     need(not (distill > 0 and config.task == 'causal_lm'),
          'distill needs a classification task (soft labels over classes); task is causal_lm')
 
