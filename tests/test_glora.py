@@ -1,6 +1,7 @@
 """GLoRA layer maths against an independent numpy reference (REFERENCE.md §1); LoRA's are
 in test_lora.py."""
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -150,3 +151,70 @@ def test_bad_family_arguments(make):
 def test_unknown_support_name():
   with pytest.raises(ValueError, match="unknown GLoRA support 'F'"):
     glora.space().options('F')
+
+
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_activation_gradients_equal_those_of_the_merged_layer(with_bias):
+  """The training path (scaled_matmul's custom VJP: weight gradient only for a
+  low-rank A, the rank-(r+2) product for B and the bias) gives the values and
+  the gradients (adapter params, input, kernel) of x (K + dK) + (b + db) built
+  from `delta`, differentiated by JAX, for every A option."""
+  fam = glora.space(ranks=(2, 4))
+  d_in, d_out = 12, 20
+  p = random_params(fam, jax.random.key(0), d_in, d_out)
+  x = jax.random.normal(jax.random.key(1), (3, 5, d_in))
+  kernel = jax.random.normal(jax.random.key(2), (d_in, d_out))
+  bias = jax.random.normal(jax.random.key(3), (d_out,)) if with_bias else None
+  weights = jax.random.normal(jax.random.key(4), (3, 5, d_out))
+
+  def via_activation(p, x, kernel, choice):
+    out = fam.activation(p, choice, x, jnp.zeros(x.shape[:-1] + (d_out,)), kernel, bias)
+    return jnp.sum(jnp.sin(out) * weights)
+
+  def via_merge(p, x, kernel, choice):
+    dk, db = fam.delta(p, choice, kernel, bias)
+    out = x @ (kernel + dk) + ((0.0 if bias is None else bias) + db)
+    return jnp.sum(jnp.sin(out) * weights)
+
+  got_fn = jax.jit(jax.value_and_grad(via_activation, argnums=(0, 1, 2)))
+  want_fn = jax.jit(jax.value_and_grad(via_merge, argnums=(0, 1, 2)))
+  rng = np.random.default_rng(1)
+  for a in range(len(fam.options('A'))):  # lora_2, lora_4, vector, constant, none
+    for _ in range(3):
+      choice = jnp.asarray([a] + [int(rng.integers(len(fam.options(s)))) for s in 'BCDE'], jnp.int32)
+      (got, got_grads), (want, want_grads) = got_fn(p, x, kernel, choice), want_fn(p, x, kernel, choice)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)  # a sum of 300 terms
+      jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4,
+                                                           err_msg=str(choice)), got_grads, want_grads)
+
+
+def test_weight_gradient_only_where_a_is_low_rank():
+  """The compiled backward of the frozen-kernel step computes the (in, out)
+  weight gradient x^T g once, inside a branch of a conditional (the low-rank A
+  branch), never unconditionally: layers with another A skip it."""
+  fam = glora.space()
+  tokens, d_in, d_out = 64, 24, 40
+  p = random_params(fam, jax.random.key(0), d_in, d_out)
+  x = jax.random.normal(jax.random.key(1), (tokens, d_in))
+  kernel = jax.random.normal(jax.random.key(2), (d_in, d_out))
+
+  def loss(p, x, kernel, choice):
+    return jnp.sum(fam.activation(p, choice, x, jnp.zeros((tokens, d_out)), kernel, None) ** 2)
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+      p, x, kernel, jnp.zeros(5, jnp.int32)).compile().as_text()
+  shapes = dict(re.findall(r'(%?[\w.\-]+) = (f32\[[\d,]*\])', hlo))
+  shapes.update(re.findall(r'([\w.\-]+): (f32\[[\d,]*\])', hlo))
+  computation, found = None, []
+  for line in hlo.splitlines():
+    header = re.match(r'^(ENTRY )?%([\w.\-]+) \(', line)
+    if header:
+      computation = 'ENTRY' if header.group(1) else header.group(2)
+    dot = re.search(r'= f32\[%d,%d\]\S* dot\(([^)]*)\)' % (d_in, d_out), line)
+    if dot:
+      operands = [shapes.get(o.strip().lstrip('%'), shapes.get(o.strip())) for o in dot.group(1).split(',')]
+      if f'f32[{tokens},{d_in}]' in operands:  # contracts over tokens: a weight gradient
+        found.append(computation)
+  branches = set(re.findall(r'branch_computations=\{([^}]*)\}', hlo))
+  branch_names = {b.strip().lstrip('%') for group in branches for b in group.split(',')}
+  assert len(found) == 1 and found[0] in branch_names, (found, branch_names)

@@ -179,16 +179,18 @@ class GLoRA(base.AdapterFamily):
     return dict(A=a, B=b, C=c, D=scale_vector(p['D'], t_d), E=scale_vector(p['E'], t_e))
 
   def activation(self, params, choice, x, y, kernel, bias):
-    """y' = x K' + b' without building B densely (PyTorch notation, W0 = K^T):
-      W0 + W0 * A : one scaled kernel K * (1 + A^T) (A low rank, vector or
-                    constant, as `supports_dense`), then one matmul
-      B x         : low rank -> Bd (Bu x); vector b -> b * sum_j x_j; constant likewise
-      b'          : b0 + E + b0 * D + W0 C
-    The plain layer's output `y` is not used (XLA drops its matmul), so a step
-    costs one full matmul forward and two backward, like LoRA in weight mode,
-    and holds one (in, out) scaled kernel and its gradient: B's dense (out, in)
-    array and the full W' of `delta` never exist. The matmul runs in the plain
-    layer's compute dtype (y's), as nn.Dense promotes its inputs to it."""
+    """y' = x K' + b' without building K' for the backward pass unless A is low rank
+    (PyTorch notation, W0 = K^T):
+      W0 + W0 * A : `scaled_matmul`: one matmul forward; the (in, out) weight
+                    gradient only in layers whose sampled A is low rank. A vector
+                    or constant A needs sum_t g_t * (x_t K), from the frozen product.
+      B x, b'     : one rank-(r+2) product [x Bu^T, sum_j x_j, 1] [Bd, b, b']^T:
+                    low-rank B, vector/constant B (b * sum_j x_j) and the new bias
+                    b' - b0 ... + b0 = b0 + E + b0 * D + W0 C, so that the backward
+                    pass reads the output gradient once for all of them.
+    The plain layer's output `y` is not used (XLA drops its matmul). The matmuls
+    run in the plain layer's compute dtype (y's), accumulating in float32, as
+    nn.Dense promotes its inputs to it."""
     dtype = y.dtype
     del y
     if self.structured_b:
@@ -198,11 +200,16 @@ class GLoRA(base.AdapterFamily):
     t_a, t_b, t_c, t_d, t_e = ({k: jnp.asarray(v)[choice[i]] for k, v in self._table(s).items()}
                                for i, s in enumerate(SUPPORTS))
     ranks = jnp.arange(self.max_rank)
-    a = ((p['Ad'] * (ranks < t_a['rank']).astype(f32)) @ p['Au']
-         + t_a['vec'] * p['Ad'][:, :1] + t_a['const'] * p['Ad'][0, 0])  # (out, in)
+    a_mask = (ranks < t_a['rank']).astype(f32)
+    a_scale = t_a['vec'] * p['Ad'][:, 0] + t_a['const'] * p['Ad'][0, 0]  # (out,)
+    out = scaled_matmul(x.astype(dtype), kernel, p['Ad'], p['Au'], a_mask, a_scale)
+    # b' = b0 + E + b0 * D + W0 C, with the frozen W0 (W0 C = C^T K).
     k = kernel.astype(f32)
-    scaled_kernel = (k + k * a.T).astype(dtype)
-    out = jnp.einsum('...i,io->...o', x.astype(dtype), scaled_kernel, preferred_element_type=f32)
+    c = ((p['Cd'] * (ranks < t_c['rank']).astype(f32)) @ p['Cu'])[:, 0] + t_c['vec'] * p['Cd'][:, 0]
+    new_bias = t_e['vec'] * p['E'] + t_e['const'] * p['E'][0] + c @ k
+    if bias is not None:
+      b0 = bias.astype(f32)
+      new_bias = new_bias + b0 + b0 * (t_d['vec'] * p['D'] + t_d['const'] * p['D'][0])
     # B on the activations: a rank-r product, or a scale of the input's sum.
     xf = x.astype(f32)
     b_mask = (ranks < t_b['rank']).astype(f32)
@@ -210,12 +217,6 @@ class GLoRA(base.AdapterFamily):
                            p['Bd'])
     out = out + jnp.sum(xf, -1, keepdims=True) * (t_b['vec'] * p['Bd'][:, 0]
                                                    + t_b['const'] * p['Bd'][0, 0])
-    # b' = b0 + E + b0 * D + W0 C, with the frozen W0 (W0 C = C^T K).
-    c = ((p['Cd'] * (ranks < t_c['rank']).astype(f32)) @ p['Cu'])[:, 0] + t_c['vec'] * p['Cd'][:, 0]
-    new_bias = t_e['vec'] * p['E'] + t_e['const'] * p['E'][0] + c @ k
-    if bias is not None:
-      b0 = bias.astype(f32)
-      new_bias = new_bias + b0 + b0 * (t_d['vec'] * p['D'] + t_d['const'] * p['D'][0])
     return (out + new_bias).astype(dtype)
 
   def delta(self, params, choice, kernel, bias):
@@ -228,6 +229,76 @@ class GLoRA(base.AdapterFamily):
     if bias is not None:
       d_bias = d_bias + bias.astype(jnp.float32) * s['D']
     return d_kernel, d_bias
+
+
+# --------------------------------------------------------------------------- #
+# W0 + W0 * A on the activations, with the weight gradient only where A needs it
+# --------------------------------------------------------------------------- #
+
+
+def _scaled_kernel(kernel, ad, au, mask, scale, dtype):
+  """K * (1 + A^T) for A = (ad * mask) au + scale (broadcast over inputs), in dtype."""
+  k = kernel.astype(jnp.float32)
+  a_t = ((ad * mask) @ au).T + scale[None, :]
+  return (k + k * a_t).astype(dtype)
+
+
+def _matmul(x, k):
+  return jnp.einsum('...i,io->...o', x, k, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def scaled_matmul(x, kernel, ad, au, mask, scale):
+  """x (K * (1 + A^T)) with A = (ad * mask) au + scale[:, None] in PyTorch's (out, in)
+  layout: GLoRA's W0 + W0 * A on the activations. ad (out, r), au (r, in), mask
+  (r,) of 0/1 (a prefix of ones: the sampled rank), scale (out,) (A's vector or
+  constant option). The matmul runs in x's dtype, accumulating and returning float32.
+
+  Forward: one matmul. Backward: the input gradient (one matmul), and only when A
+  is low rank (mask[0] == 1) the (in, out) weight gradient x^T g that ad and au
+  need (a lax.cond). Otherwise scale's gradient is sum_t g_t * (x_t K), and
+  x_t K = out_t / (1 + scale) from the saved output (x K itself is recomputed in
+  the rare case that some |1 + scale| < 1e-2, where the division would lose
+  precision). So a supernet step pays the full weight gradient only in the layers
+  that sampled a low-rank A (a quarter of them in the default space). The
+  kernel's own gradient is exact but costs a second weight gradient; XLA drops it
+  when the kernel is not differentiated (always, under GLoRA). Tested against
+  jax.grad of the merged layer for every option."""
+  return _matmul(x, _scaled_kernel(kernel, ad, au, mask, scale, x.dtype))
+
+
+def _scaled_matmul_fwd(x, kernel, ad, au, mask, scale):
+  out = scaled_matmul(x, kernel, ad, au, mask, scale)
+  return out, (x, kernel, ad, au, mask, scale, out)
+
+
+def _scaled_matmul_bwd(res, g):
+  x, kernel, ad, au, mask, scale, out = res
+  f32 = jnp.float32
+  x2, g2, out2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), out.reshape(-1, out.shape[-1])
+  scaled = _scaled_kernel(kernel, ad, au, mask, scale, x.dtype)
+  dx = jnp.einsum('to,io->ti', g2.astype(x.dtype), scaled, preferred_element_type=f32)
+  weight_grad = lambda: jnp.einsum('ti,to->io', x2, g2.astype(x.dtype), preferred_element_type=f32)
+
+  def low_rank():
+    h = weight_grad() * kernel.astype(f32)  # d(A^T), (in, out)
+    return (h.T @ au.T) * mask, (ad * mask).T @ h.T, jnp.sum(h, axis=0)
+
+  def scale_only():
+    one_plus = 1.0 + scale
+    frozen_out = jax.lax.cond(jnp.any(jnp.abs(one_plus) < 1e-2),
+                              lambda: _matmul(x2, kernel.astype(x.dtype)),
+                              lambda: out2 / one_plus)
+    return jnp.zeros_like(ad), jnp.zeros_like(au), jnp.sum(g2 * frozen_out, axis=0)
+
+  d_ad, d_au, d_scale = jax.lax.cond(mask[0] > 0, low_rank, scale_only)
+  # Exact, and dead code (removed by XLA) whenever the kernel is not differentiated.
+  d_kernel = (weight_grad() * (1.0 + ((ad * mask) @ au).T + scale[None, :])).astype(kernel.dtype)
+  return (dx.astype(x.dtype).reshape(x.shape), d_kernel, d_ad.astype(ad.dtype),
+          d_au.astype(au.dtype), jnp.zeros_like(mask), d_scale.astype(scale.dtype))
+
+
+scaled_matmul.defvjp(_scaled_matmul_fwd, _scaled_matmul_bwd)
 
 
 def space(ranks: Sequence[int] = (4,), structured_b: Sequence[str] = ()) -> GLoRA:
