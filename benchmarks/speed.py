@@ -1,8 +1,11 @@
 """Speed ratios, each measured side by side in one run (MiniLM shapes, 32 x 128 tokens).
 
-  python benchmarks/speed.py [--steps 5] [--skip devices]
+  python benchmarks/speed.py [--steps 3] [--rounds 3] [--peer /tmp/torchenv/bin/python] [--skip devices]
 
-1. train step: GLoRA supernet / LoRA r=8 / frozen backbone forward+backward
+1. forward and train step: GLoRA supernet / LoRA r=8 (activation mode, the default;
+   and weight mode) / frozen backbone forward+backward, in interleaved rounds; with
+   --peer PYTHON also HF PEFT's LoRA step and torch's forward on the same shapes, in
+   the same rounds (benchmarks/peer_torch.py says how to make that environment)
 2. inference: merged model / base model (and the merged outputs equal the adapted ones)
 3. search evaluation: vmapped chunk of 8 candidates / one candidate at a time
 4. SURM circulant FFT product / dense product at widths 384, 768, 1024
@@ -25,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, '.')
 sys.path.insert(0, 'benchmarks')
-from adapter_step import build_step, median_step_ms  # noqa: E402
+from adapter_step import build_step  # noqa: E402
 from glora_jax import peft, subnet  # noqa: E402
 from glora_jax.adapters import glora, lora, structured  # noqa: E402
 from glora_jax.models import bert  # noqa: E402
@@ -63,22 +66,113 @@ def minilm_setup(batch, tokens):
   return model, params, b, steps.Task(forward, steps.classification_loss)
 
 
-def section_train(model, params, batch, task, n):
-  res = {}
+class Peer:
+  """benchmarks/peer_torch.py in its own Python (torch + transformers + peft), driven
+  over stdin/stdout so that its rounds interleave with ours on the same cores."""
+
+  def __init__(self, python, batch, tokens):
+    from glora_jax import bundled
+    env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_VERBOSITY='error')
+    self.proc = subprocess.Popen(
+        [python, os.path.join(os.path.dirname(__file__), 'peer_torch.py'),
+         '--minilm_dir', str(bundled.minilm_dir()), '--batch', str(batch), '--tokens', str(tokens)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    self.info = self._read()
+
+  def _read(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError('the PyTorch peer exited; run benchmarks/peer_torch.py by hand to see why')
+    return json.loads(line)
+
+  def __call__(self, case, n):
+    self.proc.stdin.write(f'{case} {n}\n')
+    self.proc.stdin.flush()
+    r = self._read()
+    return statistics.median(r['wall_ms']), statistics.median(r['cpu_ms'])
+
+  def close(self):
+    self.proc.stdin.write('quit\n')
+    self.proc.stdin.flush()
+    self.proc.wait(timeout=60)
+
+
+def _ours(fn, state, frozen, batch):
+  """A timer for one of our train steps that keeps its (donated) state."""
+  box = [state]
+
+  def run(n):
+    wall, cpu = [], []
+    for _ in range(n):
+      t, c = time.perf_counter(), time.process_time()
+      box[0], metrics, _ = fn(box[0], frozen, batch)
+      jax.block_until_ready((box[0], metrics))
+      wall.append(1e3 * (time.perf_counter() - t))
+      cpu.append(1e3 * (time.process_time() - c))
+    return statistics.median(wall), statistics.median(cpu)
+
+  run(2)  # compile + warm-up
+  return run
+
+
+def _ours_forward(model, params, batch):
+  args = (batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
+  fn = jax.jit(lambda p: model.apply({'params': p}, *args))
+
+  def run(n):
+    wall, cpu = [], []
+    for _ in range(n):
+      t, c = time.perf_counter(), time.process_time()
+      jax.block_until_ready(fn(params))
+      wall.append(1e3 * (time.perf_counter() - t))
+      cpu.append(1e3 * (time.process_time() - c))
+    return statistics.median(wall), statistics.median(cpu)
+
+  run(2)
+  return run
+
+
+def section_train(model, params, batch, task, n, rounds, peer_python=''):
+  """Forward and train-step times, every case timed in each of `rounds` interleaved
+  rounds (ours and the peer's alternating), medians of the round medians."""
+  timers = {'forward (eval)': _ours_forward(model, params, batch)}
   for name, patterns, fam in [
       ('frozen backbone fwd+bwd', ['head/.*', 'encoder/layer_0/attention/query/bias'], None),
+      # y + x A^T B^T beside the frozen matmul (the default): no full-size kernel gradient.
       ('LoRA r=8', ['head/.*'], lora.space(rank=8, alpha=16)),
-      # x A B beside the frozen matmul: no full-size kernel gradient, the cheapest LoRA.
-      ('LoRA r=8 activation mode', ['head/.*'], lora.space(rank=8, alpha=16, mode='activation')),
+      ('LoRA r=8 weight mode', ['head/.*'], lora.space(rank=8, alpha=16, mode='weight')),
       ('GLoRA supernet', ['head/.*'], glora.space())]:
-    fn, state, frozen = build_step(model, params, patterns, fam, task)
-    res[name] = median_step_ms(fn, state, frozen, batch, n)
-  g, l, b = res['GLoRA supernet'], res['LoRA r=8'], res['frozen backbone fwd+bwd']
-  la = res['LoRA r=8 activation mode']
-  print(f"train step ms: backbone {b:.0f}, LoRA {l:.0f}, LoRA activation mode {la:.0f}, GLoRA {g:.0f}; "
-        f"GLoRA/LoRA = {g / l:.3f} (goal <= 1.10), GLoRA/LoRA activation mode = {g / la:.3f}, "
-        f"LoRA/backbone = {l / b:.3f}, LoRA activation mode/backbone = {la / b:.3f}, "
-        f"GLoRA/backbone = {g / b:.3f} (goal <= 1.15)", flush=True)
+    timers[name] = _ours(*build_step(model, params, patterns, fam, task), batch)
+  peer = None
+  if peer_python:
+    peer = Peer(peer_python, len(batch['label']), batch['input_ids'].shape[1])
+    print(f"peer: torch {peer.info['torch']} ({peer.info['threads']} threads), PEFT LoRA with "
+          f"{peer.info['trainable_params']:,} trainable params", flush=True)
+    timers['torch forward (eval)'] = lambda n: peer('forward', n)
+    timers['PEFT LoRA r=8'] = lambda n: peer('lora', n)
+  rows = {name: [] for name in timers}
+  for _ in range(rounds):
+    for name, run in timers.items():
+      rows[name].append(run(n))
+  if peer:
+    peer.close()
+  res = {name: {'wall_ms': statistics.median(w for w, _ in r), 'cpu_ms': statistics.median(c for _, c in r)}
+         for name, r in rows.items()}
+  ms = {name: r['wall_ms'] for name, r in res.items()}
+  print(f'{"case":<28} {"wall ms":>8} {"cpu ms":>8}   ({rounds} interleaved rounds of {n})')
+  for name, r in res.items():
+    print(f"{name:<28} {r['wall_ms']:8.0f} {r['cpu_ms']:8.0f}")
+  g, l, b = ms['GLoRA supernet'], ms['LoRA r=8'], ms['frozen backbone fwd+bwd']
+  ratios = {'GLoRA/LoRA': g / l, 'GLoRA/backbone': g / b, 'LoRA/backbone': l / b,
+            'LoRA weight mode/LoRA': ms['LoRA r=8 weight mode'] / l}
+  if peer:
+    ratios['forward ours/torch'] = ms['forward (eval)'] / ms['torch forward (eval)']
+    ratios['LoRA step ours/PEFT'] = l / ms['PEFT LoRA r=8']
+  goals = {'GLoRA/LoRA': 1.10, 'forward ours/torch': 0.85, 'LoRA step ours/PEFT': 0.85}
+  print('ratios (wall): ' + ', '.join(
+      f'{k} = {v:.3f}' + (f' (goal <= {goals[k]:.2f})' if k in goals else '') for k, v in ratios.items()),
+      flush=True)
+  res['ratios'] = ratios
   return res
 
 
@@ -176,7 +270,10 @@ def section_devices(tmp):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--steps', type=int, default=5)
+  ap.add_argument('--steps', type=int, default=3, help='timed steps per case and round')
+  ap.add_argument('--rounds', type=int, default=3, help='interleaved rounds (train section)')
+  ap.add_argument('--peer', default='', help='a Python with torch, transformers and peft: '
+                  'time HF PEFT side by side (benchmarks/peer_torch.py)')
   ap.add_argument('--batch', type=int, default=32)
   ap.add_argument('--tokens', type=int, default=128)
   ap.add_argument('--skip', default='', help='comma list of: train,inference,search,surm,devices')
@@ -188,7 +285,7 @@ def main():
   model, params, batch, task = minilm_setup(args.batch, args.tokens)
   results = {}
   if 'train' not in skip:
-    results['train_ms'] = section_train(model, params, batch, task, args.steps)
+    results['train'] = section_train(model, params, batch, task, args.steps, args.rounds, args.peer)
   if 'inference' not in skip:
     results['inference_ms'] = section_inference(model, params, batch, args.steps)
   if 'search' not in skip:
