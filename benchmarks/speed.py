@@ -97,20 +97,26 @@ class Peer:
     self.proc.wait(timeout=60)
 
 
+def _medians(call, n):
+  """(median wall ms, median CPU ms) of n calls of `call`, which blocks until done."""
+  wall, cpu = [], []
+  for _ in range(n):
+    t, c = time.perf_counter(), time.process_time()
+    call()
+    wall.append(1e3 * (time.perf_counter() - t))
+    cpu.append(1e3 * (time.process_time() - c))
+  return statistics.median(wall), statistics.median(cpu)
+
+
 def _ours(fn, state, frozen, batch):
   """A timer for one of our train steps that keeps its (donated) state."""
   box = [state]
 
-  def run(n):
-    wall, cpu = [], []
-    for _ in range(n):
-      t, c = time.perf_counter(), time.process_time()
-      box[0], metrics, _ = fn(box[0], frozen, batch)
-      jax.block_until_ready((box[0], metrics))
-      wall.append(1e3 * (time.perf_counter() - t))
-      cpu.append(1e3 * (time.process_time() - c))
-    return statistics.median(wall), statistics.median(cpu)
+  def step():
+    box[0], metrics, _ = fn(box[0], frozen, batch)
+    jax.block_until_ready((box[0], metrics))
 
+  run = lambda n: _medians(step, n)
   run(2)  # compile + warm-up
   return run
 
@@ -118,16 +124,7 @@ def _ours(fn, state, frozen, batch):
 def _ours_forward(model, params, batch):
   args = (batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
   fn = jax.jit(lambda p: model.apply({'params': p}, *args))
-
-  def run(n):
-    wall, cpu = [], []
-    for _ in range(n):
-      t, c = time.perf_counter(), time.process_time()
-      jax.block_until_ready(fn(params))
-      wall.append(1e3 * (time.perf_counter() - t))
-      cpu.append(1e3 * (time.process_time() - c))
-    return statistics.median(wall), statistics.median(cpu)
-
+  run = lambda n: _medians(lambda: jax.block_until_ready(fn(params)), n)
   run(2)
   return run
 
