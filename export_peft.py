@@ -7,7 +7,6 @@ Writes adapter_config.json and adapter_model.safetensors under --out (default:
 lora_A.weight, (r, in); lora_B.weight, (out, r)) and the trained head as PEFT's
 modules_to_save ('head'), which `peft.PeftModel.from_pretrained(base, out)` reads.
 """
-import sys
 
 from absl import app, flags
 
@@ -35,6 +34,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, '.')
   from glora_jax.cli import parse_flags
   app.run(main, flags_parser=parse_flags)

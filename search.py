@@ -11,7 +11,6 @@ and 'torch' (the model's PyTorch layout: hf/ for BERT and LLaMA, which
 transformers.AutoModel.from_pretrained reads, timm/ for ViT). Rerunning the same
 command after an interruption continues from the last finished generation.
 """
-import sys
 
 from absl import app, flags
 
@@ -71,6 +70,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, '.')
   from glora_jax.cli import parse_flags
   app.run(main, flags_parser=parse_flags)

@@ -11,7 +11,6 @@ process's place, e.g. two processes on one machine (and --process_id=1 beside it
   python train.py --config configs/tiny_bbc_glora.py --workdir runs/two --distributed \
     --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0
 """
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -54,6 +53,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, '.')  # configs/ imports configs.common
   from glora_jax.cli import parse_flags
   app.run(main, flags_parser=parse_flags)

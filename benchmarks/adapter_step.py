@@ -12,18 +12,16 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, '.')
-from glora_jax import peft  # noqa: E402
-from glora_jax.adapters import glora, lora  # noqa: E402
-from glora_jax.models import bert  # noqa: E402
-from glora_jax.train import steps  # noqa: E402
+from glora_jax import peft
+from glora_jax.adapters import glora, lora
+from glora_jax.models import bert
+from glora_jax.train import steps
 
 
 def median_step_ms(step_fn, state, frozen, batch, n_steps: int, warmup: int = 2) -> float:

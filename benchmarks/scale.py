@@ -40,10 +40,8 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 GiB = 2 ** 30
 METHODS = ('frozen', 'lora', 'lora_weight', 'glora', 'surm', 'full')

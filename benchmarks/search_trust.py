@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, '.')
-from glora_jax import subnet as subnet_lib  # noqa: E402
-from glora_jax.train import loop, metrics, setup  # noqa: E402
+from glora_jax import subnet as subnet_lib
+from glora_jax.train import loop, metrics, setup
 
 
 def kendall_tau(x, y) -> float:
@@ -71,7 +69,8 @@ def pick_subnets(spec, search_dir: pathlib.Path, n: int, source: str) -> list[di
     archive = json.loads(state_file.read_text())['archive']
     cands = np.asarray(archive['cands'], np.int32).reshape((-1,) + spec.num_options.shape)
     taken = {p['subnet'].tobytes() for p in points}
-    rest = [i for i in range(len(cands)) if cands[i].tobytes() not in taken]
+    complete = archive.get('complete', [True] * len(cands))  # a race's heat losers: partial val
+    rest = [i for i in range(len(cands)) if complete[i] and cands[i].tobytes() not in taken]
     for j in spread([archive['params'][i] for i in rest], n - len(points)):
       i = rest[j]
       points.append({'params': archive['params'][i], 'search_val_accuracy': archive['accuracy'][i],

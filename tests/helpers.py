@@ -1,12 +1,10 @@
 """Shared by the training, search and fault tests: the tiny real-data config, reading a
 run's trained params back, and checking the plots a run draws."""
-import sys
 
 import matplotlib.image
 
-sys.path.insert(0, '.')
-from configs import tiny_bbc_glora  # noqa: E402
-from glora_jax.train import setup  # noqa: E402
+from configs import tiny_bbc_glora
+from glora_jax.train import setup
 
 
 def tiny_config(**overrides):

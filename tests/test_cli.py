@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, '.')
-from configs import bbc_minilm_glora  # noqa: E402
+from configs import bbc_minilm_glora
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

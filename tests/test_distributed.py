@@ -14,9 +14,8 @@ import time
 import numpy as np
 import pytest
 
-sys.path.insert(0, '.')
-from glora_jax import peft  # noqa: E402
-from glora_jax.train import checkpoint, setup  # noqa: E402
+from glora_jax import peft
+from glora_jax.train import checkpoint, setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / 'configs' / 'tiny_bbc_glora.py')
@@ -29,7 +28,6 @@ RUN_TIMEOUT_S = 300  # a whole run; far above the ~1 min one takes on 2 cores
 # reads, a digest of each of its rows (training and evaluation alike).
 RECORDING_TRAIN = '''
 import hashlib, json, os, runpy, sys
-sys.path.insert(0, '.')
 from glora_jax.data import pipeline
 read = pipeline.BatchIterator.__next__
 def recorded(self):

@@ -12,10 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, '.')
-from helpers import tiny_config as config, trainable_of  # noqa: E402
-from glora_jax import errors  # noqa: E402
-from glora_jax.train import loop, setup  # noqa: E402
+from helpers import tiny_config as config, trainable_of
+from glora_jax import errors
+from glora_jax.train import loop, setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / 'configs' / 'tiny_bbc_glora.py')

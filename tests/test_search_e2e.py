@@ -1,19 +1,17 @@
 """End to end on real bundled data: train a tiny supernet, search, merge, export."""
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, '.')
-from configs import tiny_bbc_glora  # noqa: E402
-from helpers import assert_png  # noqa: E402
-from glora_jax import peft  # noqa: E402
-from glora_jax import subnet  # noqa: E402
-from glora_jax.search import driver, evolution, export, fitness  # noqa: E402
-from glora_jax.train import loop, setup, sharding  # noqa: E402
+from configs import tiny_bbc_glora
+from helpers import assert_png
+from glora_jax import peft
+from glora_jax import subnet
+from glora_jax.search import driver, evolution, export, fitness
+from glora_jax.train import loop, setup, sharding
 
 
 @pytest.fixture(scope='module')

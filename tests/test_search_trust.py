@@ -2,18 +2,16 @@
 and the choice of subnets spread over a search's Pareto front and archive."""
 import itertools
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, '.')
-from benchmarks import search_trust  # noqa: E402
-from glora_jax import peft  # noqa: E402
-from glora_jax import subnet as subnet_lib  # noqa: E402
-from glora_jax.adapters import glora  # noqa: E402
+from benchmarks import search_trust
+from glora_jax import peft
+from glora_jax import subnet as subnet_lib
+from glora_jax.adapters import glora
 
 
 def tau_by_pairs(x, y):

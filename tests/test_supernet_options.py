@@ -1,16 +1,14 @@
 """Supernet options (config.supernet) through the real training path: one-line
 config errors, a mesh of 8 simulated devices against one device with every key
 identical on every replica, and a resumed run equal to an uninterrupted one."""
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, '.')
-from helpers import tiny_config as tiny, trainable_of  # noqa: E402
-from glora_jax.errors import ConfigError  # noqa: E402
-from glora_jax.train import loop, setup, sharding, steps  # noqa: E402
+from helpers import tiny_config as tiny, trainable_of
+from glora_jax.errors import ConfigError
+from glora_jax.train import loop, setup, sharding, steps
 
 OPTIONS = {'supernet.sandwich': 'largest_smallest', 'supernet.num_random': 1,
            'supernet.sampling': 'fair', 'supernet.distill': 0.5, 'supernet.temperature': 2.0,

@@ -1,17 +1,15 @@
 """End to end for the image-classification and causal-LM tasks on bundled data: train a
 tiny supernet, search, merge, and rebuild the plain model from the exported files alone."""
 import json
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, '.')
-from configs import llama_glora, tiny_mnist_vit_glora  # noqa: E402
-from glora_jax import peft  # noqa: E402
-from glora_jax import subnet as subnet_lib  # noqa: E402
-from glora_jax.search import driver, evolution, export  # noqa: E402
-from glora_jax.train import loop, setup  # noqa: E402
+from configs import llama_glora, tiny_mnist_vit_glora
+from glora_jax import peft
+from glora_jax import subnet as subnet_lib
+from glora_jax.search import driver, evolution, export
+from glora_jax.train import loop, setup
 
 TINY_SEARCH = evolution.SearchConfig(population=4, generations=2, parents=2, mutations=2,
                                      crossovers=2, param_limit=1e9, seed=0)

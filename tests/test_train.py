@@ -1,18 +1,16 @@
 """Training on real bundled data (tiny model): loss falls, 1 vs 8 devices agree,
 a fresh subnet per step without recompiling, and resume equals uninterrupted."""
 import csv
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, '.')
-from helpers import assert_png, tiny_config as tiny, trainable_of  # noqa: E402
-from glora_jax import peft  # noqa: E402
-from glora_jax import subnet as subnet_lib  # noqa: E402
-from glora_jax.train import loop, setup, sharding  # noqa: E402
+from helpers import assert_png, tiny_config as tiny, trainable_of
+from glora_jax import peft
+from glora_jax import subnet as subnet_lib
+from glora_jax.train import loop, setup, sharding
 
 
 def losses(workdir):
