@@ -5,19 +5,16 @@
   python train.py --config configs/bbc_minilm_glora.py:8shot --workdir runs/bbc8
   python train.py --config configs/bbc_minilm_glora.py:quick --workdir runs/bbc   # README main job
 """
-from configs.common import base_config
+from configs.common import apply_setting, base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
+  arg = parse_arg(arg, __file__, setting=('full', '8shot'), quick=False)
   c = base_config()
   c.method = 'glora'
   c.adapter.ranks = (4,)
-  if arg == '8shot':
-    c.data.train_split = 'train_8shot'
-    c.num_epochs = 20
-  elif arg == 'quick':  # the README's main job: train + search in about 10 CPU minutes
+  apply_setting(c, arg.setting)
+  if arg.quick:  # the README's main job: train + search in about 10 CPU minutes
     c.num_epochs = 2
     c.data.max_len = 64
-  elif arg:
-    raise ValueError(f"unknown argument '{arg}' for bbc_minilm_glora; use 8shot or quick")
   return c

@@ -1,5 +1,66 @@
 """Defaults shared by every experiment; each config file overrides what differs."""
+import pathlib
+
 import ml_collections
+
+
+def parse_arg(arg: str | None, config_file: str, **spec) -> ml_collections.ConfigDict:
+  """A config file's argument (`--config configs/x.py:ARG`) as named values, after
+  big_vision's parse_arg: ARG is comma-separated items, each `key=value`, the name of
+  a bool option (sets it), or a bare value of an option that lists its values (or of
+  the first option, if that one takes any value).
+
+  spec: option name -> default (any value of its type; a bool is a flag), or a tuple
+  of the allowed values, the first the default. E.g. with setting=('full', '8shot')
+  and quick=False: '8shot', 'quick', '8shot,quick' and 'setting=8shot' are accepted;
+  anything else is a ValueError naming what is (config_file says whose argument)."""
+  allowed = {k: v if isinstance(v, tuple) else None for k, v in spec.items()}
+  out = ml_collections.ConfigDict({k: v[0] if isinstance(v, tuple) else v for k, v in spec.items()},
+                                  type_safe=False)
+  words = [w for k, v in allowed.items() for w in (v[1:] if v else ())]
+  words += [k for k, v in out.items() if isinstance(v, bool)]
+  first = next(iter(spec), None)
+
+  def unknown(item):
+    use = ' or '.join(words) if len(words) < 3 else ', '.join(words[:-1]) + ' or ' + words[-1]
+    keys = ', '.join(spec) or 'none'
+    return ValueError(f"unknown argument '{item}' for {pathlib.Path(config_file).stem}; "
+                      f"use {use or 'key=value'} (options: {keys})")
+
+  for item in filter(None, (arg or '').split(',')):
+    key, eq, value = item.partition('=')
+    if not eq:  # a flag, or a bare value of the option that takes it
+      if isinstance(out.get(key), bool):
+        value = 'True'
+      else:
+        key, value = next((k for k, v in allowed.items() if v and item in v), None), item
+        if key is None and first is not None and allowed[first] is None:
+          key = first
+        if key is None:
+          raise unknown(item)
+    if key not in out:
+      raise unknown(item)
+    default = out[key] if allowed[key] is None else allowed[key][0]
+    if allowed[key] and value not in allowed[key]:
+      raise unknown(item)
+    if isinstance(default, bool):
+      if value not in ('True', 'true', '1', 'False', 'false', '0'):
+        raise unknown(item)
+      out[key] = value in ('True', 'true', '1')
+    else:
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise unknown(item) from None
+  return out
+
+
+def apply_setting(c: ml_collections.ConfigDict, setting: str) -> ml_collections.ConfigDict:
+  """BBC News settings (BENCH_PROTOCOL.md): 'full' as is; '8shot' trains on the
+  40-document train_8shot split for 20 epochs."""
+  if setting == '8shot':
+    c.data.train_split, c.num_epochs = 'train_8shot', 20
+  return c
 
 
 def base_config() -> ml_collections.ConfigDict:

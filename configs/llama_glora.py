@@ -2,7 +2,7 @@
 (a Hugging Face LLaMA directory: config.json, safetensors, tokenizer.json) a small
 random LLaMA is trained on the bundled BBC News texts with MiniLM's tokenizer.
 `:tiny` shrinks it for tests."""
-from configs.common import base_config
+from configs.common import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
   c.data.max_len = 128
   c.optim.lr = 1e-3
   c.num_epochs = 1
-  if arg == 'tiny':
+  if parse_arg(arg, __file__, tiny=False).tiny:
     c.model.hidden, c.model.intermediate, c.model.layers = 64, 128, 2
     c.data.max_len, c.data.limit, c.batch_size, c.eval_batch_size = 32, 32, 16, 16
     c.log_every_steps = 1

@@ -1,11 +1,11 @@
 """The first 2 pretrained MiniLM layers on a BBC News subset (64 examples, 32 tokens):
 for tests and smoke runs. `:lora` etc. picks another method."""
-from configs.common import base_config
+from configs.common import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
   c = base_config()
-  c.method = arg or 'glora'
+  c.method = parse_arg(arg, __file__, method='glora').method
   c.model.name = 'minilm'
   c.model.layers = 2
   c.data.max_len = 32

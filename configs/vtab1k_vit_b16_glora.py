@@ -9,7 +9,7 @@ Train on train800, evaluate on val200 (search there too), report on test.
 Differences from the authors' code: the cosine schedule is stepped per step, not
 per epoch; the data must be prepared beforehand (see glora_jax/data/vtab.py).
 """
-from configs.common import base_config
+from configs.common import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   c.model.drop_path = 0.1
   c.model.checkpoint = ''  # path to ViT-B_16.npz (ImageNet-21k) or a timm safetensors file
   c.model.representation_size = 0
-  c.data.name = f'vtab/{arg or "cifar100"}'
+  c.data.name = f"vtab/{parse_arg(arg, __file__, dataset='cifar100').dataset}"
   c.data.train_split, c.data.eval_split, c.data.test_split = 'train800', 'val200', 'test'
   c.adapter.ranks = (4,)
   c.optim.lr = 1e-4
