@@ -111,7 +111,7 @@ STRUCTURES = (
        Structure('kronecker', 8, 12, 4), Structure('kronecker', 15, 9, 3)])
 
 
-@pytest.mark.parametrize('st', STRUCTURES, ids=lambda s: f'{s.kind}-{s.d_out}x{s.d_in}-{s.arg}')
+@pytest.mark.parametrize('st', STRUCTURES, ids=lambda s: f'{s.kind}-{s.d_out}x{s.d_in}-{s.rank_or_block}')
 def test_fft_product_and_dense_match_the_definition(st):
   p = random_params(st)
   x = normal((3, 2, st.d_in), 100)
@@ -163,11 +163,11 @@ def jnp_dense(st, p):
   if st.kind == 'ldr':
     sign = np.where(ii >= jj, 1.0, -1.0)
     total = sum(p['g'][k][(ii - jj) % n] @ (sign * p['h'][k][(ii - jj) % n])
-                for k in range(st.arg))
+                for k in range(st.rank_or_block))
     return total[:st.d_out, :st.d_in]
   if st.kind == 'kronecker':
     return jnp.kron(p['B'], p['A'])
-  b = st.arg
+  b = st.rank_or_block
   return jnp.block([[p['c'][bp, bq][(np.arange(b)[:, None] - np.arange(b)) % b]
                      for bq in range(st.d_in // b)] for bp in range(st.d_out // b)])
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 KINDS = ('circulant', 'toeplitz', 'symmetric_toeplitz', 'block_circulant', 'kronecker', 'ldr')
-# Kinds whose `Structure.arg` is a rank (Kronecker r, LDR displacement rank k).
+# Kinds whose `Structure.rank_or_block` is a rank (Kronecker r, LDR displacement rank k).
 RANKED_KINDS = ('kronecker', 'ldr')
 
 # Standard deviation of the nonzero factor where a kind has one, as in the authors'
@@ -100,10 +100,10 @@ class Structure:
     circulant          c (size,): C[i, j] = c[(i - j) mod size]; first column c
     toeplitz           t (d_out + d_in - 1,): T[i, j] = t[i - j + d_in - 1]
     symmetric_toeplitz a, b (size,): S(b) S(a) with S(v)[i, j] = v[|i - j|]
-    block_circulant    c (d_out/b, d_in/b, b): block (p, q) is C(c[p, q]), b = `arg`
-    kronecker          A (r, d_in/r), B (d_out/r, r): kron(B, A), r = `arg`
-    ldr                g, h (k, size): sum_i Z1(g_i) Z-1(h_i), k = `arg`; Z1 circulant,
-                       Z-1 skew-circulant (entries above the diagonal negated)
+    block_circulant    c (d_out/b, d_in/b, b): block (p, q) is C(c[p, q]); b = rank_or_block
+    kronecker          A (r, d_in/r), B (d_out/r, r): kron(B, A); r = rank_or_block
+    ldr                g, h (k, size): sum_i Z1(g_i) Z-1(h_i); k = rank_or_block; Z1
+                       circulant, Z-1 skew-circulant (entries above the diagonal negated)
   circulant, symmetric_toeplitz and ldr are square; on a rectangular layer they keep
   the top-left (d_out, d_in) corner of the size x size matrix ("truncated"). Toeplitz
   is rectangular by nature; block-circulant and Kronecker need divisibility.
@@ -112,7 +112,7 @@ class Structure:
   kind: str
   d_out: int
   d_in: int
-  arg: int = 0
+  rank_or_block: int = 0  # block size b (block_circulant) or rank r, k (kronecker, ldr)
 
   @property
   def size(self) -> int:
@@ -123,31 +123,31 @@ class Structure:
     if self.kind == 'kronecker':  # two small matmuls always beat the dense one
       return False
     if self.kind == 'block_circulant':
-      return self.arg < DENSE_BELOW['block_circulant'] or self.size < DENSE_BELOW['circulant']
+      return self.rank_or_block < DENSE_BELOW['block_circulant'] or self.size < DENSE_BELOW['circulant']
     if self.kind == 'ldr':
-      return self.size < DENSE_BELOW['ldr'] * self.arg
+      return self.size < DENSE_BELOW['ldr'] * self.rank_or_block
     return self.size < DENSE_BELOW[self.kind]
 
   def describe(self) -> str:
     if self.kind == 'block_circulant':
-      return f'block_circulant with block {self.arg}'
+      return f'block_circulant with block {self.rank_or_block}'
     if self.kind in RANKED_KINDS:
-      return f'{self.kind} with rank {self.arg}'
+      return f'{self.kind} with rank {self.rank_or_block}'
     return self.kind
 
   def fit_error(self) -> str | None:
     """Why this structure cannot have shape (d_out, d_in), or None."""
     g = math.gcd(self.d_out, self.d_in)
-    if self.kind == 'block_circulant' and (self.arg <= 0 or g % self.arg):
-      return f'block {self.arg} must divide gcd(in, out) = {g}'
-    if self.kind == 'kronecker' and (self.arg <= 0 or g % self.arg):
-      return f'rank {self.arg} must divide both in and out (gcd {g})'
-    if self.kind == 'ldr' and self.arg <= 0:
-      return f'displacement rank {self.arg} must be positive'
+    if self.kind == 'block_circulant' and (self.rank_or_block <= 0 or g % self.rank_or_block):
+      return f'block {self.rank_or_block} must divide gcd(in, out) = {g}'
+    if self.kind == 'kronecker' and (self.rank_or_block <= 0 or g % self.rank_or_block):
+      return f'rank {self.rank_or_block} must divide both in and out (gcd {g})'
+    if self.kind == 'ldr' and self.rank_or_block <= 0:
+      return f'displacement rank {self.rank_or_block} must be positive'
     return None
 
   def shapes(self) -> dict[str, tuple[int, ...]]:
-    n, o, i, a = self.size, self.d_out, self.d_in, self.arg
+    n, o, i, a = self.size, self.d_out, self.d_in, self.rank_or_block
     return {
         'circulant': lambda: {'c': (n,)},
         'toeplitz': lambda: {'t': (o + i - 1,)},
@@ -194,7 +194,7 @@ class Structure:
       z = _toeplitz_product(_symmetric_to_toeplitz(p['a']), _pad_to(x, n), n)
       return _toeplitz_product(_symmetric_to_toeplitz(p['b']), z, n)[..., :self.d_out]
     if kind == 'block_circulant':
-      b = self.arg
+      b = self.rank_or_block
       xb = x.reshape(x.shape[:-1] + (self.d_in // b, b))
       xf, cf = jnp.fft.rfft(xb, n=b), jnp.fft.rfft(p['c'], n=b)
       if cf.shape[0] * cf.shape[1] <= 16:
@@ -205,7 +205,7 @@ class Structure:
       return jnp.fft.irfft(yf, n=b).reshape(x.shape[:-1] + (self.d_out,))
     if kind == 'kronecker':
       # (B kron A) x = vec(B X A^T) with X = x.reshape(r, d_in / r), row-major vec.
-      xr = x.reshape(x.shape[:-1] + (self.arg, self.d_in // self.arg))
+      xr = x.reshape(x.shape[:-1] + (self.rank_or_block, self.d_in // self.rank_or_block))
       y = jnp.einsum('or,...rk,sk->...os', p['B'], xr, p['A'])
       return y.reshape(x.shape[:-1] + (self.d_out,))
     if kind == 'ldr':
@@ -229,7 +229,7 @@ class Structure:
     if kind == 'toeplitz':
       return p['t'][rows - cols + self.d_in - 1]
     if kind == 'block_circulant':
-      b = self.arg
+      b = self.rank_or_block
       i, j = np.arange(b)[:, None], np.arange(b)[None, :]
       blocks = p['c'][:, :, (i - j) % b]  # (d_out/b, d_in/b, b, b)
       return blocks.transpose(0, 2, 1, 3).reshape(self.d_out, self.d_in)

@@ -114,10 +114,10 @@ class SURM(base.AdapterFamily):
     if self.form == 'adapter':
       d_in = d_out
     if self.kind == 'block_circulant':
-      arg = int(self.block) if self.block is not None else math.gcd(d_in, d_out)
+      rank_or_block = int(self.block) if self.block is not None else math.gcd(d_in, d_out)
     else:
-      arg = self.structure_rank
-    return structured.Structure(self.kind, d_out, d_in, arg)
+      rank_or_block = self.structure_rank
+    return structured.Structure(self.kind, d_out, d_in, rank_or_block)
 
   def options(self, support):
     raise ValueError(f"surm has no searchable supports (asked for '{support}')")
