@@ -87,9 +87,9 @@ def main():
   # (activation gradients) but computes no weight gradients for the stack.
   cases = {
       'frozen backbone fwd+bwd': (['head/.*', 'encoder/layer_0/attention/query/bias'], None),
-      'LoRA r=8 (weight mode)': (['head/.*'], lora.space(rank=8, alpha=16)),
-      'LoRA r=8 (activation mode)': (['head/.*'], lora.space(rank=8, alpha=16, mode='activation')),
-      'GLoRA supernet (ranks 4)': (['head/.*'], glora.space(ranks=(4,))),
+      'LoRA r=8 (weight mode)': (['head/.*'], lora.family(rank=8, alpha=16)),
+      'LoRA r=8 (activation mode)': (['head/.*'], lora.family(rank=8, alpha=16, mode='activation')),
+      'GLoRA supernet (ranks 4)': (['head/.*'], glora.family(ranks=(4,))),
   }
   results = {}
   for name, (patterns, fam) in cases.items():

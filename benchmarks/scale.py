@@ -132,11 +132,11 @@ def model_case(name: str, layers: int, remat: str, attention: str):
 
 def family_for(method: str):
   from glora_jax.adapters import glora, lora, surm
-  return {'frozen': lambda: lora.space(rank=1, mode='activation'),
-          'lora': lambda: lora.space(rank=8, alpha=16, mode='activation'),
-          'lora_weight': lambda: lora.space(rank=8, alpha=16, mode='weight'),
-          'glora': lambda: glora.space(ranks=(4,)),
-          'surm': lambda: surm.space('circulant')}[method]()
+  return {'frozen': lambda: lora.family(rank=1, mode='activation'),
+          'lora': lambda: lora.family(rank=8, alpha=16, mode='activation'),
+          'lora_weight': lambda: lora.family(rank=8, alpha=16, mode='weight'),
+          'glora': lambda: glora.family(ranks=(4,)),
+          'surm': lambda: surm.family('circulant')}[method]()
 
 
 def compile_case(devices, model_name: str, method: str, layers: int, num_devices: int,

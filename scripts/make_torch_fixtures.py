@@ -353,7 +353,7 @@ def _jax_peft(tmp: str) -> None:
 
   # Seeded random LoRA (both factors nonzero) and head, exported for PEFT to read.
   rng = np.random.default_rng(9)
-  adapters = peft.attach(params, lora.space(rank=4, alpha=8.0),
+  adapters = peft.attach(params, lora.family(rank=4, alpha=8.0),
                          targets=r'.*/attention/(query|value)/kernel')
   adapters = adapters.replace(params=jax.tree.map(
       lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype), adapters.params))

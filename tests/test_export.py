@@ -26,7 +26,7 @@ def tiny_llama(targets=llama.DEFAULT_TARGETS):
                              num_attention_heads=4, num_key_value_heads=2)
   model = llama.LlamaForCausalLM(config)
   params = jax.jit(model.init)(jax.random.key(0), IDS)['params']
-  adapters = peft.attach(params, glora.space(ranks=(2,)), targets=targets)
+  adapters = peft.attach(params, glora.family(ranks=(2,)), targets=targets)
   rng = np.random.default_rng(1)
   adapters = adapters.replace(params=jax.tree.map(
       lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), adapters.params))

@@ -77,7 +77,7 @@ def all_choices(fam):
 @pytest.mark.parametrize('d_in,d_out', [(16, 16), (16, 48), (48, 16)])
 @pytest.mark.parametrize('with_bias', [True, False])
 def test_every_option_matches_numpy_reference(d_in, d_out, with_bias):
-  fam = glora.space(ranks=(2, 4))
+  fam = glora.family(ranks=(2, 4))
   key = jax.random.key(0)
   p = random_params(fam, key, d_in, d_out)
   w0 = np.asarray(jax.random.normal(jax.random.key(1), (d_out, d_in)), np.float64)
@@ -107,7 +107,7 @@ def test_every_option_matches_numpy_reference(d_in, d_out, with_bias):
 
 
 def test_default_space_has_432_choices_and_reference_counts():
-  fam = glora.space()
+  fam = glora.family()
   assert np.prod([len(fam.options(s)) for s in fam.supports]) == 432
   d_in, d_out = 16, 48
   costs = fam.option_costs((d_in, d_out))
@@ -117,13 +117,13 @@ def test_default_space_has_432_choices_and_reference_counts():
 
 
 def test_vector_on_c_counts_input_width_not_output():
-  fam = glora.space()
+  fam = glora.family()
   costs = fam.option_costs((16, 48))
   assert costs[2][fam.options('C').index('vector')] == 16
 
 
 def test_init_is_identity_for_every_choice():
-  fam = glora.space(ranks=(4, 8))
+  fam = glora.family(ranks=(4, 8))
   p = fam.init(jax.random.key(3), (24, 40))
   kernel = jax.random.normal(jax.random.key(4), (24, 40))
   bias = jax.random.normal(jax.random.key(5), (40,))
@@ -133,7 +133,7 @@ def test_init_is_identity_for_every_choice():
 
 
 def test_xavier_bounds_of_up_projections():
-  fam = glora.space(ranks=(4,))
+  fam = glora.family(ranks=(4,))
   p = fam.init(jax.random.key(0), (300, 200))
   # bound sqrt(6 / (fan_in + fan_out)) of the (R, in) / (R, 1) tensors
   assert float(jnp.abs(p['Au']).max()) <= np.sqrt(6 / (4 + 300))
@@ -142,7 +142,7 @@ def test_xavier_bounds_of_up_projections():
   assert p['Au'].shape == (4, 300) and p['Ad'].shape == (200, 4) and p['Cd'].shape == (300, 4)
 
 
-@pytest.mark.parametrize('make', [lambda: glora.space(ranks=(0,)), lambda: glora.space(ranks=())])
+@pytest.mark.parametrize('make', [lambda: glora.family(ranks=(0,)), lambda: glora.family(ranks=())])
 def test_bad_family_arguments(make):
   with pytest.raises(ValueError):
     make()
@@ -150,7 +150,7 @@ def test_bad_family_arguments(make):
 
 def test_unknown_support_name():
   with pytest.raises(ValueError, match="unknown GLoRA support 'F'"):
-    glora.space().options('F')
+    glora.family().options('F')
 
 
 @pytest.mark.parametrize('with_bias', [True, False])
@@ -159,7 +159,7 @@ def test_activation_gradients_equal_those_of_the_merged_layer(with_bias):
   low-rank A, the rank-(r+2) product for B and the bias) gives the values and
   the gradients (adapter params, input, kernel) of x (K + dK) + (b + db) built
   from `delta`, differentiated by JAX, for every A option."""
-  fam = glora.space(ranks=(2, 4))
+  fam = glora.family(ranks=(2, 4))
   d_in, d_out = 12, 20
   p = random_params(fam, jax.random.key(0), d_in, d_out)
   x = jax.random.normal(jax.random.key(1), (3, 5, d_in))
@@ -192,7 +192,7 @@ def test_weight_gradient_only_where_a_is_low_rank():
   """The compiled backward of the frozen-kernel step computes the (in, out)
   weight gradient x^T g once, inside a branch of a conditional (the low-rank A
   branch), never unconditionally: layers with another A skip it."""
-  fam = glora.space()
+  fam = glora.family()
   tokens, d_in, d_out = 64, 24, 40
   p = random_params(fam, jax.random.key(0), d_in, d_out)
   x = jax.random.normal(jax.random.key(1), (tokens, d_in))

@@ -44,7 +44,7 @@ def adapted(model, params, adapters, method, ids, mask, types):
 
 def random_lora(params, targets, rank=2, alpha=6.0, mode='activation', seed=0):
   """LoRA with both factors random (B is zero at init, which would hide its layout)."""
-  adapters = peft.attach(params, lora.space(rank=rank, alpha=alpha, mode=mode), targets=targets)
+  adapters = peft.attach(params, lora.family(rank=rank, alpha=alpha, mode=mode), targets=targets)
   rng = np.random.default_rng(seed)
   return adapters.replace(params=jax.tree.map(
       lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype), adapters.params))
@@ -161,7 +161,7 @@ def test_files_we_cannot_read_are_refused_with_the_reason(tmp_path):
   adapters = random_lora(params, r'.*/attention/query/kernel')
   with pytest.raises(errors.ExportError, match=r"LoRA adapters only; these adapters are \['glora'\]"):
     interop.save_peft_adapter(tmp_path / 'g', model,
-                              peft.attach(params, glora.space(), targets=r'.*/query/kernel'))
+                              peft.attach(params, glora.family(), targets=r'.*/query/kernel'))
   good = tmp_path / 'good'
   interop.save_peft_adapter(good, model, adapters, head={'head': params['head']})
   config = json.loads((good / 'adapter_config.json').read_text())

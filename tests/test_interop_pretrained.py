@@ -128,7 +128,7 @@ def test_merged_minilm_export_gives_the_adapted_logits(tmp_path):
   backbone = dict(backbone, encoder={f'layer_{i}': backbone['encoder'][f'layer_{i}'] for i in range(2)})
   model = bert.BertClassifier(config, 4)
   params = bert.add_head(backbone, config, 4, jax.random.key(0))
-  adapters = peft.attach(params, glora.space(ranks=(2,)), targets=bert.DEFAULT_TARGETS)
+  adapters = peft.attach(params, glora.family(ranks=(2,)), targets=bert.DEFAULT_TARGETS)
   rng = np.random.default_rng(3)
   adapters = adapters.replace(params=jax.tree.map(
       lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype), adapters.params))

@@ -15,7 +15,7 @@ def normal(shape, seed):
 
 
 def test_lora_delta_matches_reference_and_activation_mode():
-  fam = lora.space(rank=4, alpha=8.0)
+  fam = lora.family(rank=4, alpha=8.0)
   p = {'A': jax.random.normal(jax.random.key(0), (4, 16)),
        'B': jax.random.normal(jax.random.key(1), (48, 4))}
   kernel = jax.random.normal(jax.random.key(2), (16, 48))
@@ -40,11 +40,11 @@ def test_weight_and_activation_modes_equal_the_numpy_layer(rank, alpha, d_in, d_
   want = x.astype(np.float64) @ w.T + b0
 
   kernel, bias = jnp.asarray(w0.T), jnp.asarray(b0)
-  weight = lora.space(rank=rank, alpha=alpha, mode='weight')
+  weight = lora.family(rank=rank, alpha=alpha, mode='weight')
   dk, db = weight.delta(p, None, kernel, bias)
   assert db is None and dk.shape == (d_in, d_out)
   got_weight = x @ (kernel + dk) + bias
-  activation = lora.space(rank=rank, alpha=alpha, mode='activation')
+  activation = lora.family(rank=rank, alpha=alpha, mode='activation')
   got_activation = activation.activation(p, None, jnp.asarray(x), x @ kernel + bias, kernel, bias)
   for got in (got_weight, got_activation):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -53,7 +53,7 @@ def test_weight_and_activation_modes_equal_the_numpy_layer(rank, alpha, d_in, d_
 
 def test_init_is_peft_kaiming_uniform_a_and_zero_b():
   d_in, d_out, rank = 400, 30, 16
-  fam = lora.space(rank=rank)
+  fam = lora.family(rank=rank)
   p = fam.init(jax.random.key(0), (d_in, d_out))
   assert p['A'].shape == (rank, d_in) and p['B'].shape == (d_out, rank)
   assert not np.any(p['B'])  # the model starts at the pretrained one
@@ -72,7 +72,7 @@ def test_init_is_peft_kaiming_uniform_a_and_zero_b():
 
 
 def test_rank_above_layer_width_names_the_layer():
-  fam = lora.space(rank=8)
+  fam = lora.family(rank=8)
   fam.check('fc', (8, 32))  # rank == min(in, out) fits
   with pytest.raises(ValueError, match=r"lora: rank 8 is above min\(in, out\) = 6 for 'fc1' "
                                        r'\(kernel 16x6\)'):
@@ -82,16 +82,16 @@ def test_rank_above_layer_width_names_the_layer():
 
 
 @pytest.mark.parametrize('make,message', [
-    (lambda: lora.space(rank=0), 'LoRA rank must be a positive integer, got 0'),
-    (lambda: lora.space(rank=-2), 'LoRA rank must be a positive integer, got -2'),
-    (lambda: lora.space(mode='fast'), "LoRA mode must be 'weight' or 'activation', got 'fast'")])
+    (lambda: lora.family(rank=0), 'LoRA rank must be a positive integer, got 0'),
+    (lambda: lora.family(rank=-2), 'LoRA rank must be a positive integer, got -2'),
+    (lambda: lora.family(mode='fast'), "LoRA mode must be 'weight' or 'activation', got 'fast'")])
 def test_bad_family_arguments(make, message):
   with pytest.raises(ValueError, match=message):
     make()
 
 
 def test_no_searchable_supports():
-  fam = lora.space()
+  fam = lora.family()
   assert fam.supports == () and fam.option_costs((8, 8)) == []
   with pytest.raises(ValueError, match="LoRA has no searchable supports"):
     fam.options('A')

@@ -97,7 +97,7 @@ def test_llama_remat_and_attention_change_nothing(family, variant):
   ids = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
   mask = jnp.ones((2, 8), jnp.int32).at[1, -3:].set(0)
   params = llama.LlamaForCausalLM(base).init(jax.random.key(2), ids)['params']
-  fam = glora.space(ranks=(2, 4)) if family == 'glora' else lora.space(rank=2, mode='activation')
+  fam = glora.family(ranks=(2, 4)) if family == 'glora' else lora.family(rank=2, mode='activation')
   adapters = perturbed(peft.attach(params, fam, targets=llama.DEFAULT_TARGETS))
   subnet = (subnet_lib.sample(jax.random.key(4), adapters) if family == 'glora' else None)
   want = loss_and_grads(llama.LlamaForCausalLM(base), params, adapters, subnet, ids, mask)
@@ -112,7 +112,7 @@ def test_vit_and_bert_remat_change_nothing():
                       num_classes=3, drop_path_rate=0.2)
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   params = vit.VisionTransformer(cfg).init(jax.random.key(1), images)['params']
-  adapters = perturbed(peft.attach(params, glora.space(ranks=(2,)), targets=vit.DEFAULT_TARGETS))
+  adapters = perturbed(peft.attach(params, glora.family(ranks=(2,)), targets=vit.DEFAULT_TARGETS))
   subnet = subnet_lib.sample(jax.random.key(2), adapters)
   rngs = {'dropout': jax.random.key(5)}  # drop-path draws must be the same under remat
   want = loss_and_grads(vit.VisionTransformer(cfg), params, adapters, subnet, images,
@@ -127,7 +127,7 @@ def test_vit_and_bert_remat_change_nothing():
   ids = jax.random.randint(jax.random.key(0), (2, 6), 0, 50)
   model = bert.BertClassifier(bcfg, 3)
   params = model.init(jax.random.key(1), ids, jnp.ones_like(ids))['params']
-  adapters = perturbed(peft.attach(params, glora.space(ranks=(2,)), targets=bert.DEFAULT_TARGETS))
+  adapters = perturbed(peft.attach(params, glora.family(ranks=(2,)), targets=bert.DEFAULT_TARGETS))
   subnet = subnet_lib.sample(jax.random.key(2), adapters)
   want = loss_and_grads(model, params, adapters, subnet, ids, jnp.ones_like(ids),
                         deterministic=False, rngs=rngs)

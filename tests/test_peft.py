@@ -50,7 +50,7 @@ def mlp_setup(family=None):
   model = MLP()
   x = jax.random.normal(jax.random.key(0), (4, 16))
   params = model.init(jax.random.key(1), x)['params']
-  adapters = peft.attach(params, family or glora.space(ranks=(2, 4)), targets=r'fc\d/kernel')
+  adapters = peft.attach(params, family or glora.family(ranks=(2, 4)), targets=r'fc\d/kernel')
   return model, params, x, adapters
 
 
@@ -80,7 +80,7 @@ def test_merged_equals_adapted_for_random_subnets(which):
     model = Block()
     x = jax.random.normal(jax.random.key(0), (2, 5, 32))
     params = model.init(jax.random.key(1), x)['params']
-    adapters = peft.attach(params, glora.space(ranks=(2, 4)),
+    adapters = peft.attach(params, glora.family(ranks=(2, 4)),
                            targets=r'(query|key|value|out|fc1|fc2)/kernel')
     assert len(adapters.spec.layers) == 6
     plain = model
@@ -130,7 +130,7 @@ def test_lora_weight_and_activation_modes_agree_and_merge():
   model, params, x, _ = mlp_setup()
   outs = []
   for mode in ('weight', 'activation'):
-    adapters = perturbed(peft.attach(params, lora.space(rank=4, alpha=8, mode=mode),
+    adapters = perturbed(peft.attach(params, lora.family(rank=4, alpha=8, mode=mode),
                                      targets=r'fc\d/kernel'))
     outs.append(peft.forward(model, params, adapters, None, x))
     merged = peft.merge(params, adapters)
@@ -168,25 +168,25 @@ def test_gradients_reach_adapter_leaves_only():
 def test_pattern_matching_nothing_lists_paths():
   _, params, _, _ = mlp_setup()
   with pytest.raises(ValueError, match=r"'.*qery/kernel' matched no parameter; paths look like 'fc1/bias'"):
-    peft.attach(params, glora.space(), targets=r'.*qery/kernel')
+    peft.attach(params, glora.family(), targets=r'.*qery/kernel')
 
 
 def test_target_that_is_not_a_kernel():
   _, params, _, _ = mlp_setup()
   with pytest.raises(ValueError, match="matched 'fc1/bias', which is not a Dense kernel"):
-    peft.attach(params, glora.space(), targets=r'fc1/.*')
+    peft.attach(params, glora.family(), targets=r'fc1/.*')
 
 
 def test_kernel_that_is_not_2d():
   params = {'conv': {'kernel': jnp.zeros((3, 3, 4, 8))}}
   with pytest.raises(ValueError, match=r"'conv/kernel' has shape \(3, 3, 4, 8\); expected a 2-D"):
-    peft.attach(params, glora.space(), targets=r'conv/kernel')
+    peft.attach(params, glora.family(), targets=r'conv/kernel')
 
 
 def test_rank_above_layer_width():
   _, params, _, _ = mlp_setup()
   with pytest.raises(ValueError, match=r"rank 32 is above min\(in, out\) = 16 for 'fc1'"):
-    peft.attach(params, glora.space(ranks=(32,)), targets=r'fc1/kernel')
+    peft.attach(params, glora.family(ranks=(32,)), targets=r'fc1/kernel')
 
 
 def test_subnet_of_wrong_shape():
@@ -213,8 +213,8 @@ def test_out_of_range_subnet_is_refused_where_it_enters(value, message):
 
 def test_padding_column_of_a_family_without_that_support_must_be_zero():
   model, params, x, _ = mlp_setup()
-  adapters = peft.attach(params, rules=[(r'fc1/kernel', glora.space(ranks=(2,))),
-                                        (r'fc2/kernel', lora.space(rank=2))])
+  adapters = peft.attach(params, rules=[(r'fc1/kernel', glora.family(ranks=(2,))),
+                                        (r'fc2/kernel', lora.family(rank=2))])
   subnet = np.zeros((2, 5), np.int32)
   subnet[1, 0] = 1
   with pytest.raises(ValueError, match=r"layer 'fc2' \(lora\) has 0 supports, so this padding entry must be 0"):
@@ -240,7 +240,7 @@ def test_a_layer_the_model_never_calls_is_an_error():
   model = TwoHeads()
   x = jnp.ones((2, 8))
   params = model.init(jax.random.key(0), x)['params']
-  adapters = peft.attach(params, lora.space(rank=2), targets=r'(body|head)/kernel')
+  adapters = peft.attach(params, lora.family(rank=2), targets=r'(body|head)/kernel')
   assert peft.forward(model, params, adapters, None, x).shape == (2, 3)
   with pytest.raises(ValueError, match=r"1 adapted layers were never called by the model, e\.g\. 'head'"):
     peft.forward(model, params, adapters, None, x, method=TwoHeads.features)

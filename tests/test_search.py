@@ -12,7 +12,7 @@ from glora_jax.search import evolution
 def make_spec(layers=6, width=16):
   params = {f'layer_{i}': {'kernel': jnp.zeros((width, width)), 'bias': jnp.zeros(width)}
             for i in range(layers)}
-  return peft.attach(params, glora.space(ranks=(2, 4)), targets=r'.*/kernel').spec
+  return peft.attach(params, glora.family(ranks=(2, 4)), targets=r'.*/kernel').spec
 
 
 def test_mutation_redraws_at_the_stated_rate():

@@ -54,7 +54,7 @@ def test_spread_keeps_both_ends_and_even_steps():
 
 def test_picks_from_the_front_then_the_archive(tmp_path):
   params = {f'layer_{i}': {'kernel': jnp.zeros((8, 8)), 'bias': jnp.zeros(8)} for i in range(3)}
-  spec = peft.attach(params, glora.space(ranks=(2,)), targets=r'.*/kernel').spec
+  spec = peft.attach(params, glora.family(ranks=(2,)), targets=r'.*/kernel').spec
   cands = np.stack([np.asarray(subnet_lib.sample(jax.random.key(i), spec)) for i in range(12)])
   counts = [int(subnet_lib.count_params(spec, c)) for c in cands]
   acc = list(np.linspace(0.5, 0.9, 12))

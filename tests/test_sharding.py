@@ -50,9 +50,9 @@ def test_fsdp_splits_the_largest_free_dimension_of_large_leaves():
 
 
 @pytest.mark.parametrize('family, expected', [
-    (glora.space(ranks=(4,)), {'Ad': P('model', None), 'Au': P(None, 'data'), 'Cd': P('data', None),
+    (glora.family(ranks=(4,)), {'Ad': P('model', None), 'Au': P(None, 'data'), 'Cd': P('data', None),
                                'Cu': P(None, None), 'D': P('model'), 'E': P('model')}),
-    (lora.space(rank=4), {'A': P(None, 'data'), 'B': P('model', None)})])
+    (lora.family(rank=4), {'A': P(None, 'data'), 'B': P('model', None)})])
 def test_adapters_take_their_kernels_axes(family, expected):
   _, params = tiny_llama_params()
   m = mesh(2, 4)
@@ -86,7 +86,7 @@ def test_sharded_train_step_equals_unsharded():
   """GLoRA on a tiny LLaMA: frozen FSDP + tensor sharded, adapters and Adam
   moments sharded like their kernels, on 2 x 4 devices, against one device."""
   model, params = tiny_llama_params()
-  adapters = peft.attach(params, glora.space(ranks=(2,)), targets=llama.DEFAULT_TARGETS)
+  adapters = peft.attach(params, glora.family(ranks=(2,)), targets=llama.DEFAULT_TARGETS)
 
   def forward(p, a, s, batch, train, rng):
     return peft.forward(model, p, a, s, batch['input_ids'], batch['attention_mask'])

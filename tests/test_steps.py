@@ -102,7 +102,7 @@ def test_train_step_applies_sgd_to_trainable_leaves_only():
 
 
 def test_supernet_step_draws_its_subnet_from_the_step_key():
-  model, params, x, adapters = mlp_setup(glora.space(ranks=(2, 4)))
+  model, params, x, adapters = mlp_setup(glora.family(ranks=(2, 4)))
   adapters = perturbed(adapters)
   spec = adapters.spec
   trainable = {'model': {'head': params['head']}, 'adapters': adapters.params}
@@ -136,7 +136,7 @@ def test_supernet_step_draws_its_subnet_from_the_step_key():
 def supernet_setup():
   """The small adapted MLP (random adapters, no dropout), as trainable / frozen trees,
   with a batch whose last row is padding."""
-  model, params, x, adapters = mlp_setup(glora.space(ranks=(2, 4)))
+  model, params, x, adapters = mlp_setup(glora.family(ranks=(2, 4)))
   adapters = perturbed(adapters, scale=0.3)
   trainable = {'model': {'head': params['head']}, 'adapters': adapters.params}
   frozen = {k: v for k, v in params.items() if k != 'head'}

@@ -18,7 +18,7 @@ def test_bf16_inputs_are_computed_in_float32_and_returned_in_bf16():
   st = structured.Structure('circulant', 15, 15)
   p = random_params(st)
   x = jnp.asarray(normal((4, 15), 100), jnp.bfloat16)
-  fam = surm.space('circulant')
+  fam = surm.family('circulant')
   y = jnp.zeros((4, 15), jnp.bfloat16)
   out = fam.activation({'a': p['c'], 'b': jnp.ones(15)}, None, x, y,
                        jnp.zeros((15, 15), jnp.bfloat16), None)
@@ -80,7 +80,7 @@ CASES = [(h, g) for h in GROUPS for g in range(len(GROUPS[h]))]
 
 
 def attach_group(params, hidden, group, **kw):
-  rules = [(f'{layer}/kernel', surm.space(kind, **kind_kw, **kw))
+  rules = [(f'{layer}/kernel', surm.family(kind, **kind_kw, **kw))
            for layer, (kind, kind_kw) in GROUPS[hidden][group].items()]
   return peft.attach(params, rules=rules)
 
@@ -92,7 +92,7 @@ apply = jax.jit(lambda model, variables, x: model.apply(variables, x), static_ar
 
 @pytest.mark.parametrize('hidden,group', CASES)
 def test_lora_form_merged_equals_unmerged(hidden, group):
-  model, params, x, _ = mlp_setup(surm.space(), hidden)
+  model, params, x, _ = mlp_setup(surm.family(), hidden)
   adapters = perturbed(attach_group(params, hidden, group, scale=0.7))
   out = forward(model, params, adapters, None, x)
   merged = merge(params, adapters, None)
@@ -110,7 +110,7 @@ def test_lora_form_merged_equals_unmerged(hidden, group):
 
 
 def test_lora_form_under_jit_with_bf16_model():
-  model, params, x, _ = mlp_setup(surm.space())
+  model, params, x, _ = mlp_setup(surm.family())
   adapters = perturbed(attach_group(params, 48, 0, scale=0.7))
   want = np.asarray(forward(model, params, adapters, None, x), np.float64)
   to16 = lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16), t)
@@ -124,7 +124,7 @@ def test_lora_form_under_jit_with_bf16_model():
 @pytest.mark.parametrize('form', ['lora', 'adapter'])
 @pytest.mark.parametrize('group', range(2))  # groups 0 and 1 hold all six kinds
 def test_zero_init_equals_base_model_and_still_trains(form, group):
-  model, params, x, _ = mlp_setup(surm.space())
+  model, params, x, _ = mlp_setup(surm.family())
   adapters = attach_group(params, 48, group, form=form)
   base = apply(model, {'params': params}, x)  # both jitted: jit and eager differ in the last bit
   np.testing.assert_array_equal(forward(model, params, adapters, None, x), base)
@@ -139,7 +139,7 @@ def test_zero_init_equals_base_model_and_still_trains(form, group):
 
 
 def test_adapter_form_is_h_plus_gelu_mh_plus_bias_and_does_not_merge():
-  fam = surm.space('circulant', form='adapter')
+  fam = surm.family('circulant', form='adapter')
   model, params, x, adapters = mlp_setup(fam, targets=r'fc2/kernel')
   assert not fam.mergeable and fam.mode == 'activation'
   assert adapters.spec.fixed_costs[0] == 2 * 16 + 16
@@ -168,7 +168,7 @@ def test_costs_count_trainable_parameters():
            ('toeplitz', 'lora'): 16 + 48 - 1, ('block_circulant', 'lora'): 16 * 48 // 16,
            ('kronecker', 'lora'): 16 + 48, ('ldr', 'lora'): 2 * 48}
   for (kind, form), want in cases.items():
-    fam = surm.space(kind, form=form)
+    fam = surm.family(kind, form=form)
     _, params, _, adapters = mlp_setup(fam, targets=r'fc1/kernel')
     assert adapters.spec.fixed_costs[0] == want, kind
     if form == 'lora':
@@ -176,7 +176,7 @@ def test_costs_count_trainable_parameters():
 
 
 def test_kronecker_scale_is_scale_over_rank():
-  fam = surm.space('kronecker', rank=4, scale=2.0)
+  fam = surm.family('kronecker', rank=4, scale=2.0)
   p = fam.init(jax.random.key(0), (16, 8))
   p['B'] = jnp.ones_like(p['B'])
   dk, db = fam.delta(p, None, jnp.zeros((16, 8)), None)
@@ -200,7 +200,7 @@ def glora_subnet(adapters, choices):
 
 
 def test_glora_structured_circulant_b_is_w0_plus_c():
-  fam = glora.space(ranks=(4,), structured_b=('circulant',))
+  fam = glora.family(ranks=(4,), structured_b=('circulant',))
   assert 'circulant' in fam.options('B')
   model, params, x, adapters = mlp_setup(fam, targets=r'fc[13]/kernel')
   # Zero-initialised: every layer starts at the base model even with circulant chosen.
@@ -229,7 +229,7 @@ def test_glora_structured_circulant_b_is_w0_plus_c():
 
 
 def test_glora_structured_options_merge_equals_forward():
-  fam = glora.space(ranks=(2,), structured_b=('toeplitz', 'kronecker_4', 'ldr_2'))
+  fam = glora.family(ranks=(2,), structured_b=('toeplitz', 'kronecker_4', 'ldr_2'))
   # fc1 and fc3 have biases, so the C terms merge into this MLP as built.
   model, params, x, adapters = mlp_setup(fam, targets=r'fc[13]/kernel')
   adapters = perturbed(adapters, scale=0.1)
@@ -247,33 +247,33 @@ def test_glora_structured_options_merge_equals_forward():
 
 
 def test_family_that_cannot_fit_names_layer_and_what_fits():
-  _, params, _, _ = mlp_setup(surm.space())
+  _, params, _, _ = mlp_setup(surm.family())
   with pytest.raises(ValueError, match=r"kronecker with rank 5 cannot fit 'fc1' \(kernel 16x48.*"
                      r'rank 5 must divide both in and out.*families that fit: circulant'):
-    peft.attach(params, surm.space('kronecker', rank=5), targets=r'fc1/kernel')
+    peft.attach(params, surm.family('kronecker', rank=5), targets=r'fc1/kernel')
   with pytest.raises(ValueError, match=r"block_circulant with block 32 cannot fit 'fc1'.*"
                      r'gcd\(in, out\) = 16.*block in \{1, 2, 4, 8, 16\}'):
-    peft.attach(params, surm.space('block_circulant', block=32), targets=r'fc1/kernel')
+    peft.attach(params, surm.family('block_circulant', block=32), targets=r'fc1/kernel')
   with pytest.raises(ValueError, match=r"structured B option 'kronecker_5' cannot fit 'fc1'"):
-    peft.attach(params, glora.space(structured_b=('kronecker_5',)), targets=r'fc1/kernel')
+    peft.attach(params, glora.family(structured_b=('kronecker_5',)), targets=r'fc1/kernel')
 
 
 def test_unknown_names_and_bad_settings():
   with pytest.raises(ValueError, match=r"unknown kind 'circ'; expected one of \('circulant'"):
-    surm.space('circ')
+    surm.family('circ')
   with pytest.raises(ValueError, match=r"unknown structured family 'circulent'; allowed: "
                      r'circulant, toeplitz'):
-    glora.space(structured_b=('circulent',))
+    glora.family(structured_b=('circulent',))
   with pytest.raises(ValueError, match=r"unknown structured family 'ldr_0'"):
     structured.check_family_name('ldr_0')
   with pytest.raises(ValueError, match=r"form='adapter'.*needs mode='activation'"):
-    surm.space(form='adapter', mode='weight')
+    surm.family(form='adapter', mode='weight')
   with pytest.raises(ValueError, match=r'scale 0 disables the update'):
-    surm.space(scale=0.0)
+    surm.family(scale=0.0)
   with pytest.raises(ValueError,
                      match=r"rank applies to \('kronecker', 'ldr'\), not to kind 'circulant'"):
-    surm.space('circulant', rank=2)
+    surm.family('circulant', rank=2)
   with pytest.raises(ValueError, match=r"unknown product 'slow'"):
-    surm.space(product='slow')
+    surm.family(product='slow')
   with pytest.raises(ValueError, match=r"init_std applies to .*not to kind 'toeplitz'"):
-    surm.space('toeplitz', init_std=0.1)
+    surm.family('toeplitz', init_std=0.1)

@@ -78,5 +78,9 @@ class LoRA(base.AdapterFamily):
     return y + self.scale * jnp.einsum('...r,or->...o', h, params['B'].astype(x.dtype)).astype(y.dtype)
 
 
-def space(rank: int = 8, alpha: float = 16.0, mode: str = 'activation') -> LoRA:
+def family(rank: int = 8, alpha: float = 16.0, mode: str = 'activation') -> LoRA:
+  """The LoRA family of rank `rank`, scale alpha / rank, in `mode`."""
   return LoRA(rank=rank, alpha=alpha, mode=mode)
+
+
+space = family  # the name before issue 14 (it returns a family, not a space)

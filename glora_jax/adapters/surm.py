@@ -180,9 +180,12 @@ class SURM(base.AdapterFamily):
     return y + update.astype(y.dtype)
 
 
-def space(kind: str = 'circulant', form: str = 'lora', scale: float = 1.0,
+def family(kind: str = 'circulant', form: str = 'lora', scale: float = 1.0,
           rank: int | None = None, block: int | None = None, product: str = 'auto',
           init_std: float | None = None, mode: str = 'activation') -> SURM:
-  """A SURM family, e.g. `space('ldr', rank=2)` or `space('circulant', form='adapter')`."""
+  """A SURM family, e.g. `family('ldr', rank=2)` or `family('circulant', form='adapter')`."""
   return SURM(kind=kind, form=form, scale=scale, rank=rank, block=block, product=product,
               init_std=init_std, mode=mode)
+
+
+space = family  # the name before issue 14 (it returns a family, not a space)

@@ -149,7 +149,7 @@ def load_peft_adapter(path, model: nn.Module, params: Mapping[str, Any], *,
   `params`: the model's params (the head included, of the saved head's shape); the
   adapters are attached to the Linear layers the file holds `lora_A` / `lora_B` for,
   with PEFT's scaling (lora_alpha / r, or / sqrt(r) with use_rslora). `mode`: LoRA's
-  'weight' or 'activation' (None: lora.space's default). Logits are then
+  'weight' or 'activation' (None: lora.family's default). Logits are then
   `peft.forward(model, params, adapters, None, ...)`."""
   path = pathlib.Path(path)
   config = read_peft_config(path)
@@ -209,7 +209,7 @@ def load_peft_adapter(path, model: nn.Module, params: Mapping[str, Any], *,
     params = unflatten(flat)
 
   alpha = config['lora_alpha'] * (math.sqrt(rank) if config.get('use_rslora') else 1)
-  family = lora.space(rank=rank, alpha=alpha, **({'mode': mode} if mode else {}))
+  family = lora.family(rank=rank, alpha=alpha, **({'mode': mode} if mode else {}))
   targets = '|'.join(re.escape(p + '/kernel') for p in sorted(factors))
   try:
     adapters = peft.attach(params, family, targets=targets)

@@ -51,7 +51,7 @@ def validate(config) -> None:
   need(config.on_nonfinite in ('stop', 'skip'),
        f"on_nonfinite '{config.on_nonfinite}' is unknown; allowed: stop, skip")
   if config.method in ADAPTER_METHODS:
-    family(config)  # raises for bad ranks / names
+    adapter_family(config)  # raises for bad ranks / names
   if config.method == 'glora' and config.get('subnet'):
     need(pathlib.Path(config.subnet).is_file(), f'subnet file {config.subnet} does not exist')
   validate_supernet(config)
@@ -101,20 +101,23 @@ def validate_supernet(config) -> None:
          'distill needs a classification task (soft labels over classes); task is causal_lm')
 
 
-def family(config):
-  """The adapter family a config asks for."""
+def adapter_family(config):
+  """The adapter family (glora.GLoRA, lora.LoRA, surm.SURM) a config asks for."""
   a = config.adapter
   try:
     if config.method == 'glora':
-      return glora.space(ranks=tuple(a.ranks), structured_b=tuple(a.get('structured_b', ())))
+      return glora.family(ranks=tuple(a.ranks), structured_b=tuple(a.get('structured_b', ())))
     if config.method == 'lora':
-      return lora.space(rank=a.lora_rank, alpha=a.lora_alpha, mode=a.get('lora_mode', 'activation'))
+      return lora.family(rank=a.lora_rank, alpha=a.lora_alpha, mode=a.get('lora_mode', 'activation'))
     if config.method == 'surm':
       from glora_jax.adapters import surm
-      return surm.space(**dict(a.surm))
+      return surm.family(**dict(a.surm))
   except (ValueError, TypeError) as e:
     raise ConfigError(f'adapter: {e}') from None
   raise ConfigError(f"method '{config.method}' has no adapter family")
+
+
+family = adapter_family  # the name before issue 14
 
 
 def fingerprint(config, spec: peft.AdapterSpec | None, trainable) -> dict:
@@ -166,7 +169,7 @@ def build(config) -> Run:
   if config.method in ADAPTER_METHODS:
     targets = config.adapter.get('targets') or bundle.default_targets
     try:
-      adapters = peft.attach(params, family(config), targets=targets,
+      adapters = peft.attach(params, adapter_family(config), targets=targets,
                              exclude=config.adapter.get('exclude') or None,
                              key=jax.random.fold_in(jax.random.key(config.seed), 1))
     except ValueError as e:
