@@ -8,7 +8,9 @@ lora_A.weight, (r, in); lora_B.weight, (out, r)) and the trained head as PEFT's
 modules_to_save ('head'), which `peft.PeftModel.from_pretrained(base, out)` reads.
 """
 
-from absl import app, flags
+from absl import flags
+
+from glora_jax import cli
 
 flags.DEFINE_string('ckpt', None, 'A train.py workdir of a LoRA run (method lora).')
 flags.DEFINE_string('out', '', 'Output directory (default: <ckpt>/peft).')
@@ -18,21 +20,12 @@ flags.mark_flag_as_required('ckpt')
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
-  from glora_jax.cli import run_guarded
+def work():
   from glora_jax.interop import peft_lora
-
-  def work():
-    files = peft_lora.save_trained_run(FLAGS.ckpt, FLAGS.out or None,
-                                       base_model_name_or_path=FLAGS.base_model or None)
-    print('PEFT files: ' + ', '.join(files.values()))
-
-  return run_guarded(work)
+  files = peft_lora.save_trained_run(FLAGS.ckpt, FLAGS.out or None,
+                                     base_model_name_or_path=FLAGS.base_model or None)
+  print('PEFT files: ' + ', '.join(files.values()))
 
 
 if __name__ == '__main__':
-  from glora_jax.cli import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  cli.main(work)

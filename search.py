@@ -12,20 +12,35 @@ transformers.AutoModel.from_pretrained reads, timm/ for ViT). Rerunning the same
 command after an interruption continues from the last finished generation.
 """
 
-from absl import app, flags
+from absl import flags
+
+from glora_jax import cli
+from glora_jax.search.evolution import SearchConfig
 
 flags.DEFINE_string('ckpt', None, 'A train.py workdir holding a GLoRA supernet checkpoint.')
 flags.DEFINE_string('out', '', 'Output directory (default: <ckpt>/search).')
-flags.DEFINE_integer('population', 50, 'Candidates in the first generation.')
-flags.DEFINE_integer('generations', 20, 'Generations.')
-flags.DEFINE_integer('parents', 10, 'Top candidates kept as parents.')
-flags.DEFINE_integer('mutations', 25, 'Children by mutation per generation.')
-flags.DEFINE_integer('crossovers', 25, 'Children by crossover per generation.')
-flags.DEFINE_float('mutation_prob', 0.2, 'Probability to redraw each choice in a mutation.')
-flags.DEFINE_integer('tries', 10, 'Attempts per wanted child before random fill.')
-flags.DEFINE_float('param_limit', 1.0, 'Most adapter parameters, in millions.')
-flags.DEFINE_float('min_param_limit', 0.0, 'Fewest adapter parameters, in millions.')
-flags.DEFINE_integer('seed', 0, 'Search seed.')
+# One flag per SearchConfig field, with its default (the dataclass is the one source):
+# here only each flag's help, and the parameter limits' unit (millions on the command line).
+SEARCH_HELP = {
+    'population': 'Candidates in the first generation (and per generation with refill=population).',
+    'generations': 'Rounds of evolution after the random first population.',
+    'parents': 'Top candidates kept as parents.',
+    'mutations': 'Children by mutation per generation.',
+    'crossovers': 'Children by crossover per generation.',
+    'mutation_prob': 'Probability to redraw each choice in a mutation.',
+    'tries': 'Attempts per wanted child before random fill.',
+    'param_limit': 'Most adapter parameters, in millions.',
+    'min_param_limit': 'Fewest adapter parameters, in millions.',
+    'seed': 'Search seed.',
+    'refill': "'population': top every generation up to --population with random candidates "
+              "(the authors); 'children': only up to mutations + crossovers.",
+    'random_fill': "'mixed': half the random candidates uniform, half thinned towards cheap "
+                   "layers; 'uniform': the authors' sampler alone.",
+    'race': 'Racing: the share of the eval split in the first heat, after which only the '
+            'better half is scored on the rest (0: off, every candidate on the whole split).',
+}
+SEARCH_UNITS = {'param_limit': 1e6, 'min_param_limit': 1e6}
+SEARCH_FLAGS = cli.define_dataclass_flags(SearchConfig, SEARCH_HELP, SEARCH_UNITS)
 flags.DEFINE_integer('chunk', 8, 'Candidates evaluated together in one vmapped call.')
 flags.DEFINE_integer('eval_batch_size', 32, 'Examples per evaluation batch.')
 flags.DEFINE_integer('retrain_epochs', 0, 'Retrain the chosen subnet (choices fixed) before merging.')
@@ -36,39 +51,22 @@ flags.mark_flag_as_required('ckpt')
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
-  from glora_jax.cli import run_guarded
-  from glora_jax.search import driver, evolution
-
-  def work():
-    try:
-      cfg = evolution.SearchConfig(
-          population=FLAGS.population, generations=FLAGS.generations, parents=FLAGS.parents,
-          mutations=FLAGS.mutations, crossovers=FLAGS.crossovers, mutation_prob=FLAGS.mutation_prob,
-          tries=FLAGS.tries, param_limit=FLAGS.param_limit * 1e6,
-          min_param_limit=FLAGS.min_param_limit * 1e6, seed=FLAGS.seed)
-    except ValueError as e:
-      from glora_jax.errors import ConfigError
-      raise ConfigError(str(e)) from None
-    s = driver.search_and_export(FLAGS.ckpt, cfg, out=FLAGS.out or None, chunk=FLAGS.chunk,
-                                 eval_batch_size=FLAGS.eval_batch_size,
-                                 retrain_epochs=FLAGS.retrain_epochs,
-                                 export_formats=FLAGS.export_formats)
-    print(open(s['subnet_file']).read())
-    metric = s['val_metric']  # accuracy, or next_token_accuracy for a causal LM
-    name = metric.replace('_', ' ')
-    print(f"chosen subnet: {s['adapter_params']:,} adapter params (+{s['head_params']:,} head), "
-          f"val {name} {s[f'val_{metric}']:.4f}, test {name} {s[f'test_{metric}']:.4f} "
-          f"(merged: {s[f'test_{metric}_merged']:.4f}, predictions agree on "
-          f"{100 * s['merged_prediction_agreement']:.1f}%)")
-    print('merged params: ' + ', '.join(s['exports'].values()))
-
-  return run_guarded(work)
+def work():
+  from glora_jax.search import driver
+  cfg = cli.dataclass_from_flags(SearchConfig, SEARCH_FLAGS, SEARCH_UNITS)
+  s = driver.search_and_export(FLAGS.ckpt, cfg, out=FLAGS.out or None, chunk=FLAGS.chunk,
+                               eval_batch_size=FLAGS.eval_batch_size,
+                               retrain_epochs=FLAGS.retrain_epochs,
+                               export_formats=FLAGS.export_formats)
+  print(open(s['subnet_file']).read())
+  metric = s['val_metric']  # accuracy, or next_token_accuracy for a causal LM
+  name = metric.replace('_', ' ')
+  print(f"chosen subnet: {s['adapter_params']:,} adapter params (+{s['head_params']:,} head), "
+        f"val {name} {s[f'val_{metric}']:.4f}, test {name} {s[f'test_{metric}']:.4f} "
+        f"(merged: {s[f'test_{metric}_merged']:.4f}, predictions agree on "
+        f"{100 * s['merged_prediction_agreement']:.1f}%)")
+  print('merged params: ' + ', '.join(s['exports'].values()))
 
 
 if __name__ == '__main__':
-  from glora_jax.cli import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  cli.main(work)

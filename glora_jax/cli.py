@@ -2,6 +2,7 @@
 become one 'error:' line and exit code 2."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import pathlib
 import re
@@ -25,6 +26,61 @@ def run_guarded(fn: Callable[[], object]) -> int:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2
   return 0
+
+
+def main(work: Callable[[], object]) -> None:
+  """Runs a command line: absl flags parsed by parse_flags, absl logging at WARNING
+  (orbax logs every save at INFO), then work() through run_guarded (exit code 2 on
+  an expected error). `work` may raise absl's app.UsageError."""
+  from absl import app, logging
+
+  def absl_main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    return run_guarded(work)
+
+  app.run(absl_main, flags_parser=parse_flags)
+
+
+_FLAG_KINDS = {'int': 'DEFINE_integer', 'float': 'DEFINE_float', 'str': 'DEFINE_string',
+               'bool': 'DEFINE_bool'}
+
+
+def define_dataclass_flags(cls, helps: dict[str, str], units: dict[str, float] | None = None
+                           ) -> tuple[str, ...]:
+  """One absl flag per int, float, str or bool field of dataclass `cls`, named as the
+  field, with the field's default (divided by units[name] where given, e.g. 1e6 for a
+  flag in millions) and helps[name] as its help. A field already defined as a flag, or
+  of another type, is left out. Returns the names defined (for dataclass_from_flags).
+  The flags belong to the calling module (so its --help lists them)."""
+  from absl import flags
+  units = units or {}
+  caller = sys._getframe(1).f_globals['__name__']
+  module_name = sys.argv[0] if caller == '__main__' else caller  # as absl names __main__
+  names = []
+  for field in dataclasses.fields(cls):
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, '__name__', '')
+    if field.name in flags.FLAGS or kind not in _FLAG_KINDS or field.default is dataclasses.MISSING:
+      continue
+    default = field.default / units[field.name] if field.name in units else field.default
+    getattr(flags, _FLAG_KINDS[kind])(field.name, default,
+                                      helps.get(field.name, f'{cls.__name__}.{field.name}.'),
+                                      module_name=module_name)
+    names.append(field.name)
+  return tuple(names)
+
+
+def dataclass_from_flags(cls, names: Sequence[str], units: dict[str, float] | None = None):
+  """cls(**the flags `names`, each times units[name] where given); a value the
+  dataclass refuses (ValueError) is a ConfigError."""
+  from absl import flags
+  units = units or {}
+  values = {n: flags.FLAGS[n].value * units[n] if n in units else flags.FLAGS[n].value
+            for n in names}
+  try:
+    return cls(**values)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
 
 
 def _one_line(text: str) -> str:
