@@ -15,6 +15,8 @@ process's place, e.g. two processes on one machine (and --process_id=1 beside it
 from absl import app, flags
 from ml_collections import config_flags
 
+from glora_jax import cli
+
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py[:arg]).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
@@ -27,6 +29,7 @@ flags.DEFINE_integer('num_processes', None, 'With --distributed: how many proces
 flags.DEFINE_integer('process_id', None, 'With --distributed: this process, 0 .. num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 CLUSTER_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
+FLAGS = flags.FLAGS
 
 
 @flags.multi_flags_validator(('distributed',) + CLUSTER_FLAGS)
@@ -37,21 +40,16 @@ def _cluster_flags_need_distributed(values):
   return True
 
 
-def main(argv):
-  del argv
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if flags.FLAGS.distributed:  # before anything below touches a device
+def work():
+  if FLAGS.distributed:  # before anything below touches a device
     from glora_jax.train import distributed
     try:
-      distributed.initialize(*(flags.FLAGS[name].value for name in CLUSTER_FLAGS))
+      distributed.initialize(*(FLAGS[name].value for name in CLUSTER_FLAGS))
     except ValueError as e:
       raise app.UsageError(str(e)) from None
-  from glora_jax.cli import run_guarded
   from glora_jax.train import loop
-  return run_guarded(lambda: loop.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir))
+  loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
-  from glora_jax.cli import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  cli.main(work)
