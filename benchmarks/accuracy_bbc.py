@@ -115,10 +115,14 @@ def main():
                   help='print the rows recorded so far as a markdown table; run nothing')
   ap.add_argument('--per_seed', action='store_true',
                   help='with --table: one line per run instead of mean +- std over seeds')
+  ap.add_argument('--budgets', default='lora,quarter',
+                  help="GLoRA: search budgets, 'lora' (LoRA's adapter parameters) and/or 'quarter'")
   ap.add_argument('--skip_search', action='store_true',
                   help='GLoRA: report the largest subnet only (for learning-rate sweeps on val)')
   args = ap.parse_args()
   lrs = dict(kv.split('=') for kv in args.lr.split(',') if kv)
+  if bad := set(args.budgets.split(',')) - {'lora', 'quarter'}:
+    ap.error(f"--budgets: unknown {sorted(bad)}; choose from 'lora', 'quarter'")
   out = pathlib.Path(args.out) / args.setting
   out.mkdir(parents=True, exist_ok=True)
   results_file = out / 'results.json'
@@ -161,7 +165,8 @@ def main():
         lora_budget = adapter
       if method.startswith('glora') and not args.skip_search:
         budget = lora_budget or results.get(f'lora/seed{seed}', {}).get('adapter_params') or 331_776
-        for label, limit in (('lora budget', budget), ('quarter', budget // 4)):
+        budgets = {'lora': ('lora budget', budget), 'quarter': ('quarter', budget // 4)}
+        for label, limit in (budgets[b] for b in args.budgets.split(',')):
           cfg = evolution.SearchConfig(population=args.search_population,
                                        generations=args.search_generations, parents=5,
                                        mutations=args.search_population // 2,
@@ -171,7 +176,7 @@ def main():
           if row not in results or not (workdir / f'search_{limit}' / 'summary.json').exists():
             t0 = time.perf_counter()
             s = driver.search_and_export(workdir, cfg, out=workdir / f'search_{limit}',
-                                         log=lambda m: None)
+                                         export_formats=('flax',), log=lambda m: None)
             record(row, dict(search_row(s, summary['median_step_ms'], time.perf_counter() - t0,
                                         config.optim.lr), **compute))
           if args.retrain_epochs:
@@ -183,6 +188,7 @@ def main():
                               ignore=shutil.ignore_patterns('merged_params*', 'retrain'))
             t0 = time.perf_counter()
             s = driver.search_and_export(workdir, cfg, out=retrain_dir, log=lambda m: None,
+                                         export_formats=('flax',),
                                          retrain_epochs=args.retrain_epochs)
             record(f'{row} +retrain {args.retrain_epochs} ep',
                    search_row(s, None, time.perf_counter() - t0, config.optim.lr))

@@ -91,6 +91,28 @@ def test_pareto_front():
   np.testing.assert_array_equal(evolution.pareto_front(params, acc), [0, 1, 4])
 
 
+def test_archive_ranks_race_losers_after_complete_candidates():
+  spec = make_spec(layers=2)
+  archive = evolution.Archive(spec, 8)
+  cands = np.arange(5)[:, None, None] * np.ones((1,) + spec.num_options.shape, np.int32)
+  # A race's heat loser (index 1) with the highest, partial, accuracy.
+  archive.add(cands, np.array([0.6, 0.99, 0.7, 0.7, 0.5]), np.array([30, 5, 20, 10, 1]), 0,
+              np.array([True, False, True, True, True]))
+  np.testing.assert_array_equal(archive.top(5), [3, 2, 0, 4, 1])  # ties: fewer params first
+  np.testing.assert_array_equal(archive.front(), [4, 3])  # the loser is not on the front
+  saved = archive.to_json()
+  old = {k: v for k, v in saved.items() if k != 'complete'}  # a search state from before racing
+  archive.load(old)
+  assert archive.complete[:5].all()
+  archive.load(saved)
+  np.testing.assert_array_equal(archive.complete[:5], [True, False, True, True, True])
+
+
+def test_race_share_is_checked():
+  with pytest.raises(ValueError, match=r'race must be in \[0, 1\)'):
+    evolution.SearchConfig(race=1.0)
+
+
 def test_budget_that_no_subnet_meets():
   spec = make_spec()
   with pytest.raises(ValueError, match='no subnet meets the parameter budget'):

@@ -32,14 +32,71 @@ def test_vmapped_fitness_equals_one_at_a_time(supernet):
           run.bundle.splits['eval'])
   vmapped = fitness.Fitness(*args, chunk=8, batch_size=16)
   single = fitness.Fitness(*args, chunk=1, batch_size=16)
-  batched_acc = vmapped(cands)
-  np.testing.assert_allclose(batched_acc, [single(c[None])[0] for c in cands], atol=1e-9)
+  batched_acc, complete = vmapped(cands)
+  assert complete.all()  # no racing: every candidate scored on the whole split
+  np.testing.assert_allclose(batched_acc, [single(c[None])[0][0] for c in cands], atol=1e-9)
   vmapped(cands[:3])  # another count of candidates: padded to the same chunk
   assert vmapped.fn._cache_size() == 1 and single.fn._cache_size() == 1
   # and against the training evaluator, one subnet at a time
   evaluate = setup.make_evaluator(run, 16)
   _, acc0 = evaluate(trainable, run.frozen, run.bundle.splits['eval'], cands[0])
   assert abs(acc0 - batched_acc[0]) < 1e-9
+
+
+def _fitness_args(supernet):
+  run, trainable = setup.load_trained(supernet)
+  frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, run.mesh)
+  return run, (run.bundle.task, run.spec, run.mesh, trainable, run.frozen, frozen_sh)
+
+
+def test_racing_scores_the_better_half_on_the_whole_split(supernet):
+  run, args = _fitness_args(supernet)
+  val = run.bundle.splits['eval']
+  cands = np.asarray(jax.vmap(lambda k: subnet.sample(k, run.spec))(
+      jax.random.split(jax.random.key(3), 7)))
+  full_acc, _ = fitness.Fitness(*args, val, chunk=1, batch_size=16)(cands)
+  raced = fitness.Fitness(*args, val, chunk=1, batch_size=16, race=0.5)
+  assert 1 <= raced.heat < len(raced.batches)
+  # The first heat is the first `heat` batches: score them alone, as an independent split.
+  first = {k: v[:raced.heat * 16] for k, v in val.items()}
+  heat_acc, _ = fitness.Fitness(*args, first, chunk=1, batch_size=16)(cands)
+  acc, complete = raced(cands)
+  expected = np.zeros(7, bool)
+  expected[np.argsort(-heat_acc, kind='stable')[:4]] = True  # ceil(7 / 2) survivors
+  np.testing.assert_array_equal(complete, expected)
+  np.testing.assert_allclose(acc[complete], full_acc[complete], atol=1e-9)
+  np.testing.assert_allclose(acc[~complete], heat_acc[~complete], atol=1e-9)
+  assert raced.batch_evaluations == 7 * raced.heat + 4 * (len(raced.batches) - raced.heat)
+
+
+def test_racing_search_chooses_the_same_subnet_with_fewer_evaluations(supernet):
+  run, args = _fitness_args(supernet)
+  val = run.bundle.splits['eval']
+  best, cost = {}, {}
+  for race in (0.0, 0.5):
+    cfg = evolution.SearchConfig(population=8, generations=3, parents=4, mutations=4,
+                                 crossovers=4, param_limit=80_000, seed=1, race=race)
+    fit = fitness.Fitness(*args, val, chunk=4, batch_size=16, race=race)
+    archive = evolution.run(run.spec, fit, cfg, None, log=lambda m: None)
+    top = archive.top(1)[0]
+    assert archive.complete[top]
+    best[race], cost[race] = archive.cands[top], fit.batch_evaluations
+    if race:
+      assert not archive.complete[:archive.size].all()
+      front = archive.front()
+      assert archive.complete[front].all() and top in front
+  np.testing.assert_array_equal(best[0.5], best[0.0])
+  assert cost[0.5] < 0.8 * cost[0.0]
+
+
+def test_chunk_probe_picks_the_fastest_measured(supernet):
+  run, args = _fitness_args(supernet)
+  logged = []
+  fit = fitness.Fitness(*args, run.bundle.splits['eval'], chunk=None, batch_size=16,
+                        log=logged.append)
+  assert set(fit.probe) == {c * run.mesh.shape["data"] for c in fitness.PROBE_CHUNKS}
+  assert fit.chunk == min(fit.probe, key=fit.probe.get)
+  assert f'chunk {fit.chunk}' in logged[0]
 
 
 def test_search_writes_everything_and_merged_matches(supernet, tmp_path):

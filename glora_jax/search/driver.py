@@ -17,7 +17,7 @@ from glora_jax.search import evolution, export, fitness as fitness_lib
 from glora_jax.train import loop, metrics, setup, sharding
 
 
-def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int = 8,
+def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int | None = None,
                       eval_batch_size: int = 32, retrain_epochs: int = 0,
                       stop_after_generations: int | None = None,
                       export_formats=export.FORMATS, log=print) -> dict:
@@ -28,7 +28,10 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   Fitness is the task's accuracy on the eval split, correct / count of its loss
   sums: `val_metric` names it, 'accuracy' for a classifier, 'next_token_accuracy'
   (over real tokens) for a causal LM. The summary keys carry that name
-  (val_<metric>, test_<metric>, test_<metric>_merged) beside the mean test loss."""
+  (val_<metric>, test_<metric>, test_<metric>_merged) beside the mean test loss.
+
+  chunk: candidates per vmapped evaluation; None measures the fastest at start-up
+  (fitness.probe_chunk; the summary records the probe)."""
   ckpt = pathlib.Path(ckpt)
   export_formats = export.check_formats(export_formats)
   config = setup.load_config(ckpt)
@@ -44,7 +47,8 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   frozen = jax.device_put(run.frozen, frozen_sh)
 
   fit = fitness_lib.Fitness(run.bundle.task, run.spec, run.mesh, trainable, frozen, frozen_sh,
-                            run.bundle.splits['eval'], chunk=chunk, batch_size=eval_batch_size)
+                            run.bundle.splits['eval'], chunk=chunk, batch_size=eval_batch_size,
+                            race=cfg.race, log=log)
   t0 = time.perf_counter()
   archive = evolution.run(run.spec, fit, cfg, out, log=log,
                           stop_after_generations=stop_after_generations)
@@ -54,7 +58,7 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
     raise errors.BudgetError(
         f'no candidate within the parameter budget [{cfg.min_param_limit:,.0f}, '
         f'{cfg.param_limit:,.0f}] was found by random sampling; widen the budget')
-  front = evolution.pareto_front(archive.params[:n], archive.accuracy[:n])
+  front = archive.front()
   best = int(archive.top(1)[0])
   best_subnet = archive.cands[best]
   (out / 'best_subnet.json').write_text(subnet_lib.dumps(run.spec, best_subnet))
@@ -63,7 +67,7 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
        'generation': int(archive.generation[i]), 'subnet': subnet_lib.to_dict(run.spec, archive.cands[i])}
       for i in front])
   metrics.plot_search(archive, front, out / 'search.png')
-  if stop_after_generations is not None and stop_after_generations < cfg.generations:
+  if stop_after_generations is not None and stop_after_generations < cfg.generations + 1:
     return {'stopped_after_generations': stop_after_generations}
 
   if retrain_epochs:
@@ -90,7 +94,7 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   sums_merged, preds_merged = export.evaluate(
       bundle.forward_with(plain_model), task.loss, bundle.predictions, merged, None, None, test,
       eval_batch_size)
-  val = float(fit(best_subnet[None])[0]) if retrain_epochs else float(archive.accuracy[best])
+  val = float(fit(best_subnet[None])[0][0]) if retrain_epochs else float(archive.accuracy[best])
   files = export.save_merged(out, plain_model, merged, export_formats,
                              copy_files_from=source_model_dir(config))
   metric = bundle.metric
@@ -106,6 +110,8 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
       'merged_prediction_agreement': float((preds_adapted == preds_merged).mean()),
       'candidates_evaluated': int(n), 'pareto_points': int(len(front)),
       'search_seconds': search_s, 'candidates_per_second': fit.evaluated / max(search_s, 1e-9),
+      'eval_chunk': fit.chunk, 'chunk_probe_seconds_per_candidate': fit.probe,
+      'candidate_batch_evaluations': fit.batch_evaluations,
       'retrain_epochs': retrain_epochs, 'search_config': dataclasses.asdict(cfg),
       'exports': files,
   }

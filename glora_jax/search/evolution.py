@@ -39,7 +39,13 @@ class SearchConfig:
   with random candidates (the authors); 'children' only up to mutations +
   crossovers (this code before issue 16). random_fill: 'mixed' draws half the
   random candidates uniformly (the authors' sampler) and half thinned towards
-  cheap layers (ours: tight budgets are met); 'uniform' is the authors' alone."""
+  cheap layers (ours: tight budgets are met); 'uniform' is the authors' alone.
+
+  race: 0 (the authors) scores every candidate on the whole eval split. In (0, 1),
+  racing (ours, off by default): each generation's candidates are scored on the
+  first `race` share of the eval batches, the better half on the rest; the others
+  are kept with their partial accuracy, marked incomplete, and ranked after every
+  complete candidate (never parents, never on the Pareto front, never chosen)."""
   population: int = 50
   generations: int = 20
   parents: int = 10
@@ -52,6 +58,7 @@ class SearchConfig:
   seed: int = 0
   refill: str = 'population'
   random_fill: str = 'mixed'
+  race: float = 0.0
 
   def __post_init__(self):
     for name in ('population', 'parents', 'tries'):
@@ -63,6 +70,9 @@ class SearchConfig:
       raise ValueError(f"search refill '{self.refill}' is unknown; allowed: {list(REFILLS)}")
     if self.random_fill not in RANDOM_FILLS:
       raise ValueError(f"search random_fill '{self.random_fill}' is unknown; allowed: {list(RANDOM_FILLS)}")
+    if not 0.0 <= self.race < 1.0:
+      raise ValueError(f'search race must be in [0, 1) (the share of the eval split in the '
+                       f'first heat; 0 = off), got {self.race}')
     if not 0.0 <= self.mutation_prob <= 1.0:
       raise ValueError(f'mutation_prob must be in [0, 1], got {self.mutation_prob}')
     if self.min_param_limit > self.param_limit:
@@ -170,8 +180,10 @@ def pareto_front(params: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
 
 
 class Archive:
-  """Everything evaluated: candidates, accuracy, parameters, generation. A fixed
-  capacity array (so operator shapes never change) plus a valid mask."""
+  """Everything evaluated: candidates, accuracy, parameters, generation, and whether
+  the accuracy is on the whole eval split (`complete`; False only for a candidate
+  that lost a race's first heat). A fixed capacity array (so operator shapes never
+  change) plus a valid mask."""
 
   def __init__(self, spec: AdapterSpec, capacity: int):
     self.shape = spec.num_options.shape
@@ -180,26 +192,34 @@ class Archive:
     self.accuracy = np.zeros(capacity)
     self.params = np.zeros(capacity, np.int64)
     self.generation = np.zeros(capacity, np.int32)
+    self.complete = np.zeros(capacity, bool)
     self.size = 0
 
-  def add(self, cands, accuracy, params, generation):
+  def add(self, cands, accuracy, params, generation, complete=True):
     n = len(cands)
     if self.size + n > len(self.valid):
       raise RuntimeError('search archive is full; this is a bug in its capacity estimate')
     s = slice(self.size, self.size + n)
     self.cands[s], self.accuracy[s], self.params[s] = cands, accuracy, params
-    self.generation[s], self.valid[s] = generation, True
+    self.generation[s], self.valid[s], self.complete[s] = generation, True, complete
     self.size += n
 
   def top(self, k: int) -> np.ndarray:
-    idx = np.arange(self.size)
-    order = np.lexsort((self.params[idx], -self.accuracy[idx]))  # best acc, then fewer params
+    """The k best: complete before incomplete, then higher accuracy, then fewer params."""
+    n = self.size
+    order = np.lexsort((self.params[:n], -self.accuracy[:n], ~self.complete[:n]))
     return order[:k]
+
+  def front(self) -> np.ndarray:
+    """Indices of the Pareto front (pareto_front) among the complete candidates."""
+    idx = np.flatnonzero(self.complete[:self.size])
+    return idx[pareto_front(self.params[idx], self.accuracy[idx])]
 
   def to_json(self) -> dict:
     n = self.size
     return {'cands': self.cands[:n].tolist(), 'accuracy': self.accuracy[:n].tolist(),
-            'params': self.params[:n].tolist(), 'generation': self.generation[:n].tolist()}
+            'params': self.params[:n].tolist(), 'generation': self.generation[:n].tolist(),
+            'complete': self.complete[:n].tolist()}
 
   def load(self, d: dict):
     n = len(d['accuracy'])
@@ -207,7 +227,8 @@ class Archive:
     self.valid[:] = False
     if n:
       self.add(np.asarray(d['cands'], np.int32).reshape((n,) + self.shape),
-               np.asarray(d['accuracy']), np.asarray(d['params']), np.asarray(d['generation']))
+               np.asarray(d['accuracy']), np.asarray(d['params']), np.asarray(d['generation']),
+               np.asarray(d.get('complete', [True] * n), bool))
 
 
 def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: SearchConfig,
@@ -215,7 +236,8 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
         stop_after_generations: int | None = None) -> Archive:
   """Runs the search, resuming from `state_dir/search_state.json` if present.
 
-  fitness: (n, layers, supports) int32 -> (n,) validation accuracy. Keys are a
+  fitness: (n, layers, supports) int32 -> (n,) validation accuracy, or a pair
+  (accuracy, complete) when it races (fitness.Fitness with race > 0). Keys are a
   function of (seed, generation), so a resumed search ends where an
   uninterrupted one would."""
   num_options = jnp.asarray(spec.num_options)
@@ -272,9 +294,10 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
     if len(new) == 0:
       log(f'generation {gen}: no new candidate within the budget; stopping')
       break
-    acc = np.asarray(fitness(new))
+    scored = fitness(new)
+    acc, complete = scored if isinstance(scored, tuple) else (scored, np.ones(len(new), bool))
     params = np.asarray(jax.vmap(lambda s: subnet_lib.count_params(spec, s))(jnp.asarray(new)))
-    archive.add(new, acc, params, gen)
+    archive.add(new, np.asarray(acc), params, gen, np.asarray(complete, bool))
     best = archive.top(1)[0]
     log(f'generation {gen}: evaluated {len(new)}, best val accuracy {archive.accuracy[best]:.4f} '
         f'with {archive.params[best]:,} params')

@@ -1,7 +1,15 @@
 """Fitness of many subnets at once: validation accuracy (next-token accuracy for a causal
 LM) with inherited supernet weights, jax.vmap over a chunk of candidates, compiled once.
+
+The chunk (candidates per vmapped call) is a backend's trade: on this 2-core CPU one
+at a time is fastest, on an accelerator a larger chunk fills the device. `chunk=None`
+measures it at start-up (`probe_chunk`). Racing (`race`) scores every candidate on the
+first part of the eval split and only the better half on the rest.
 """
 from __future__ import annotations
+
+import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glora_jax import data
 from glora_jax.train import sharding, steps
+
+PROBE_CHUNKS = (1, 8)  # times the data-parallel size: the chunks `probe_chunk` tries
 
 
 def make_chunk_evaluator(task: steps.Task, spec, mesh, frozen_shardings, chunk: int):
@@ -29,34 +39,95 @@ def make_chunk_evaluator(task: steps.Task, spec, mesh, frozen_shardings, chunk: 
 
 
 class Fitness:
-  """Callable: (n, L, S) int32 candidates -> (n,) accuracy on `arrays`, higher is
-  better: correct / count of the task's loss sums, so top-1 accuracy for a
-  classifier and next-token accuracy over real tokens for a causal LM.
+  """Callable: (n, L, S) int32 candidates -> (accuracy (n,), complete (n,) bool) on
+  `arrays`, higher is better: correct / count of the task's loss sums, so top-1
+  accuracy for a classifier and next-token accuracy over real tokens for a causal LM.
 
   Candidates are padded to whole chunks (padding repeats the first candidate and
-  is discarded), so every call runs the same compiled function."""
+  is discarded), so every call runs the same compiled function.
+
+  chunk: candidates per vmapped call; None measures the fastest of PROBE_CHUNKS
+  (times the mesh's data size) on the first eval batch (`probe`, logged).
+
+  race: 0 scores every candidate on the whole split (complete is all True). In
+  (0, 1), a first heat scores all candidates on the first ceil(race x batches)
+  eval batches; the better half (ties to the earlier candidate) go on to the rest
+  and get their whole-split accuracy; the others keep their heat accuracy and
+  complete=False (the search ranks them after every complete candidate)."""
 
   def __init__(self, task, spec, mesh, trainable, frozen, frozen_shardings, arrays,
-               chunk: int = 8, batch_size: int = 32):
-    self.fn = make_chunk_evaluator(task, spec, mesh, frozen_shardings, chunk)
-    self.chunk, self.batch_size = chunk, batch_size
+               chunk: int | None = 8, batch_size: int = 32, race: float = 0.0,
+               log=lambda msg: None):
+    if not 0.0 <= race < 1.0:
+      raise ValueError(f'race must be in [0, 1) (the share of the eval split in the first '
+                       f'heat; 0 = off), got {race}')
     self.trainable, self.frozen = trainable, frozen
+    self.batch_size, self.race = batch_size, race
     # Evaluation batches are fixed: build (and transfer) them once.
     self.batches = [jax.device_put(b, sharding.replicated(mesh))
                     for b in data.eval_iterator(arrays, batch_size)]
-    self.evaluated = 0
+    self.heat = (max(1, min(len(self.batches) - 1, math.ceil(race * len(self.batches))))
+                 if race and len(self.batches) > 1 else len(self.batches))
+    make = lambda c: make_chunk_evaluator(task, spec, mesh, frozen_shardings, c)
+    self.probe = None
+    if chunk is None:
+      chunk, self.probe = probe_chunk(make, [c * mesh.shape['data'] for c in PROBE_CHUNKS],
+                                      trainable, frozen, self.batches[0], spec)
+      log('search chunk probe (s per candidate on one eval batch): ' +
+          ', '.join(f'{c}: {t:.3f}' for c, t in self.probe.items()) + f'; chunk {chunk}')
+    elif chunk <= 0:
+      raise ValueError(f'chunk must be > 0 (or None to measure it), got {chunk}')
+    self.fn, self.chunk = make(chunk), chunk
+    self.evaluated = 0  # candidates scored
+    self.batch_evaluations = 0  # candidate x eval-batch forwards run
 
-  def __call__(self, cands) -> np.ndarray:
+  def sums(self, cands, batches) -> np.ndarray:
+    """(n, 3) sums of (loss, count, correct) of each candidate over `batches`."""
     cands = np.asarray(cands, np.int32)
     n = len(cands)
     pad = (-n) % self.chunk
     if pad:
       cands = np.concatenate([cands, np.repeat(cands[:1], pad, axis=0)])
-    acc = []
+    out = []
     for start in range(0, len(cands), self.chunk):
       sub = jnp.asarray(cands[start:start + self.chunk])
-      totals = sum(self.fn(self.trainable, self.frozen, b, sub) for b in self.batches)
-      totals = np.asarray(jax.device_get(totals), np.float64)
-      acc.append(totals[:, 2] / np.maximum(totals[:, 1], 1))
+      out.append(np.asarray(jax.device_get(
+          sum(self.fn(self.trainable, self.frozen, b, sub) for b in batches)), np.float64))
+    self.batch_evaluations += n * len(batches)
+    return np.concatenate(out)[:n]
+
+  def __call__(self, cands) -> tuple[np.ndarray, np.ndarray]:
+    cands = np.asarray(cands, np.int32)
+    n = len(cands)
     self.evaluated += n
-    return np.concatenate(acc)[:n]
+    if self.heat == len(self.batches) or n < 2:
+      return _accuracy(self.sums(cands, self.batches)), np.ones(n, bool)
+    totals = self.sums(cands, self.batches[:self.heat])
+    heat_acc = _accuracy(totals)
+    survivors = np.argsort(-heat_acc, kind='stable')[:math.ceil(n / 2)]
+    totals[survivors] += self.sums(cands[survivors], self.batches[self.heat:])
+    complete = np.zeros(n, bool)
+    complete[survivors] = True
+    return _accuracy(totals), complete
+
+
+def _accuracy(sums: np.ndarray) -> np.ndarray:
+  return sums[:, 2] / np.maximum(sums[:, 1], 1)
+
+
+def probe_chunk(make, chunks, trainable, frozen, batch, spec, repeats: int = 2):
+  """The chunk (of `chunks`) with the least time per candidate on `batch`: each is
+  compiled, run once, then timed `repeats` times (the minimum). Returns (chunk,
+  {chunk: seconds per candidate})."""
+  times = {}
+  for c in dict.fromkeys(chunks):
+    fn = make(c)
+    subnets = jnp.zeros((c,) + tuple(spec.num_options.shape), jnp.int32)
+    jax.block_until_ready(fn(trainable, frozen, batch, subnets))  # compile
+    best = math.inf
+    for _ in range(repeats):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(trainable, frozen, batch, subnets))
+      best = min(best, time.perf_counter() - t)
+    times[c] = best / c
+  return min(times, key=times.get), times

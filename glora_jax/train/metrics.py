@@ -78,17 +78,19 @@ def plot_search(archive, front: np.ndarray, path: pathlib.Path) -> None:
   """A search's candidates (parameters vs val accuracy, the Pareto front marked) and
   its progress per generation. `archive` is a search.evolution.Archive."""
   plt = _pyplot()
-  n = archive.size
+  # Candidates scored on the whole eval split only (a race's first-heat losers have a
+  # partial accuracy, not comparable).
+  done = np.flatnonzero(archive.complete[:archive.size])
+  acc, gen = archive.accuracy[done], archive.generation[done]
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  sc = axes[0].scatter(archive.params[:n] / 1e3, archive.accuracy[:n], c=archive.generation[:n],
-                       s=12, cmap='viridis')
+  sc = axes[0].scatter(archive.params[done] / 1e3, acc, c=gen, s=12, cmap='viridis')
   axes[0].plot(archive.params[front] / 1e3, archive.accuracy[front], 'r.-', label='Pareto front')
   axes[0].set(xlabel='adapter parameters (K)', ylabel='val accuracy', title='candidates')
   axes[0].legend(loc='lower right')
   fig.colorbar(sc, ax=axes[0], label='generation')
-  gens = np.unique(archive.generation[:n])
-  best_so_far = [archive.accuracy[:n][archive.generation[:n] <= g].max() for g in gens]
-  best_in_gen = [archive.accuracy[:n][archive.generation[:n] == g].max() for g in gens]
+  gens = np.unique(gen)
+  best_so_far = [acc[gen <= g].max() for g in gens]
+  best_in_gen = [acc[gen == g].max() for g in gens]
   axes[1].plot(gens, best_so_far, 'o-', label='best so far')
   axes[1].plot(gens, best_in_gen, 's--', label='best of generation')
   axes[1].set(xlabel='generation', ylabel='val accuracy', title='progress')
