@@ -177,13 +177,3 @@ def test_mock_data_sources_preprocess_without_tensorflow(task):
   assert batch['label'][:3].tolist() == want
   assert 'tensorflow' not in sys.modules
 
-
-def test_data_dir_resolution(monkeypatch, tmp_path):
-  monkeypatch.delenv('GLORA_DATA_DIR', raising=False)
-  monkeypatch.delenv('TFDS_DATA_DIR', raising=False)
-  assert prepared.resolve_data_dir() == prepared.DEFAULT_DATA_DIR.expanduser()
-  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
-  assert prepared.resolve_data_dir() == tmp_path / 'tfds'
-  monkeypatch.setenv('GLORA_DATA_DIR', str(tmp_path / 'glora'))
-  assert prepared.resolve_data_dir() == tmp_path / 'glora'
-  assert prepared.resolve_data_dir(tmp_path / 'given') == tmp_path / 'given'
