@@ -67,7 +67,7 @@ def layout(model: nn.Module, dtype=jnp.float32) -> Layout:
                             'head': 'logits = head(mean of last_hidden_state over the '
                                     'attention mask); head.weight is (num_classes, hidden)'}}
     return Layout('hf', f'HF BertModel ({c.num_hidden_layers} layers, hidden {c.hidden_size})',
-                  tuple(bert._rules(c)) + BERT_HEAD_RULES, ('head/.*',), config,
+                  tuple(bert.import_rules(c)) + BERT_HEAD_RULES, ('head/.*',), config,
                   lambda state, source: _read_bert(model, state, source))
   if isinstance(model, llama.LlamaForCausalLM):
     c = model.config
@@ -82,7 +82,7 @@ def layout(model: nn.Module, dtype=jnp.float32) -> Layout:
               'pretraining_tp': 1, 'torch_dtype': _dtype_name(dtype)}
     return Layout('hf', f'HF LlamaForCausalLM ({c.num_hidden_layers} layers, hidden '
                   f'{c.hidden_size}, attention_bias={c.attention_bias}, mlp_bias={c.mlp_bias})',
-                  tuple(llama._rules(c)), (), config,
+                  tuple(llama.import_rules(c)), (), config,
                   lambda state, source: llama.convert_hf(state, c, source=source))
   if isinstance(model, vit.VisionTransformer):
     c = model.config
@@ -99,7 +99,7 @@ def layout(model: nn.Module, dtype=jnp.float32) -> Layout:
               'glora_jax': {'layer_norm_eps': c.layer_norm_eps, 'dtype': _dtype_name(dtype)}}
     head = bool(c.num_classes)
     return Layout('timm', f'timm VisionTransformer (dim {c.embed_dim}, depth {c.depth})',
-                  tuple(vit._timm_rules(c, 'bilinear', load_head=head)), (), config,
+                  tuple(vit.timm_import_rules(c, 'bilinear', load_head=head)), (), config,
                   lambda state, source: vit.convert_timm(state, c, load_head=head, source=source))
   raise errors.ExportError(f'{type(model).__name__} has no PyTorch layout; known: BertClassifier '
                            '(HF BertModel), LlamaForCausalLM (HF), VisionTransformer (timm)')

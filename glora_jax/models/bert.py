@@ -204,7 +204,9 @@ def backbone_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
                                 method=BertClassifier.sentence_embedding)
 
 
-def _rules(config: BertConfig) -> list[importers.Rule]:
+def import_rules(config: BertConfig) -> list[importers.Rule]:
+  """How each of our params is read from the HF BertModel checkpoint (interop.layouts
+  reads the same table backwards to export)."""
   R, T = importers.Rule, importers.transpose
   rules = [
       R('embeddings/word_embeddings/embedding', ('embeddings.word_embeddings.weight',)),
@@ -237,7 +239,7 @@ def convert_hf(state: Mapping[str, np.ndarray], config: BertConfig, *,
                source: str = 'checkpoint') -> dict:
   """HF BertModel tensors (torch names, (out, in) weights) -> backbone params."""
   state = importers.strip_prefix(state, ('bert.',))
-  return importers.convert(state, _rules(config), backbone_shapes(config), source=source,
+  return importers.convert(state, import_rules(config), backbone_shapes(config), source=source,
                            model=f'BERT ({config.num_hidden_layers} layers, hidden '
                            f'{config.hidden_size})', ignore=_IGNORED)
 

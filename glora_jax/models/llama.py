@@ -206,7 +206,9 @@ def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   return importers.param_shapes(LlamaForCausalLM(config), jnp.zeros((1, 4), jnp.int32))
 
 
-def _rules(config: LlamaConfig) -> list[importers.Rule]:
+def import_rules(config: LlamaConfig) -> list[importers.Rule]:
+  """How each of our params is read from an HF LlamaForCausalLM checkpoint
+  (interop.layouts reads the same table backwards to export)."""
   R, T = importers.Rule, importers.transpose
   rules = [R('embed_tokens/embedding', ('model.embed_tokens.weight',)),
            R('norm/scale', ('model.norm.weight',))]
@@ -231,7 +233,7 @@ def convert_hf(state: Mapping[str, np.ndarray], config: LlamaConfig, *,
   ignore = [r'model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq', r'model\.rotary_emb\.inv_freq']
   if config.tie_word_embeddings:
     ignore.append(r'lm_head\.weight')
-  return importers.convert(state, _rules(config), param_shapes(config), source=source,
+  return importers.convert(state, import_rules(config), param_shapes(config), source=source,
                            model=f'LLaMA ({config.num_hidden_layers} layers, hidden '
                            f'{config.hidden_size})', ignore=ignore)
 

@@ -268,7 +268,8 @@ def _heads_merged(x):
   return x.reshape(x.shape[0], -1) if x.ndim == 3 else x.reshape(-1)
 
 
-def _npz_rules(config: ViTConfig, prefix: str, method: str, load_head: bool):
+def npz_import_rules(config: ViTConfig, prefix: str, method: str, load_head: bool):
+  """How each of our params is read from a big_vision / original ViT .npz checkpoint."""
   R = importers.Rule
   p = prefix
   rules = [
@@ -304,7 +305,9 @@ def _npz_rules(config: ViTConfig, prefix: str, method: str, load_head: bool):
   return rules
 
 
-def _timm_rules(config: ViTConfig, method: str, load_head: bool):
+def timm_import_rules(config: ViTConfig, method: str, load_head: bool):
+  """How each of our params is read from a timm ViT state dict (interop.layouts reads
+  the same table backwards to export)."""
   R, T = importers.Rule, importers.transpose
   rules = [
       # torch conv (out, in, kh, kw) -> Flax (kh, kw, in, out)
@@ -343,7 +346,7 @@ def convert_npz(checkpoint: Mapping[str, np.ndarray], config: ViTConfig, *, load
   """Google's original ViT layout ('Transformer/encoderblock_0/...') -> our params."""
   prefix = next((p for p in ('opt/target/', 'params/') if f'{p}embedding/kernel' in checkpoint), '')
   ignore = list(ignore) + ([] if load_head else [rf'{prefix}head/.*'])
-  return importers.convert(checkpoint, _npz_rules(config, prefix, resize, load_head),
+  return importers.convert(checkpoint, npz_import_rules(config, prefix, resize, load_head),
                            param_shapes(config), source=source, model=_describe(config),
                            ignore=ignore, optional=[] if load_head else ['head/.*'])
 
@@ -352,8 +355,9 @@ def convert_timm(state: Mapping[str, np.ndarray], config: ViTConfig, *, load_hea
                  resize: str = 'bilinear', ignore: Sequence[str] = (), source: str = 'checkpoint') -> dict:
   """A timm VisionTransformer state dict (torch names and layouts) -> our params."""
   ignore = list(ignore) + ([] if load_head else [r'head\..*'])
-  return importers.convert(state, _timm_rules(config, resize, load_head), param_shapes(config),
-                           source=source, model=_describe(config), ignore=ignore,
+  return importers.convert(state, timm_import_rules(config, resize, load_head),
+                           param_shapes(config), source=source, model=_describe(config),
+                           ignore=ignore,
                            optional=[] if load_head else ['head/.*'])
 
 

@@ -46,8 +46,8 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
 def as_rules(pairs) -> list[tuple[str, P]]:
   """Rules from a config: (regex, PartitionSpec or a tuple/list of axis names or None)."""
   out = []
-  for pattern, spec in pairs or ():
-    out.append((pattern, spec if isinstance(spec, P) else P(*spec)))
+  for pattern, pspec in pairs or ():
+    out.append((pattern, pspec if isinstance(pspec, P) else P(*pspec)))
   return out
 
 
@@ -55,28 +55,28 @@ def _axis_size(mesh: Mesh, axes) -> int:
   return int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
 
 
-def spec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh | None = None, *,
+def pspec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh | None = None, *,
              fsdp: bool = False, fsdp_min_size: int = FSDP_MIN_ELEMENTS,
              notes: list[str] | None = None) -> P:
   """The PartitionSpec of one leaf: the first rule whose regex fully matches.
 
-  Without a mesh the rule's spec is returned as written (padded to the leaf's
+  Without a mesh the rule's PartitionSpec is returned as written (padded to the leaf's
   rank). With a mesh, a dimension its axes do not divide is replicated (a note
   is appended to `notes`), and `fsdp` splits the largest still-replicated
   dimension that 'data' divides, for leaves of at least `fsdp_min_size` elements."""
   shape = tuple(int(d) for d in shape)
-  for pattern, spec in rules:
+  for pattern, pspec in rules:
     if re.fullmatch(pattern, path):
       break
   else:
     raise ValueError(f"no partition rule matches '{path}'; rules are {[p for p, _ in rules]} "
                      "(end them with ('.*', PartitionSpec()))")
-  if len(spec) > len(shape):
-    raise ValueError(f"'{path}' has shape {shape}; spec {spec} of rule '{pattern}' has more "
+  if len(pspec) > len(shape):
+    raise ValueError(f"'{path}' has shape {shape}; spec {pspec} of rule '{pattern}' has more "
                      'dimensions')
-  axes = list(spec) + [None] * (len(shape) - len(spec))
+  axes = list(pspec) + [None] * (len(shape) - len(pspec))
   if mesh is None:
-    return spec
+    return pspec
   for i, (dim, ax) in enumerate(zip(shape, axes)):
     if ax is not None and dim % _axis_size(mesh, ax):
       if notes is not None:
@@ -90,14 +90,17 @@ def spec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh | None = 
     if free:
       axes[max(free, key=lambda i: shape[i])] = 'data'
   # As long as the rule wrote it, or up to the last sharded dimension (P() != P(None)).
-  used_len = max([len(spec)] + [i + 1 for i, ax in enumerate(axes) if ax is not None])
+  used_len = max([len(pspec)] + [i + 1 for i, ax in enumerate(axes) if ax is not None])
   return P(*axes[:used_len])
+
+
+spec_for = pspec_for  # the name before issue 14
 
 
 def partition_specs(tree: Any, rules: Rules, mesh: Mesh | None = None, **kwargs) -> Any:
   """PartitionSpecs shaped like `tree` (a nested dict of arrays or ShapeDtypeStructs);
-  keyword arguments as `spec_for`."""
-  return unflatten({k: spec_for(k, np.shape(v), rules, mesh, **kwargs)
+  keyword arguments as `pspec_for`."""
+  return unflatten({k: pspec_for(k, np.shape(v), rules, mesh, **kwargs)
                     for k, v in flatten(tree).items()})
 
 
@@ -115,7 +118,7 @@ def adapter_specs(adapter_spec, kernel_specs: dict[str, P], mesh: Mesh,
                   notes: list[str] | None = None) -> dict:
   """PartitionSpecs of adapter params ({layer path: {leaf: ...}}): each leaf
   dimension that the family names 'in' or 'out' (`family.param_axes`) takes the
-  axis of that dimension of the layer's kernel spec, where it divides."""
+  axis of that dimension of the layer's kernel PartitionSpec, where it divides."""
   out = {}
   for layer in adapter_spec.layers:
     k_in, k_out = tuple(kernel_specs[f'{layer.path}/kernel']) + (None,) * (
@@ -165,7 +168,7 @@ def optimizer_state_specs(optimizer: optax.GradientTransformation, abstract_opt_
                           param_specs) -> Any:
   """Specs of an optax state: its parameter-shaped parts (Adam's moments) follow
   the params' specs; counts and other scalars are replicated."""
-  return optax.tree_map_params(optimizer, lambda _, spec: spec, abstract_opt_state, param_specs,
+  return optax.tree_map_params(optimizer, lambda _, pspec: pspec, abstract_opt_state, param_specs,
                                transform_non_params=lambda _: P(),
                                is_leaf=lambda x: isinstance(x, P))
 
