@@ -1,0 +1,72 @@
+"""Tests for glora_jax.train.setup: the adapter family a config asks for, the fingerprint a
+checkpoint must match, and load_trained, which restores a run's trainable params from a
+template of shapes alone (no data iterator, no optimizer state allocated)."""
+import jax
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from glora_jax import data, errors
+from glora_jax.adapters import glora, lora, surm
+from glora_jax.train import loop, setup
+
+
+def test_adapter_family_is_the_one_the_config_names():
+  c = tiny_config()
+  c.adapter.ranks = (2, 4)
+  assert setup.adapter_family(c) == glora.GLoRA(ranks=(2, 4), structured_b=())
+  c.method = 'lora'
+  c.adapter.lora_rank, c.adapter.lora_alpha = 4, 8.0
+  assert setup.adapter_family(c) == lora.LoRA(rank=4, alpha=8.0, mode='activation')
+  c.adapter.lora_mode = 'weight'
+  assert setup.adapter_family(c).mode == 'weight'
+  c.method = 'surm'
+  c.adapter.surm.kind = 'toeplitz'
+  assert setup.adapter_family(c) == surm.SURM(kind='toeplitz', form='lora', scale=1.0, rank=None,
+                                               block=None, product='auto', init_std=None,
+                                               mode='activation')
+  assert setup.family is setup.adapter_family  # the name before issue 14
+
+
+def test_adapter_family_errors_are_config_errors():
+  c = tiny_config()
+  c.adapter.ranks = (0,)
+  with pytest.raises(errors.ConfigError, match='^adapter: '):
+    setup.adapter_family(c)
+  c.method = 'full'
+  with pytest.raises(errors.ConfigError, match="method 'full' has no adapter family"):
+    setup.adapter_family(c)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('trained')
+  loop.train_and_evaluate(tiny_config(), workdir, stop_after_steps=2, progress=False)
+  return workdir
+
+
+def test_load_trained_needs_no_batches_and_equals_the_training_state(trained, monkeypatch):
+  config = tiny_config()
+  run = setup.build(config)
+  # The independent way: the state a training run starts from, as a restore template.
+  expected = setup.restore_trainable(run, setup.make_training(run)[3], trained)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('load_trained built a training batch iterator')
+
+  monkeypatch.setattr(data, 'BatchIterator', refuse)
+  _, got = setup.load_trained(trained, config, run=run)
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+  rebuilt, again = setup.load_trained(trained)  # from the workdir's config.json
+  as_json = lambda c: c.to_json_best_effort(sort_keys=True)  # noqa: E731
+  assert as_json(rebuilt.config) == as_json(config)
+  jax.tree.map(np.testing.assert_array_equal, again, expected)
+
+
+def test_fingerprint_tells_another_adapter_configuration(trained):
+  with pytest.raises(errors.CheckpointMismatchError):
+    setup.load_trained(trained, tiny_config(**{'adapter.ranks': (2,)}))
+  run = setup.build(tiny_config())
+  same = setup.fingerprint(run.config, run.spec, run.trainable)
+  assert same == setup.fingerprint(tiny_config(), run.spec, run.trainable)
+  assert same['method'] == 'glora' and same['adapted_layers'] == len(run.spec.layers) == 12
