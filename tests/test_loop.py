@@ -1,5 +1,6 @@
-"""Training on real bundled data (tiny model): loss falls, 1 vs 8 devices agree,
-a fresh subnet per step without recompiling, and resume equals uninterrupted."""
+"""Tests for glora_jax.train.loop (train_and_evaluate) on real bundled data (tiny model):
+loss falls, 1 vs 8 devices agree, a fresh subnet per step without recompiling, and
+resume equals uninterrupted."""
 import csv
 
 import jax
