@@ -25,7 +25,6 @@ def test_adapter_family_is_the_one_the_config_names():
   assert setup.adapter_family(c) == surm.SURM(kind='toeplitz', form='lora', scale=1.0, rank=None,
                                                block=None, product='auto', init_std=None,
                                                mode='activation')
-  assert setup.family is setup.adapter_family  # the name before issue 14
 
 
 def test_adapter_family_errors_are_config_errors():
