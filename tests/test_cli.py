@@ -1,6 +1,8 @@
 """Tests for glora_jax.cli through the real command lines: a bad config argument, an
 unknown config field, a missing config file or export format is one 'error:' line naming
 what is allowed, exit code 2, and nothing written."""
+import dataclasses
+import json
 import pathlib
 import subprocess
 import sys
@@ -59,3 +61,21 @@ def test_search_refuses_an_unknown_export_format(tmp_path):
   assert list(tmp_path.iterdir()) == []
   code, _, err = run('search.py', '--ckpt', str(tmp_path), '--population=many')
   assert code == 2 and len(err) == 1 and err[0].startswith('error: flag --population=many:')
+
+
+def test_search_flags_are_searchconfig_fields_with_its_defaults():
+  """search.py defines one flag per SearchConfig field (the dataclass's default; the
+  parameter limits in millions), listed among search.py's own flags."""
+  code = ('import dataclasses, json, search; from absl import flags; '
+          'print(json.dumps({"defaults": {f.name: flags.FLAGS[f.name].default '
+          'for f in dataclasses.fields(search.SearchConfig)}, "own": sorted('
+          'f.name for f in flags.FLAGS.get_flags_for_module("search"))}))')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = json.loads(proc.stdout)
+  from glora_jax.search.evolution import SearchConfig
+  expected = {f.name: f.default / 1e6 if f.name.endswith('param_limit') else f.default
+              for f in dataclasses.fields(SearchConfig)}
+  assert got['defaults'] == expected
+  assert set(expected) <= set(got['own'])
