@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config as tiny, trainable_of
-from glora_jax.errors import ConfigError
+from glora_jax.errors import CheckpointMismatchError, ConfigError
 from glora_jax.train import loop, setup, sharding, steps
 
 OPTIONS = {'supernet.sandwich': 'largest_smallest', 'supernet.num_random': 1,
@@ -72,6 +72,12 @@ def test_resume_with_options_equals_uninterrupted(tmp_path):
   config = tiny(**OPTIONS, **{'mesh.num_devices': 1, 'num_epochs': 1})  # 4 steps
   loop.train_and_evaluate(config, tmp_path / 'straight', progress=False)
   loop.train_and_evaluate(config, tmp_path / 'split', stop_after_steps=2, progress=False)
+  # Resuming the half-run with other supernet options is refused, naming them.
+  other = tiny(**dict(OPTIONS, **{'supernet.sampling': 'uniform'}),
+               **{'mesh.num_devices': 1, 'num_epochs': 1})
+  with pytest.raises(CheckpointMismatchError, match=r"supernet is \{.*'sampling': 'fair'.*\} in "
+                     r"the checkpoint but \{.*'sampling': 'uniform'"):
+    loop.train_and_evaluate(other, tmp_path / 'split', progress=False)
   loop.train_and_evaluate(config, tmp_path / 'split', progress=False)
   a, b = trainable_of(config, tmp_path / 'straight'), trainable_of(config, tmp_path / 'split')
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)

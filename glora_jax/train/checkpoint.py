@@ -36,9 +36,17 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict, force:
                                                  extra=ocp.args.JsonSave(extra)), force=force)
 
 
+# Fingerprint keys of how a run trains, not of what it holds: compared when both the
+# checkpoint and the run name them (resuming a training run), skipped otherwise (a
+# trained run read by search or retraining; checkpoints written before the key existed).
+TRAINING_KEYS = ('supernet',)
+
+
 def _compare(found: dict, expected: dict, where: str) -> None:
   # The fingerprint's own order: the coarsest difference (task, model, method) first.
   for key in list(expected) + sorted(set(found) - set(expected)):
+    if key in TRAINING_KEYS and (key not in found or key not in expected):
+      continue
     if found.get(key) != expected.get(key):
       raise CheckpointMismatchError(
           f'checkpoint {where} does not match this run: {key} is {found.get(key)!r} in the '

@@ -46,7 +46,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
   evaluate = setup.make_evaluator(run, config.get('eval_batch_size', config.batch_size))
 
   # Restore.
-  fp = setup.fingerprint(config, run.spec, run.trainable)
+  fp = setup.training_fingerprint(config, run.spec, run.trainable)
   mngr = checkpoint.manager(workdir / 'checkpoints', keep=config.checkpoint.keep,
                             async_save=config.checkpoint.get('async_save', True))
   restored = checkpoint.restore(mngr, checkpoint.abstract(state, state_sh), fp)

@@ -130,6 +130,18 @@ def fingerprint(config, spec: peft.AdapterSpec | None, trainable) -> dict:
   }
 
 
+def training_fingerprint(config, spec: peft.AdapterSpec | None, trainable) -> dict:
+  """fingerprint plus how the run trains (checkpoint.TRAINING_KEYS): a supernet's
+  options (config.supernet), so a resume with other options fails instead of mixing
+  two recipes in one run. Progressive shrinking is fingerprinted in epochs."""
+  fp = fingerprint(config, spec, trainable)
+  if config.method == 'glora' and not config.get('subnet'):
+    options = steps.supernet_options(config, steps_per_epoch=1)
+    fp['supernet'] = dict(dataclasses.asdict(options), widen_steps=None,
+                          progressive_epochs=float(config.get('supernet', {}).get('progressive_epochs', 0.0)))
+  return fp
+
+
 def load_config(workdir) -> ml_collections.ConfigDict:
   """The config a train.py workdir was trained with (its config.json)."""
   path = pathlib.Path(workdir) / 'config.json'
