@@ -184,10 +184,11 @@ class GLoRA(base.AdapterFamily):
       W0 + W0 * A : `scaled_matmul`: one matmul forward; the (in, out) weight
                     gradient only in layers whose sampled A is low rank. A vector
                     or constant A needs sum_t g_t * (x_t K), from the frozen product.
-      B x, b'     : one rank-(r+2) product [x Bu^T, sum_j x_j, 1] [Bd, b, b']^T:
-                    low-rank B, vector/constant B (b * sum_j x_j) and the new bias
-                    b' - b0 ... + b0 = b0 + E + b0 * D + W0 C, so that the backward
-                    pass reads the output gradient once for all of them.
+      B x         : a rank-r product (x Bu^T) Bd^T for a low-rank B; a vector or
+                    constant B is a scale of the input's sum, (sum_j x_j) b.
+      b'          : b0 + E + b0 * D + W0 C, a vector added to every token.
+    (Joining B and b' into one rank-(r+2) product, so that the backward pass reads
+    the output gradient once, was measured slower on CPU and is not done.)
     The plain layer's output `y` is not used (XLA drops its matmul). The matmuls
     run in the plain layer's compute dtype (y's), accumulating in float32, as
     nn.Dense promotes its inputs to it."""
