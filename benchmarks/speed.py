@@ -136,9 +136,9 @@ def section_train(model, params, batch, task, n, rounds, peer_python=''):
   for name, patterns, fam in [
       ('frozen backbone fwd+bwd', ['head/.*', 'encoder/layer_0/attention/query/bias'], None),
       # y + x A^T B^T beside the frozen matmul (the default): no full-size kernel gradient.
-      ('LoRA r=8', ['head/.*'], lora.space(rank=8, alpha=16)),
-      ('LoRA r=8 weight mode', ['head/.*'], lora.space(rank=8, alpha=16, mode='weight')),
-      ('GLoRA supernet', ['head/.*'], glora.space())]:
+      ('LoRA r=8', ['head/.*'], lora.family(rank=8, alpha=16)),
+      ('LoRA r=8 weight mode', ['head/.*'], lora.family(rank=8, alpha=16, mode='weight')),
+      ('GLoRA supernet', ['head/.*'], glora.family())]:
     timers[name] = _ours(*build_step(model, params, patterns, fam, task), batch)
   peer = None
   if peer_python:
@@ -174,7 +174,7 @@ def section_train(model, params, batch, task, n, rounds, peer_python=''):
 
 
 def section_inference(model, params, batch, n):
-  adapters = peft.attach(params, glora.space(), targets=bert.DEFAULT_TARGETS, key=1)
+  adapters = peft.attach(params, glora.family(), targets=bert.DEFAULT_TARGETS, key=1)
   leaves, tree = jax.tree.flatten(adapters.params)
   keys = jax.random.split(jax.random.key(2), len(leaves))
   adapters = adapters.replace(params=jax.tree.unflatten(
@@ -194,7 +194,7 @@ def section_inference(model, params, batch, n):
 
 
 def section_search(model, params, batch, task, num_candidates=16):
-  adapters = peft.attach(params, glora.space(), targets=bert.DEFAULT_TARGETS, key=1)
+  adapters = peft.attach(params, glora.family(), targets=bert.DEFAULT_TARGETS, key=1)
   trainable_model, frozen = peft.partition(params, ['head/.*'])
   trainable = {'model': trainable_model, 'adapters': adapters.params}
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
