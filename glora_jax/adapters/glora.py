@@ -305,6 +305,3 @@ scaled_matmul.defvjp(_scaled_matmul_fwd, _scaled_matmul_bwd)
 def family(ranks: Sequence[int] = (4,), structured_b: Sequence[str] = ()) -> GLoRA:
   """The GLoRA family with the given LoRA ranks (default: the authors' 432 choices)."""
   return GLoRA(ranks=tuple(ranks), structured_b=tuple(structured_b))
-
-
-space = family  # the name before issue 14 (it returns a family, not a space)

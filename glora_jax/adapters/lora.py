@@ -81,6 +81,3 @@ class LoRA(base.AdapterFamily):
 def family(rank: int = 8, alpha: float = 16.0, mode: str = 'activation') -> LoRA:
   """The LoRA family of rank `rank`, scale alpha / rank, in `mode`."""
   return LoRA(rank=rank, alpha=alpha, mode=mode)
-
-
-space = family  # the name before issue 14 (it returns a family, not a space)

@@ -186,6 +186,3 @@ def family(kind: str = 'circulant', form: str = 'lora', scale: float = 1.0,
   """A SURM family, e.g. `family('ldr', rank=2)` or `family('circulant', form='adapter')`."""
   return SURM(kind=kind, form=form, scale=scale, rank=rank, block=block, product=product,
               init_std=init_std, mode=mode)
-
-
-space = family  # the name before issue 14 (it returns a family, not a space)

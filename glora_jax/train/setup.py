@@ -117,9 +117,6 @@ def adapter_family(config):
   raise ConfigError(f"method '{config.method}' has no adapter family")
 
 
-family = adapter_family  # the name before issue 14
-
-
 def fingerprint(config, spec: peft.AdapterSpec | None, trainable) -> dict:
   """What a checkpoint must match to be restored into this run."""
   return {

@@ -94,9 +94,6 @@ def pspec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh | None =
   return P(*axes[:used_len])
 
 
-spec_for = pspec_for  # the name before issue 14
-
-
 def partition_specs(tree: Any, rules: Rules, mesh: Mesh | None = None, **kwargs) -> Any:
   """PartitionSpecs shaped like `tree` (a nested dict of arrays or ShapeDtypeStructs);
   keyword arguments as `pspec_for`."""
