@@ -92,7 +92,7 @@ def evaluate_test(config, workdir):
   run, trainable = setup.load_trained(workdir, config)
   evaluate = setup.make_evaluator(run, config.eval_batch_size)
   sub = setup.eval_subnet(run)
-  _, test_acc = evaluate(trainable, run.frozen, run.bundle.splits['test'], sub)
+  _, test_acc = evaluate(trainable, run.frozen, run.model_data.splits['test'], sub)
   head = int(sum(np.size(x) for x in jax.tree.leaves(trainable['model'])))
   adapter = 0 if run.spec is None else int(subnet_lib.count_params(run.spec, sub))
   if config.method == 'full':

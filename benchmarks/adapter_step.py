@@ -81,7 +81,7 @@ def main():
       return model.apply({'params': params}, *args_, **kw)
     return peft.forward(model, params, adapters, subnet, *args_, **kw)
 
-  task = steps.Task(forward, steps.classification_loss)
+  task = steps.ForwardLoss(forward, steps.classification_loss)
   # The frozen backbone's forward + backward alone: only the head and the first
   # layer's query bias train, so the backward pass runs through every layer
   # (activation gradients) but computes no weight gradients for the stack.

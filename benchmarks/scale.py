@@ -172,7 +172,7 @@ def compile_case(devices, model_name: str, method: str, layers: int, num_devices
   optimizer = steps.make_optimizer(1e-4, 1e-4)
   trainable = {'model': model_trainable, 'adapters': adapter_params}
   state = jax.eval_shape(lambda t: steps.init_state(t, optimizer, 0, subnet0), trainable)
-  train_step = steps.make_train_step(steps.Task(forward, loss), spec, optimizer, supernet)
+  train_step = steps.make_train_step(steps.ForwardLoss(forward, loss), spec, optimizer, supernet)
 
   mesh = Mesh(np.asarray(devices[:num_devices]).reshape(num_devices, 1), ('data', 'model'))
   fsdp = num_devices > 1

@@ -44,7 +44,7 @@ def main():
   args = ap.parse_args()
 
   run, trainable = setup.load_trained(args.ckpt)
-  frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, run.mesh)
+  frozen_sh = sharding.tree_shardings(run.frozen, run.model_data.partition_rules, run.mesh)
   frozen = jax.device_put(run.frozen, frozen_sh)
   base = dict(population=args.population, generations=args.generations, parents=5,
               mutations=args.population // 2, crossovers=args.population // 2,
@@ -53,11 +53,11 @@ def main():
           'race': evolution.SearchConfig(**base, race=args.race)}
   fits = {}
   for name, chunk in (('default', 8), ('probe', None)):
-    fits[name] = fitness.Fitness(run.bundle.task, run.spec, run.mesh, trainable, frozen, frozen_sh,
-                                 run.bundle.splits['eval'], chunk=chunk,
+    fits[name] = fitness.Fitness(run.model_data.forward_loss, run.spec, run.mesh, trainable, frozen, frozen_sh,
+                                 run.model_data.splits['eval'], chunk=chunk,
                                  batch_size=args.eval_batch_size, log=print)
-  fits['race'] = fitness.Fitness(run.bundle.task, run.spec, run.mesh, trainable, frozen, frozen_sh,
-                                 run.bundle.splits['eval'], chunk=fits['probe'].chunk,
+  fits['race'] = fitness.Fitness(run.model_data.forward_loss, run.spec, run.mesh, trainable, frozen, frozen_sh,
+                                 run.model_data.splits['eval'], chunk=fits['probe'].chunk,
                                  batch_size=args.eval_batch_size, race=args.race)
   warm = np.asarray(subnet_lib.largest(run.spec))[None]
   for f in fits.values():

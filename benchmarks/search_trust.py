@@ -98,7 +98,7 @@ def main():
   config = setup.load_config(ckpt)
   run, trainable = setup.load_trained(ckpt, config)
   evaluate = setup.make_evaluator(run, args.eval_batch_size)
-  val = run.bundle.splits['eval']
+  val = run.model_data.splits['eval']
   points = pick_subnets(run.spec, search_dir, args.points, args.source)
   print(f"{'#':>2} {'from':<7} {'params':>9} {'inherited val':>13} {'retrained val':>13} {'wall s':>7}")
   rows = []

@@ -63,7 +63,7 @@ def minilm_setup(batch, tokens):
     return model.apply({'params': params}, *a, **kw) if adapters is None else \
         peft.forward(model, params, adapters, sub, *a, **kw)
 
-  return model, params, b, steps.Task(forward, steps.classification_loss)
+  return model, params, b, steps.ForwardLoss(forward, steps.classification_loss)
 
 
 class Peer:

@@ -29,9 +29,9 @@ def test_loss_falls_on_real_data(tmp_path):
   # split in one forward pass (no evaluator, no batching or padding).
   config = tiny(num_epochs=4)
   run, trainable = setup.load_trained(tmp_path, config)
-  split = run.bundle.splits['eval']
+  split = run.model_data.splits['eval']
   batch = {k: jnp.asarray(v) for k, v in split.items()}
-  logits = np.asarray(run.bundle.task.forward(
+  logits = np.asarray(run.model_data.forward_loss.forward(
       peft.combine(run.frozen, trainable['model']),
       peft.Adapters(params=trainable['adapters'], spec=run.spec), setup.eval_subnet(run),
       batch, False, None), np.float64)

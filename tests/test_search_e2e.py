@@ -25,11 +25,11 @@ def supernet(tmp_path_factory):
 
 def test_vmapped_fitness_equals_one_at_a_time(supernet):
   run, trainable = setup.load_trained(supernet)
-  frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, run.mesh)
+  frozen_sh = sharding.tree_shardings(run.frozen, run.model_data.partition_rules, run.mesh)
   cands = np.asarray(jax.vmap(lambda k: subnet.sample(k, run.spec))(
       jax.random.split(jax.random.key(0), 6)))
-  args = (run.bundle.task, run.spec, run.mesh, trainable, run.frozen, frozen_sh,
-          run.bundle.splits['eval'])
+  args = (run.model_data.forward_loss, run.spec, run.mesh, trainable, run.frozen, frozen_sh,
+          run.model_data.splits['eval'])
   vmapped = fitness.Fitness(*args, chunk=8, batch_size=16)
   single = fitness.Fitness(*args, chunk=1, batch_size=16)
   batched_acc, complete = vmapped(cands)
@@ -39,19 +39,19 @@ def test_vmapped_fitness_equals_one_at_a_time(supernet):
   assert vmapped.fn._cache_size() == 1 and single.fn._cache_size() == 1
   # and against the training evaluator, one subnet at a time
   evaluate = setup.make_evaluator(run, 16)
-  _, acc0 = evaluate(trainable, run.frozen, run.bundle.splits['eval'], cands[0])
+  _, acc0 = evaluate(trainable, run.frozen, run.model_data.splits['eval'], cands[0])
   assert abs(acc0 - batched_acc[0]) < 1e-9
 
 
 def _fitness_args(supernet):
   run, trainable = setup.load_trained(supernet)
-  frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, run.mesh)
-  return run, (run.bundle.task, run.spec, run.mesh, trainable, run.frozen, frozen_sh)
+  frozen_sh = sharding.tree_shardings(run.frozen, run.model_data.partition_rules, run.mesh)
+  return run, (run.model_data.forward_loss, run.spec, run.mesh, trainable, run.frozen, frozen_sh)
 
 
 def test_racing_scores_the_better_half_on_the_whole_split(supernet):
   run, args = _fitness_args(supernet)
-  val = run.bundle.splits['eval']
+  val = run.model_data.splits['eval']
   cands = np.asarray(jax.vmap(lambda k: subnet.sample(k, run.spec))(
       jax.random.split(jax.random.key(3), 7)))
   full_acc, _ = fitness.Fitness(*args, val, chunk=1, batch_size=16)(cands)
@@ -71,7 +71,7 @@ def test_racing_scores_the_better_half_on_the_whole_split(supernet):
 
 def test_racing_search_chooses_the_same_subnet_with_fewer_evaluations(supernet):
   run, args = _fitness_args(supernet)
-  val = run.bundle.splits['eval']
+  val = run.model_data.splits['eval']
   best, cost = {}, {}
   for race in (0.0, 0.5):
     cfg = evolution.SearchConfig(population=8, generations=3, parents=4, mutations=4,
@@ -92,7 +92,7 @@ def test_racing_search_chooses_the_same_subnet_with_fewer_evaluations(supernet):
 def test_chunk_probe_picks_the_fastest_measured(supernet):
   run, args = _fitness_args(supernet)
   logged = []
-  fit = fitness.Fitness(*args, run.bundle.splits['eval'], chunk=None, batch_size=16,
+  fit = fitness.Fitness(*args, run.model_data.splits['eval'], chunk=None, batch_size=16,
                         log=logged.append)
   assert set(fit.probe) == {c * run.mesh.shape["data"] for c in fitness.PROBE_CHUNKS}
   assert fit.chunk == min(fit.probe, key=fit.probe.get)
@@ -131,20 +131,20 @@ def test_search_writes_everything_and_merged_matches(supernet, tmp_path):
   run, trainable = setup.load_trained(supernet)
   chosen = subnet.loads(run.spec, (tmp_path / 'best_subnet.json').read_text())
   merged = export.load_safetensors(tmp_path / 'merged_params.safetensors')
-  assert set(peft.flatten(merged)) == set(peft.flatten(run.bundle.params))
-  test = run.bundle.splits['test']
+  assert set(peft.flatten(merged)) == set(peft.flatten(run.model_data.params))
+  test = run.model_data.splits['test']
   batch = {k: jnp.asarray(v[:16]) for k, v in test.items()}
-  plain = run.bundle.model.apply({'params': merged}, batch['input_ids'], batch['attention_mask'],
+  plain = run.model_data.model.apply({'params': merged}, batch['input_ids'], batch['attention_mask'],
                                  batch['token_type_ids'])
   adapters = peft.Adapters(params=trainable['adapters'], spec=run.spec)
-  adapted = peft.forward(run.bundle.model, peft.combine(run.frozen, trainable['model']), adapters,
+  adapted = peft.forward(run.model_data.model, peft.combine(run.frozen, trainable['model']), adapters,
                          chosen, batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
   np.testing.assert_allclose(plain, adapted, rtol=1e-4, atol=1e-4)
   orbax_merged = export.load_orbax(tmp_path / 'merged_params')
   jax.tree.map(np.testing.assert_array_equal, orbax_merged, merged)
   # The same through the loader every export has: model_config.json builds the model.
   loaded_model, loaded = export.load_merged(tmp_path)
-  assert loaded_model.config == run.bundle.model.config
+  assert loaded_model.config == run.model_data.model.config
   np.testing.assert_array_equal(loaded_model.apply({'params': loaded}, batch['input_ids'],
                                                    batch['attention_mask'], batch['token_type_ids']),
                                 plain)

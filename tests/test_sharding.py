@@ -92,7 +92,7 @@ def test_sharded_train_step_equals_unsharded():
     return peft.forward(model, p, a, s, batch['input_ids'], batch['attention_mask'])
 
   from glora_jax.train import tasks
-  task = steps.Task(forward, tasks.lm_loss)
+  task = steps.ForwardLoss(forward, tasks.lm_loss)
   # SGD with momentum: a param-shaped optimizer state, and updates proportional
   # to the gradients (Adam's normalisation would amplify rounding noise).
   optimizer = optax.sgd(0.1, momentum=0.9)

@@ -59,7 +59,7 @@ def linear_task():
   def forward(params, adapters, subnet, batch, train, rng):
     del adapters, subnet, train, rng
     return (batch['x'] @ params['body']) @ params['head']['w'] + params['head']['b']
-  return steps.Task(forward, steps.classification_loss)
+  return steps.ForwardLoss(forward, steps.classification_loss)
 
 
 def test_train_step_applies_sgd_to_trainable_leaves_only():
@@ -113,7 +113,7 @@ def test_supernet_step_draws_its_subnet_from_the_step_key():
     return peft.forward(model, p, a, subnet, batch['x'])
 
   optimizer = optax.sgd(0.0)
-  step = jax.jit(steps.make_train_step(steps.Task(forward, steps.classification_loss), spec,
+  step = jax.jit(steps.make_train_step(steps.ForwardLoss(forward, steps.classification_loss), spec,
                                        optimizer, supernet=True))
   state = steps.init_state(trainable, optimizer, seed=3, subnet=np.zeros(spec.num_options.shape))
   batch = {'x': x, 'label': jnp.array([0, 1, 2, 0])}
@@ -148,7 +148,7 @@ def supernet_setup():
     return peft.forward(model, p, a, subnet, batch['x'])
 
   batch = {'x': x, 'label': jnp.array([0, 1, 2, 0]), 'mask': jnp.array([1.0, 1.0, 1.0, 0.0])}
-  return adapters.spec, steps.Task(forward, steps.classification_loss), trainable, frozen, batch, traces
+  return adapters.spec, steps.ForwardLoss(forward, steps.classification_loss), trainable, frozen, batch, traces
 
 
 def np_logits(task, trainable, frozen, spec, subnet, batch):

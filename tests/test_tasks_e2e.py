@@ -38,9 +38,9 @@ def test_vit_mnist_search_and_plain_model_from_files(tmp_path):
   run, trainable = setup.load_trained(workdir)
   chosen = subnet_lib.loads(run.spec, (out / 'best_subnet.json').read_text())
   model, params = export.load_merged(out)
-  batch = {k: jnp.asarray(v[:16]) for k, v in run.bundle.splits['test'].items()}
-  plain = run.bundle.forward_with(model)(params, None, None, batch, False, None)
-  adapted = run.bundle.task.forward(peft.combine(run.frozen, trainable['model']),
+  batch = {k: jnp.asarray(v[:16]) for k, v in run.model_data.splits['test'].items()}
+  plain = run.model_data.forward_with(model)(params, None, None, batch, False, None)
+  adapted = run.model_data.forward_loss.forward(peft.combine(run.frozen, trainable['model']),
                                     peft.Adapters(params=trainable['adapters'], spec=run.spec),
                                     chosen, batch, False, None)
   np.testing.assert_allclose(plain, adapted, rtol=1e-4, atol=1e-4)
@@ -69,11 +69,11 @@ def test_llama_search_and_plain_model_with_gained_biases_from_files(tmp_path):
   chosen = subnet_lib.loads(run.spec, (out / 'best_subnet.json').read_text())
   # The reported val accuracy, recomputed with numpy from the chosen subnet's logits on
   # the whole val split: correct next tokens / real next tokens.
-  val = run.bundle.splits['eval']
+  val = run.model_data.splits['eval']
   adapters = peft.Adapters(params=trainable['adapters'], spec=run.spec)
   params_in = peft.combine(run.frozen, trainable['model'])
   logits = np.concatenate([np.asarray(peft.forward(
-      run.bundle.model, params_in, adapters, chosen, jnp.asarray(val['input_ids'][i:i + 16]),
+      run.model_data.model, params_in, adapters, chosen, jnp.asarray(val['input_ids'][i:i + 16]),
       jnp.asarray(val['attention_mask'][i:i + 16]))) for i in range(0, len(val['input_ids']), 16)])
   real = np.asarray(val['attention_mask'])[:, 1:] > 0
   hits = (logits[:, :-1].argmax(-1) == np.asarray(val['input_ids'])[:, 1:]) & real
@@ -84,20 +84,20 @@ def test_llama_search_and_plain_model_with_gained_biases_from_files(tmp_path):
     chosen = chosen.copy()
     chosen[:, names.index('E')] = run.spec.layers[0].family.options('E').index('vector')
     out = tmp_path / 'forced'
-    base = export.merged_params(run.bundle.params, trainable, run.spec, chosen)
-    export.save_merged(out, *export.plain_model(run.bundle.model, base))
+    base = export.merged_params(run.model_data.params, trainable, run.spec, chosen)
+    export.save_merged(out, *export.plain_model(run.model_data.model, base))
   model, params = export.load_merged(out)
   assert model.config.attention_bias or model.config.mlp_bias  # some layer really gained a bias
   described = json.loads((out / 'model_config.json').read_text())['config']
   assert described['attention_bias'] == model.config.attention_bias
 
-  batch = {k: jnp.asarray(v[:8]) for k, v in run.bundle.splits['test'].items()}
+  batch = {k: jnp.asarray(v[:8]) for k, v in run.model_data.splits['test'].items()}
   plain = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'])
-  adapted = peft.forward(run.bundle.model, peft.combine(run.frozen, trainable['model']),
+  adapted = peft.forward(run.model_data.model, peft.combine(run.frozen, trainable['model']),
                          peft.Adapters(params=trainable['adapters'], spec=run.spec), chosen,
                          batch['input_ids'], batch['attention_mask'])
   np.testing.assert_allclose(plain, adapted, rtol=1e-4, atol=1e-4)
   # Non-vacuous: the original bias-less model would ignore what the merge added.
-  ignored = run.bundle.model.apply({'params': export.merged_params(
-      run.bundle.params, trainable, run.spec, chosen)}, batch['input_ids'], batch['attention_mask'])
+  ignored = run.model_data.model.apply({'params': export.merged_params(
+      run.model_data.params, trainable, run.spec, chosen)}, batch['input_ids'], batch['attention_mask'])
   assert np.abs(ignored - adapted).max() > 1e-3

@@ -246,6 +246,6 @@ def save_trained_run(ckpt, out=None, *, base_model_name_or_path: str | None = No
   if base_model_name_or_path is None:
     source = driver.source_model_dir(config)
     base_model_name_or_path = str(source) if source else None
-  return save_peft_adapter(pathlib.Path(out) if out else ckpt / 'peft', run.bundle.model,
+  return save_peft_adapter(pathlib.Path(out) if out else ckpt / 'peft', run.model_data.model,
                            adapters, head=trainable['model'] or None,
                            base_model_name_or_path=base_model_name_or_path)

@@ -43,11 +43,11 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   evolution.check_budget(run.spec, cfg)  # fail before any expensive work
   out.mkdir(parents=True, exist_ok=True)
   _, trainable = setup.load_trained(ckpt, run=run)
-  frozen_sh = sharding.tree_shardings(run.frozen, run.bundle.partition_rules, run.mesh)
+  frozen_sh = sharding.tree_shardings(run.frozen, run.model_data.partition_rules, run.mesh)
   frozen = jax.device_put(run.frozen, frozen_sh)
 
-  fit = fitness_lib.Fitness(run.bundle.task, run.spec, run.mesh, trainable, frozen, frozen_sh,
-                            run.bundle.splits['eval'], chunk=chunk, batch_size=eval_batch_size,
+  fit = fitness_lib.Fitness(run.model_data.forward_loss, run.spec, run.mesh, trainable, frozen, frozen_sh,
+                            run.model_data.splits['eval'], chunk=chunk, batch_size=eval_batch_size,
                             race=cfg.race, log=log)
   t0 = time.perf_counter()
   archive = evolution.run(run.spec, fit, cfg, out, log=log,
@@ -63,7 +63,7 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   best_subnet = archive.cands[best]
   (out / 'best_subnet.json').write_text(subnet_lib.dumps(run.spec, best_subnet))
   metrics.write_json(out / 'pareto.json', [
-      {'params': int(archive.params[i]), f'val_{run.bundle.metric}': float(archive.accuracy[i]),
+      {'params': int(archive.params[i]), f'val_{run.model_data.metric}': float(archive.accuracy[i]),
        'generation': int(archive.generation[i]), 'subnet': subnet_lib.to_dict(run.spec, archive.cands[i])}
       for i in front])
   metrics.plot_search(archive, front, out / 'search.png')
@@ -83,21 +83,21 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   # The test split, measured once on the task's own sums (loss, count, correct): the
   # adapted supernet with the chosen subnet, and the merged plain model, which
   # `plain_model` checks holds exactly the parameters it reads, before anything is written.
-  bundle, test = run.bundle, run.bundle.splits['test']
-  task = bundle.task
+  model_data, test = run.model_data, run.model_data.splits['test']
+  fl = model_data.forward_loss
   adapters = peft.Adapters(params=trainable['adapters'], spec=run.spec)
   sums_adapted, preds_adapted = export.evaluate(
-      task.forward, task.loss, bundle.predictions, peft.combine(run.frozen, trainable['model']),
+      fl.forward, fl.loss, model_data.predictions, peft.combine(run.frozen, trainable['model']),
       adapters, jax.numpy.asarray(best_subnet), test, eval_batch_size)
   plain_model, merged = export.plain_model(
-      bundle.model, export.merged_params(bundle.params, trainable, run.spec, best_subnet))
+      model_data.model, export.merged_params(model_data.params, trainable, run.spec, best_subnet))
   sums_merged, preds_merged = export.evaluate(
-      bundle.forward_with(plain_model), task.loss, bundle.predictions, merged, None, None, test,
+      model_data.forward_with(plain_model), fl.loss, model_data.predictions, merged, None, None, test,
       eval_batch_size)
   val = float(fit(best_subnet[None])[0][0]) if retrain_epochs else float(archive.accuracy[best])
   files = export.save_merged(out, plain_model, merged, export_formats,
                              copy_files_from=source_model_dir(config))
-  metric = bundle.metric
+  metric = model_data.metric
   summary = {
       'subnet_file': str(out / 'best_subnet.json'),
       'adapter_params': int(subnet_lib.count_params(run.spec, best_subnet)),

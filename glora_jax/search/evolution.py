@@ -3,7 +3,7 @@
 Operators are jitted array functions of jax.random keys: mutation, crossover,
 random fill, budget filter and de-duplication against everything seen so far.
 Candidate arrays have static shapes, so nothing recompiles across generations.
-The driver keeps a resumable state (one JSON per generation).
+`run` is the search loop; it keeps a resumable state (one JSON per generation).
 """
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def propose_random(key, archive, archive_valid, num_options, costs, fixed_cost, 
 
 
 # --------------------------------------------------------------------------- #
-# Driver
+# The search loop (search/driver.py calls it, then merges and exports)
 # --------------------------------------------------------------------------- #
 
 

@@ -22,7 +22,7 @@ from glora_jax.train import sharding, steps
 PROBE_CHUNKS = (1, 8)  # times the data-parallel size: the chunks `probe_chunk` tries
 
 
-def make_chunk_evaluator(task: steps.Task, spec, mesh, frozen_shardings, chunk: int):
+def make_chunk_evaluator(task: steps.ForwardLoss, spec, mesh, frozen_shardings, chunk: int):
   """f(trainable, frozen, batch, subnets (chunk, L, S)) -> (chunk, 3) sums of
   (loss, examples, correct). The candidate axis is split over the 'data' mesh
   axis when it divides evenly (each device evaluates its own candidates)."""

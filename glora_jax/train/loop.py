@@ -111,7 +111,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
     if bar is not None:
       bar.update(1)
     epoch_done = batches.state['position'] == 0
-    evaluate_now = (epoch_done and 'eval' in run.bundle.splits and eval_every
+    evaluate_now = (epoch_done and 'eval' in run.model_data.splits and eval_every
                     and (epoch + 1) % eval_every == 0)
     save_now = step % every == 0 or epoch_done
     stop_now = stop_after_steps is not None and step >= stop_after_steps
@@ -127,7 +127,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
       if bar is not None:
         bar.set_postfix(loss=f'{float(m["loss"]):.4f}', epoch=epoch)
     if evaluate_now:
-      val_loss, val_acc = evaluate(state['trainable'], frozen, run.bundle.splits['eval'],
+      val_loss, val_acc = evaluate(state['trainable'], frozen, run.model_data.splits['eval'],
                                    setup.eval_subnet(run))
       metrics_log.add(step=step, epoch=epoch, val_loss=val_loss, val_accuracy=val_acc)
       msg = f'epoch {epoch}: val_loss={val_loss:.4f} val_accuracy={val_acc:.4f}'
@@ -141,8 +141,8 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
       break
   if pending:
     fetch()
-  if 'eval' in run.bundle.splits and math.isnan(val_acc):  # resumed after the last epoch
-    val_loss, val_acc = evaluate(state['trainable'], frozen, run.bundle.splits['eval'],
+  if 'eval' in run.model_data.splits and math.isnan(val_acc):  # resumed after the last epoch
+    val_loss, val_acc = evaluate(state['trainable'], frozen, run.model_data.splits['eval'],
                                  setup.eval_subnet(run))
   if mngr.latest_step() != step:
     save(step, force=True)

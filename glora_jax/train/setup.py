@@ -1,7 +1,7 @@
-"""Everything a run is built from its config before a step runs: checks, the Run,
+"""Everything a run is built from its config before a step runs: checks, the BuiltRun,
 optimizer and state, jitted steps and evaluator, and restoring a trained workdir.
 
-Sections: config, the Run, evaluation, training state, restore.
+Sections: config, the BuiltRun, evaluation, training state, restore.
 """
 from __future__ import annotations
 
@@ -149,15 +149,15 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 
 # --------------------------------------------------------------------------- #
-# The Run: shared by training, search and the benchmarks
+# The BuiltRun: shared by training, search and the benchmarks
 # --------------------------------------------------------------------------- #
 
 
 @dataclasses.dataclass
-class Run:
+class BuiltRun:
   """Everything built from a config, before any step runs."""
   config: Any
-  bundle: tasks.Bundle
+  model_data: tasks.ModelAndData
   mesh: Any
   spec: peft.AdapterSpec | None
   trainable: dict
@@ -165,18 +165,18 @@ class Run:
   fixed_subnet: np.ndarray | None
 
 
-def build(config) -> Run:
+def build(config) -> BuiltRun:
   validate(config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model,
                             jax.devices()[:config.mesh.get('num_devices', 0) or None])
   try:
-    bundle = tasks.build(config)
+    model_data = tasks.build(config)
   except (ValueError, KeyError, AttributeError) as e:  # unknown dataset, model, config field
     raise ConfigError(f'{type(e).__name__ if not isinstance(e, ValueError) else "config"}: {e}') from None
-  params = bundle.params
+  params = model_data.params
   adapters = None
   if config.method in ADAPTER_METHODS:
-    targets = config.adapter.get('targets') or bundle.default_targets
+    targets = config.adapter.get('targets') or model_data.default_targets
     try:
       adapters = peft.attach(params, adapter_family(config), targets=targets,
                              exclude=config.adapter.get('exclude') or None,
@@ -185,15 +185,15 @@ def build(config) -> Run:
       raise ConfigError(f'adapter: {e}') from None
   if config.method == 'full':
     model_trainable, frozen = params, {}
-  elif bundle.head_pattern is None:  # no task head (causal LM): only adapters train
+  elif model_data.head_pattern is None:  # no task head (causal LM): only adapters train
     model_trainable, frozen = {}, params
   else:
-    model_trainable, frozen = peft.partition(params, [bundle.head_pattern])
+    model_trainable, frozen = peft.partition(params, [model_data.head_pattern])
   frozen_dtype = jnp.dtype(config.model.get('frozen_dtype', 'float32'))
   frozen = jax.tree.map(lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                         frozen)
   try:
-    bundle.splits  # read the data now that the cheap checks have passed
+    model_data.splits  # read the data now that the cheap checks have passed
   except ValueError as e:
     raise ConfigError(f'data: {e}') from None
   trainable = {'model': model_trainable, 'adapters': {} if adapters is None else adapters.params}
@@ -204,7 +204,7 @@ def build(config) -> Run:
       fixed = subnet_lib.loads(spec, pathlib.Path(config.subnet).read_text())
     elif not spec.searchable:
       fixed = np.zeros(spec.num_options.shape, np.int32)
-  return Run(config, bundle, mesh, spec, trainable, frozen, fixed)
+  return BuiltRun(config, model_data, mesh, spec, trainable, frozen, fixed)
 
 
 # --------------------------------------------------------------------------- #
@@ -212,7 +212,7 @@ def build(config) -> Run:
 # --------------------------------------------------------------------------- #
 
 
-def eval_subnet(run: Run) -> np.ndarray:
+def eval_subnet(run: BuiltRun) -> np.ndarray:
   """The subnet used to evaluate during training: the fixed one, or for a
   supernet the largest (every support at its biggest option), a stable monitor."""
   if run.spec is None:
@@ -220,9 +220,9 @@ def eval_subnet(run: Run) -> np.ndarray:
   return run.fixed_subnet if run.fixed_subnet is not None else subnet_lib.largest(run.spec)
 
 
-def make_evaluator(run: Run, batch_size: int):
+def make_evaluator(run: BuiltRun, batch_size: int):
   """evaluate(trainable, arrays, subnet) -> (mean loss, accuracy), jitted once."""
-  eval_step = steps.make_eval_step(run.bundle.task, run.spec)
+  eval_step = steps.make_eval_step(run.model_data.forward_loss, run.spec)
   frozen_specs, trainable_specs = param_specs(run)
   rep = sharding.replicated(run.mesh)
   jitted = jax.jit(eval_step, in_shardings=(sharding.named(run.mesh, trainable_specs),
@@ -265,18 +265,18 @@ def optimizer_and_schedule(config, steps_per_epoch: int):
   return optimizer, schedule
 
 
-def _state_subnet(run: Run) -> np.ndarray:
+def _state_subnet(run: BuiltRun) -> np.ndarray:
   # A supernet draws its subnet in each step; the state's entry only keeps the shape.
   return (run.fixed_subnet if run.fixed_subnet is not None
           else np.zeros((1, 1) if run.spec is None else run.spec.num_options.shape, np.int32))
 
 
-def make_training(run: Run):
+def make_training(run: BuiltRun):
   """(batches, optimizer, lr schedule, initial state) of a run."""
   config = run.config
   # Training batches keep the protocol's partial last batch, padded to a static
   # shape and masked out of the mean: the same update as a smaller batch, one compile.
-  batches = data.BatchIterator(run.bundle.splits['train'], config.batch_size, shuffle=True,
+  batches = data.BatchIterator(run.model_data.splits['train'], config.batch_size, shuffle=True,
                                seed=config.seed, num_epochs=config.num_epochs,
                                drop_remainder=config.drop_remainder,
                                pad_remainder=not config.drop_remainder)
@@ -285,7 +285,7 @@ def make_training(run: Run):
                                                         _state_subnet(run))
 
 
-def abstract_state(run: Run) -> dict:
+def abstract_state(run: BuiltRun) -> dict:
   """The shapes and dtypes of a run's training state, by jax.eval_shape: a restore
   template without a data iterator or allocated optimizer state. The schedule's
   length (any will do) changes its values, never the optimizer state's structure."""
@@ -299,18 +299,18 @@ def abstract_state(run: Run) -> dict:
   return checkpoint.abstract(shapes, jax.tree.map(lambda _: default, shapes))
 
 
-def partition_rules(run: Run) -> list:
+def partition_rules(run: BuiltRun) -> list:
   """The config's rules (mesh.rules) first, then the model's own."""
-  return sharding.as_rules(run.config.mesh.get('rules', ())) + list(run.bundle.partition_rules)
+  return sharding.as_rules(run.config.mesh.get('rules', ())) + list(run.model_data.partition_rules)
 
 
-def param_specs(run: Run, notes: list[str] | None = None) -> tuple[dict, dict]:
+def param_specs(run: BuiltRun, notes: list[str] | None = None) -> tuple[dict, dict]:
   """(frozen specs, trainable specs) of a run (sharding.param_specs)."""
   return sharding.param_specs(run.frozen, run.trainable['model'], run.spec, partition_rules(run),
                               run.mesh, fsdp=bool(run.config.mesh.get('fsdp', False)), notes=notes)
 
 
-def make_jitted_step(run: Run, optimizer, state):
+def make_jitted_step(run: BuiltRun, optimizer, state):
   """(jitted step, state shardings, frozen shardings). The frozen backbone is
   sharded by the partition rules, adapters and their optimizer state like their
   kernels, batches split over 'data'; the state is donated. Non-finite steps are
@@ -329,10 +329,10 @@ def make_jitted_step(run: Run, optimizer, state):
   if run.spec is not None and run.fixed_subnet is None:
     per_epoch = None
     if run.config.get('supernet', {}).get('progressive_epochs', 0):
-      per_epoch = data.BatchIterator(run.bundle.splits['train'], run.config.batch_size, shuffle=False,
+      per_epoch = data.BatchIterator(run.model_data.splits['train'], run.config.batch_size, shuffle=False,
                                      drop_remainder=run.config.drop_remainder).batches_per_epoch
     supernet = steps.supernet_options(run.config, per_epoch)
-  train_step = steps.make_train_step(run.bundle.task, run.spec, optimizer, supernet)
+  train_step = steps.make_train_step(run.model_data.forward_loss, run.spec, optimizer, supernet)
   skip_nonfinite = run.config.on_nonfinite == 'skip'
 
   def guarded_step(state, frozen, batch):
@@ -354,7 +354,7 @@ def make_jitted_step(run: Run, optimizer, state):
 # --------------------------------------------------------------------------- #
 
 
-def restore_trainable(run: Run, state, directory) -> dict:
+def restore_trainable(run: BuiltRun, state, directory) -> dict:
   """The trainable params of the latest checkpoint under `directory` (a train.py
   workdir), checked against this run's configuration. `state` (arrays or
   ShapeDtypeStructs) gives the structure and the placement of what is restored."""
@@ -369,7 +369,7 @@ def restore_trainable(run: Run, state, directory) -> dict:
   return restored[1]['trainable']
 
 
-def load_trained(workdir, config=None, *, run: Run | None = None) -> tuple[Run, dict]:
+def load_trained(workdir, config=None, *, run: BuiltRun | None = None) -> tuple[BuiltRun, dict]:
   """(run, trainable params) of the latest checkpoint in a train.py workdir.
 
   config: defaults to the workdir's config.json. run: an already built run to

@@ -21,7 +21,7 @@ State = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class ForwardLoss:
   """What a step needs to know about a model and its data.
 
   forward(params, adapters, subnet, batch, train, rng) -> model outputs
@@ -172,7 +172,7 @@ def distillation_loss(student, teacher, batch, temperature: float):
   return temperature ** 2 * jnp.sum(kl * mask)
 
 
-def make_train_step(task: Task, spec: peft.AdapterSpec | None, optimizer,
+def make_train_step(task: ForwardLoss, spec: peft.AdapterSpec | None, optimizer,
                     supernet: bool | SupernetOptions):
   """train_step(state, frozen, batch) -> (state, metrics, subnet). `frozen` is never
   differentiated: gradients are taken w.r.t. state['trainable'] only.
@@ -237,7 +237,7 @@ def make_train_step(task: Task, spec: peft.AdapterSpec | None, optimizer,
   return train_step
 
 
-def make_eval_step(task: Task, spec: peft.AdapterSpec | None):
+def make_eval_step(task: ForwardLoss, spec: peft.AdapterSpec | None):
   """eval_step(trainable, frozen, batch, subnet) -> sums (loss, examples, correct)."""
 
   def eval_step(trainable, frozen, batch, subnet):

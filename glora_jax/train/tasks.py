@@ -19,17 +19,17 @@ KNOWN_TASKS = ('text_classification', 'image_classification', 'causal_lm')
 
 
 @dataclasses.dataclass
-class Bundle:
+class ModelAndData:
   """A model with its params, loss and data. `splits` ({'train', 'eval', 'test'} ->
   arrays or a random-access source) are read on first use, after the cheap checks
   of adapters and config have passed.
 
   The task's accuracy is its loss's correct / count: `metric` names it and
   `predictions` says which predictions it counts; `forward_with(other model)` is
-  task.forward for another model of the same inputs (the merged plain model)."""
+  forward_loss.forward for another model of the same inputs (the merged plain model)."""
   model: Any
   params: dict  # full model params: pretrained backbone + fresh head
-  task: steps.Task
+  forward_loss: steps.ForwardLoss
   forward_with: Callable[[Any], Callable[..., Any]]
   predictions: Callable[[Any, dict], tuple[jax.Array, jax.Array]]  # (outputs, batch) -> (preds, weights)
   metric: str
@@ -68,7 +68,7 @@ def _bert_forward(model):
   return forward
 
 
-def text_classification(config) -> Bundle:
+def text_classification(config) -> ModelAndData:
   from glora_jax import bundled, data
   from glora_jax.models import bert
 
@@ -113,11 +113,12 @@ def text_classification(config) -> Bundle:
     params = model.init(key, ids, ids)['params']
   else:
     params = bert.add_head(backbone, bert_config, num_classes, key)
-  return Bundle(model=model, params=params, task=steps.Task(_bert_forward(model), steps.classification_loss),
-                forward_with=_bert_forward, predictions=classification_predictions,
-                metric='accuracy', partition_rules=bert.partition_rules(), load_splits=load_splits,
-                default_targets=bert.DEFAULT_TARGETS, head_pattern=r'head/.*',
-                metadata={'num_classes': num_classes})
+  return ModelAndData(model=model, params=params,
+                      forward_loss=steps.ForwardLoss(_bert_forward(model), steps.classification_loss),
+                      forward_with=_bert_forward, predictions=classification_predictions,
+                      metric='accuracy', partition_rules=bert.partition_rules(), load_splits=load_splits,
+                      default_targets=bert.DEFAULT_TARGETS, head_pattern=r'head/.*',
+                      metadata={'num_classes': num_classes})
 
 
 def _image_splits(dc) -> dict:
@@ -155,7 +156,7 @@ def _vit_forward(model):
   return forward
 
 
-def image_classification(config) -> Bundle:
+def image_classification(config) -> ModelAndData:
   from glora_jax.models import vit
 
   from glora_jax import data
@@ -182,11 +183,12 @@ def image_classification(config) -> Bundle:
     params = model.init(jax.random.key(config.seed),
                         jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.in_channels)))['params']
 
-  return Bundle(model=model, params=params, task=steps.Task(_vit_forward(model), steps.classification_loss),
-                forward_with=_vit_forward, predictions=classification_predictions,
-                metric='accuracy', partition_rules=vit.partition_rules(), load_splits=lambda: splits,
-                default_targets=vit.DEFAULT_TARGETS, head_pattern=r'head/.*',
-                metadata={'num_classes': num_classes})
+  return ModelAndData(model=model, params=params,
+                      forward_loss=steps.ForwardLoss(_vit_forward(model), steps.classification_loss),
+                      forward_with=_vit_forward, predictions=classification_predictions,
+                      metric='accuracy', partition_rules=vit.partition_rules(), load_splits=lambda: splits,
+                      default_targets=vit.DEFAULT_TARGETS, head_pattern=r'head/.*',
+                      metadata={'num_classes': num_classes})
 
 
 def lm_predictions(logits, batch):
@@ -220,7 +222,7 @@ def _llama_forward(model):
   return forward
 
 
-def causal_lm(config) -> Bundle:
+def causal_lm(config) -> ModelAndData:
   """A LLaMA decoder trained with the causal-LM loss. Without a checkpoint, a
   small random LLaMA on the bundled BBC News texts (MiniLM's tokenizer)."""
   from glora_jax import bundled, data
@@ -255,19 +257,20 @@ def causal_lm(config) -> Bundle:
     return splits
 
   # Every parameter but the adapters is frozen for LLaMA (no task head).
-  return Bundle(model=model, params=params, task=steps.Task(_llama_forward(model), lm_loss),
-                forward_with=_llama_forward, predictions=lm_predictions,
-                metric='next_token_accuracy', partition_rules=llama.partition_rules(),
-                load_splits=load_splits,
-                default_targets=llama.DEFAULT_TARGETS, head_pattern=None,
-                metadata={'vocab_size': cfg.vocab_size})
+  return ModelAndData(model=model, params=params,
+                      forward_loss=steps.ForwardLoss(_llama_forward(model), lm_loss),
+                      forward_with=_llama_forward, predictions=lm_predictions,
+                      metric='next_token_accuracy', partition_rules=llama.partition_rules(),
+                      load_splits=load_splits,
+                      default_targets=llama.DEFAULT_TARGETS, head_pattern=None,
+                      metadata={'vocab_size': cfg.vocab_size})
 
 
 BUILDERS = {'text_classification': text_classification,
             'image_classification': image_classification, 'causal_lm': causal_lm}
 
 
-def build(config) -> Bundle:
+def build(config) -> ModelAndData:
   if config.task not in BUILDERS:
     raise ValueError(f"unknown task '{config.task}'; known: {sorted(BUILDERS)}")
   return BUILDERS[config.task](config)
