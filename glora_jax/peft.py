@@ -1,236 +1,27 @@
-"""Which parameter leaves get which adapter, and adapters as pytree transforms.
+"""Adapters as pytree transforms, and inside the model: the library's PEFT API.
 
-`attach` finds Dense kernels by '/'-joined path regexes; `apply` / `forward` run a
-model with adapted weights; `merge` folds a chosen subnet into plain parameters
-with the original structure, shapes and dtypes; `partition` / `combine` split a
-tree into trainable and frozen parts by path patterns; `report` counts parameters.
+`apply` / `merge` fold a chosen subnet into the parameters (`merge`: the original
+structure, shapes and dtypes); `forward` runs a model with the adapters built
+inside its own Dense layers (`AdapterHooks`, the one interception point).
+Re-exported here so that one import serves a user: `attach`, `AdapterSpec`,
+`Adapters`, `check_subnet`, `report` (glora_jax.adapter_spec) and `partition`,
+`combine`, `flatten`, `unflatten` (glora_jax.paths).
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glora_jax.adapters.base import AdapterFamily
-from glora_jax.paths import flatten, natural_key, unflatten  # noqa: F401 (part of peft's API)
+from glora_jax.adapter_spec import (  # noqa: F401 (part of peft's API)
+    AdapterSpec, Adapters, LayerSpec, Report, attach, check_subnet, chosen_option_costs, report)
+from glora_jax.paths import (  # noqa: F401 (part of peft's API)
+    combine, examples, flatten, match_paths, natural_key, partition, rewrap, unflatten, unwrap)
 
 Params = Mapping[str, Any]
-
-# --------------------------------------------------------------------------- #
-# Paths
-# --------------------------------------------------------------------------- #
-
-
-def _unwrap(params: Params) -> tuple[Params, bool]:
-  """Accepts both {'params': {...}} (a Flax variables dict) and the inner dict."""
-  if isinstance(params, Mapping) and set(params.keys()) == {'params'}:
-    return params['params'], True
-  return params, False
-
-
-def _rewrap(inner: Params, wrapped: bool) -> Params:
-  return {'params': inner} if wrapped else inner
-
-
-def _examples(paths: Iterable[str], n: int = 6) -> str:
-  paths = sorted(paths, key=natural_key)
-  shown = ', '.join(f"'{p}'" for p in paths[:n])
-  return shown + (f', ... ({len(paths)} in all)' if len(paths) > n else '')
-
-
-def match_paths(paths: Iterable[str], pattern: str, what: str = 'pattern') -> list[str]:
-  """Paths that fully match `pattern`; a pattern that matches nothing is an error."""
-  paths = list(paths)
-  try:
-    regex = re.compile(pattern)
-  except re.error as e:
-    raise ValueError(f"{what} '{pattern}' is not a valid regular expression: {e}") from None
-  hits = [p for p in paths if regex.fullmatch(p)]
-  if not hits:
-    raise ValueError(f"{what} '{pattern}' matched no parameter; paths look like {_examples(paths)}")
-  return hits
-
-
-# --------------------------------------------------------------------------- #
-# Adapter specification and state
-# --------------------------------------------------------------------------- #
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-  path: str  # module path, e.g. 'encoder/layer_0/attention/query'
-  family: AdapterFamily
-  kernel_shape: tuple[int, int]
-  has_bias: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterSpec:
-  """Static description of every adapted layer, in natural path order. Hashable,
-  so it can be static in jit; its numpy tables drive subnet sampling and costs."""
-
-  layers: tuple[LayerSpec, ...]
-
-  @property
-  def paths(self) -> tuple[str, ...]:
-    return tuple(l.path for l in self.layers)
-
-  @functools.cached_property
-  def num_supports(self) -> int:
-    return max([1] + [len(l.family.supports) for l in self.layers])
-
-  @functools.cached_property
-  def support_names(self) -> tuple[tuple[str, ...], ...]:
-    return tuple(l.family.supports for l in self.layers)
-
-  @functools.cached_property
-  def num_options(self) -> np.ndarray:
-    """(layers, supports) int32: option count per support; 1 where unused."""
-    out = np.ones((len(self.layers), self.num_supports), np.int32)
-    for i, l in enumerate(self.layers):
-      for j, s in enumerate(l.family.supports):
-        out[i, j] = len(l.family.options(s))
-    return out
-
-  @functools.cached_property
-  def option_costs(self) -> np.ndarray:
-    """(layers, supports, max options) int64 parameter count of each option."""
-    max_opts = int(self.num_options.max())
-    out = np.zeros((len(self.layers), self.num_supports, max_opts), np.int64)
-    for i, l in enumerate(self.layers):
-      for j, row in enumerate(l.family.option_costs(l.kernel_shape)):
-        out[i, j, :len(row)] = row
-    return out
-
-  @functools.cached_property
-  def fixed_costs(self) -> np.ndarray:
-    return np.asarray([l.family.fixed_cost(l.kernel_shape) for l in self.layers], np.int64)
-
-  def layer_params(self, subnet) -> np.ndarray:
-    """(layers,) int64 active adapter parameters of each layer under a concrete subnet
-    (head excluded): its fixed cost plus the costs of the options it chooses."""
-    chosen = np.asarray(chosen_option_costs(self.option_costs, subnet), np.int64)
-    return self.fixed_costs + chosen.sum(-1)
-
-  @property
-  def searchable(self) -> bool:
-    return bool((self.num_options > 1).any())
-
-  @functools.cached_property
-  def num_choices(self) -> float:
-    """Size of the search space (a float: it overflows ints quickly)."""
-    return float(np.prod(self.num_options.astype(np.float64)))
-
-
-def chosen_option_costs(option_costs, subnet) -> jax.Array:
-  """(..., layers, supports) parameters of the option each support of a subnet (or a
-  batch of them) chooses: a gather into the (layers, supports, options) cost table.
-  Jittable and vmappable; `AdapterSpec.layer_params` and `subnet.count_params` sum it."""
-  subnet = jnp.asarray(subnet)
-  costs = jnp.broadcast_to(jnp.asarray(option_costs), subnet.shape + np.shape(option_costs)[-1:])
-  return jnp.take_along_axis(costs, subnet[..., None], axis=-1)[..., 0]
-
-
-@flax.struct.dataclass
-class Adapters:
-  """Adapter parameters ({layer path: {leaf: array}}) with their static spec."""
-
-  params: dict
-  spec: AdapterSpec = flax.struct.field(pytree_node=False)
-
-
-def attach(params: Params, family: AdapterFamily | None = None, targets: str | None = None,
-           exclude: str | None = None, key=0,
-           rules: Sequence[tuple[str, AdapterFamily]] | None = None) -> Adapters:
-  """Creates adapters for the Dense kernels whose paths match.
-
-  Either `family` with a `targets` regex (full match on leaf paths such as
-  'encoder/layer_0/attention/query/kernel'), or `rules`: (regex, family) pairs,
-  the first matching rule wins (GLoRA on some layers, SURM on others). `exclude`
-  drops matching leaves. Every pattern must match at least one leaf.
-  """
-  inner, _ = _unwrap(params)
-  flat = flatten(inner)
-  if rules is None:
-    if family is None or targets is None:
-      raise ValueError('attach needs `family` and `targets`, or `rules`')
-    rules = [(targets, family)]
-  excluded = set(match_paths(flat, exclude, 'exclude pattern')) if exclude else set()
-  assigned: dict[str, AdapterFamily] = {}
-  for pattern, fam in rules:
-    if not isinstance(fam, AdapterFamily):
-      raise ValueError(f"rule '{pattern}': expected an adapter family, got {type(fam).__name__}")
-    for path in match_paths(flat, pattern, 'target pattern'):
-      if path in excluded or path in assigned:
-        continue
-      if not path.endswith('/kernel'):
-        raise ValueError(
-            f"target pattern '{pattern}' matched '{path}', which is not a Dense kernel; "
-            "targets must match leaves named '.../kernel'")
-      assigned[path] = fam
-  if not assigned:
-    raise ValueError('every matched kernel was excluded; nothing to adapt')
-
-  if isinstance(key, int):
-    key = jax.random.key(key)
-  layers, adapter_params = [], {}
-  for i, kpath in enumerate(sorted(assigned, key=natural_key)):
-    fam = assigned[kpath]
-    mpath = kpath[:-len('/kernel')]
-    shape = tuple(int(d) for d in np.shape(flat[kpath]))
-    fam.check(mpath, shape)
-    layers.append(LayerSpec(mpath, fam, shape, f'{mpath}/bias' in flat))
-    adapter_params[mpath] = fam.init(jax.random.fold_in(key, i), shape)
-  return Adapters(params=adapter_params, spec=AdapterSpec(tuple(layers)))
-
-
-def check_subnet(spec: AdapterSpec, subnet):
-  """The subnet as an int32 array of shape (layers, supports), checked where it
-  enters: a concrete subnet (from JSON, from a user) must choose an existing
-  option of every support, and 0 in the padding columns of families with fewer
-  supports. Traced subnets (inside jit) are not checked: they come from
-  `subnet.sample` or the search operators, which stay in range by construction.
-  None is allowed for adapters without choices (LoRA, SURM)."""
-  if subnet is None:
-    if spec.searchable:
-      raise ValueError('these adapters have searchable supports: pass a subnet '
-                       '(an int32 array of shape (layers, supports))')
-    return jnp.zeros((len(spec.layers), spec.num_supports), jnp.int32)
-  expected = (len(spec.layers), spec.num_supports)
-  if tuple(jnp.shape(subnet)) != expected:
-    raise ValueError(f'subnet has shape {tuple(jnp.shape(subnet))}; expected {expected} '
-                     '(adapted layers, supports)')
-  if isinstance(subnet, jax.core.Tracer):
-    return subnet
-  values = np.asarray(subnet)
-  if not np.issubdtype(values.dtype, np.integer):
-    raise ValueError(f'subnet has dtype {values.dtype}; expected integers (option indices)')
-  bad = np.argwhere((values < 0) | (values >= spec.num_options))
-  if len(bad):
-    i, j = (int(v) for v in bad[0])
-    layer = spec.layers[i]
-    if j >= len(layer.family.supports):
-      raise ValueError(f"subnet[{i}, {j}] = {values[i, j]}: layer '{layer.path}' "
-                       f'({layer.family.name}) has {len(layer.family.supports)} supports, so '
-                       'this padding entry must be 0')
-    support = layer.family.supports[j]
-    n = int(spec.num_options[i, j])
-    raise ValueError(f"subnet[{i}, {j}] = {values[i, j]}: layer '{layer.path}' support "
-                     f"'{support}' has {n} options; allowed 0..{n - 1} "
-                     f'({", ".join(layer.family.options(support))})')
-  return jnp.asarray(values, jnp.int32)
-
-
-# --------------------------------------------------------------------------- #
-# Applying and merging
-# --------------------------------------------------------------------------- #
 
 
 def _grouped_deltas(spec: AdapterSpec, adapter_params, subnet, flat, modes) -> dict[int, tuple]:
@@ -273,7 +64,7 @@ def _fold(params, adapters: Adapters, subnet, *, modes, cast_back):
   kernels/biases; a bias-less layer that gets a bias term gains a bias leaf."""
   spec = adapters.spec
   subnet = check_subnet(spec, subnet)
-  inner, wrapped = _unwrap(params)
+  inner, wrapped = unwrap(params)
   flat = dict(flatten(inner))
   deltas = _grouped_deltas(spec, adapters.params, subnet, flat, modes)
   for i, (dk, db) in deltas.items():
@@ -287,7 +78,7 @@ def _fold(params, adapters: Adapters, subnet, *, modes, cast_back):
     new_b = db if bias is None else bias.astype(jnp.float32) + db
     dtype = kernel.dtype if bias is None else bias.dtype
     flat[f'{layer.path}/bias'] = new_b.astype(dtype) if cast_back else new_b
-  return _rewrap(unflatten(flat), wrapped)
+  return rewrap(unflatten(flat), wrapped)
 
 
 def apply(params: Params, adapters: Adapters, subnet=None) -> Params:
@@ -382,7 +173,7 @@ class AdapterHooks:
       if missed:
         raise ValueError(
             f'{len(missed)} adapted layers were never called by the model, e.g. '
-            f"{_examples(missed, 3)}; their runtime module path differs from their parameter "
+            f"{examples(missed, 3)}; their runtime module path differs from their parameter "
             'path (nn.scan, a shared module) or the method run does not use them')
     return False
 
@@ -397,98 +188,6 @@ def forward(model: nn.Module, params: Params, adapters: Adapters, subnet, *args,
             **kwargs):
   """`model.apply` with the adapters, each built inside its own layer's call
   (AdapterHooks): the frozen params are passed as they are (bf16 stays bf16)."""
-  inner, _ = _unwrap(params)
+  inner, _ = unwrap(params)
   with adapter_hooks(adapters, subnet):
     return model.apply({'params': inner}, *args, **kwargs)
-
-
-# --------------------------------------------------------------------------- #
-# Trainable / frozen split
-# --------------------------------------------------------------------------- #
-
-
-def partition(tree: Params, patterns: Sequence[str] | str) -> tuple[dict, dict]:
-  """Splits a nested dict into (leaves matching any pattern, the rest), both
-  nested dicts over the same paths. Each pattern must match something."""
-  if isinstance(patterns, str):
-    patterns = [patterns]
-  flat = flatten(tree)
-  hit = set()
-  for p in patterns:
-    hit.update(match_paths(flat, p, 'trainable pattern'))
-  chosen = {k: v for k, v in flat.items() if k in hit}
-  rest = {k: v for k, v in flat.items() if k not in hit}
-  return unflatten(chosen), unflatten(rest)
-
-
-def combine(*trees: Params) -> dict:
-  """Inverse of `partition`: merges nested dicts with disjoint leaf paths."""
-  flat: dict[str, Any] = {}
-  for t in trees:
-    for k, v in flatten(t).items():
-      if k in flat:
-        raise ValueError(f"leaf '{k}' appears in more than one tree")
-      flat[k] = v
-  return unflatten(flat)
-
-
-# --------------------------------------------------------------------------- #
-# Parameter report
-# --------------------------------------------------------------------------- #
-
-
-def _num_params(tree) -> int:
-  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-
-
-@dataclasses.dataclass
-class Report:
-  rows: list[tuple[str, str, str, int, int]]  # path, family, choice, active, stored
-  adapter_params: int  # active under the subnet (head excluded)
-  stored_adapter_params: int  # all supernet parameters
-  head_params: int
-  backbone_params: int
-
-  @property
-  def trainable_params(self) -> int:
-    return self.adapter_params + self.head_params
-
-  @property
-  def total_params(self) -> int:
-    return self.backbone_params + self.trainable_params
-
-  @property
-  def percent(self) -> float:
-    return 100.0 * self.trainable_params / max(self.total_params, 1)
-
-  def summary(self) -> str:
-    return (f'trainable params: {self.trainable_params:,} (adapters {self.adapter_params:,} + '
-            f'head {self.head_params:,}) || all params: {self.total_params:,} || '
-            f'trainable%: {self.percent:.4f}')
-
-  def __str__(self) -> str:
-    width = max([len(r[0]) for r in self.rows] + [5])
-    lines = [f"{'layer':<{width}}  {'family':<6}  {'choice':<40}  {'active':>9}  {'stored':>9}"]
-    for path, fam, choice, active, stored in self.rows:
-      lines.append(f'{path:<{width}}  {fam:<6}  {choice:<40}  {active:>9,}  {stored:>9,}')
-    lines.append(self.summary())
-    return '\n'.join(lines)
-
-
-def report(params: Params, adapters: Adapters, subnet=None, head: Params | None = None) -> Report:
-  """Per-layer and total parameter counts, like PEFT's print_trainable_parameters.
-
-  `params` is the frozen backbone (the head excluded), `head` the trainable head."""
-  spec = adapters.spec
-  subnet = np.asarray(check_subnet(spec, subnet))
-  active = spec.layer_params(subnet)
-  rows = []
-  for i, layer in enumerate(spec.layers):
-    fam = layer.family
-    choice = ','.join(f'{s}={fam.options(s)[subnet[i, j]]}' for j, s in enumerate(fam.supports))
-    rows.append((layer.path, fam.name, choice or '-', int(active[i]),
-                 _num_params(adapters.params[layer.path])))
-  return Report(rows=rows, adapter_params=sum(r[3] for r in rows),
-                stored_adapter_params=_num_params(adapters.params),
-                head_params=_num_params(head) if head is not None else 0,
-                backbone_params=_num_params(_unwrap(params)[0]))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glora_jax.peft import AdapterSpec, Adapters, chosen_option_costs
+from glora_jax.adapter_spec import AdapterSpec, Adapters, chosen_option_costs
 
 
 def _spec(x) -> AdapterSpec:

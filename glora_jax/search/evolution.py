@@ -19,7 +19,7 @@ import numpy as np
 
 from glora_jax import subnet as subnet_lib
 from glora_jax.errors import BudgetError
-from glora_jax.peft import AdapterSpec
+from glora_jax.adapter_spec import AdapterSpec
 from glora_jax.train.metrics import write_json
 
 
