@@ -6,10 +6,11 @@
    and weight mode) / frozen backbone forward+backward, in interleaved rounds; with
    --peer PYTHON also HF PEFT's LoRA step and torch's forward on the same shapes, in
    the same rounds (benchmarks/peer_torch.py says how to make that environment)
-2. inference: merged model / base model (and the merged outputs equal the adapted ones)
-3. search evaluation: vmapped chunk of 8 candidates / one candidate at a time
-4. SURM circulant FFT product / dense product at widths 384, 768, 1024
-5. 8 simulated CPU devices / 1 device for the same global batch (correctness + overhead)
+2. compiled: FLOPs, bytes, fused ops and conditionals of each step; GLoRA's FLOP floor
+3. inference: merged model / base model (and the merged outputs equal the adapted ones)
+4. search evaluation: vmapped chunk of 8 candidates / one candidate at a time
+5. SURM circulant FFT product / dense product at widths 384, 768, 1024
+6. 8 simulated CPU devices / 1 device for the same global batch (correctness + overhead)
 """
 from __future__ import annotations
 
@@ -173,6 +174,39 @@ def section_train(model, params, batch, task, n, rounds, peer_python=''):
   return res
 
 
+def section_compiled(model, params, batch, task):
+  """What XLA compiled for each train step: FLOPs and bytes (cost_analysis, which
+  counts both branches of a conditional), fused ops and conditionals in the HLO, and
+  GLoRA's FLOP floor: its FLOPs with the low-rank-A weight gradients (in conditional
+  branches) counted at the rate uniform sampling runs them, over LoRA's."""
+  out = {}
+  cases = [('frozen backbone fwd+bwd', ['head/.*', 'encoder/layer_0/attention/query/bias'], None),
+           ('LoRA r=8', ['head/.*'], lora.family(rank=8, alpha=16)),
+           ('GLoRA supernet', ['head/.*'], glora.family())]
+  for name, patterns, fam in cases:
+    fn, state, frozen = build_step(model, params, patterns, fam, task)
+    compiled = fn.lower(state, frozen, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    hlo = compiled.as_text()
+    out[name] = {'gflop': cost['flops'] / 1e9, 'gbytes': cost.get('bytes accessed', 0) / 1e9,
+                 'fusions': hlo.count(' fusion('), 'conditionals': hlo.count('conditional(')}
+    print(f"compiled {name:<24} {out[name]['gflop']:7.1f} GFLOP {out[name]['gbytes']:6.2f} GB "
+          f"{out[name]['fusions']:5d} fusions {out[name]['conditionals']:3d} conditionals", flush=True)
+  # The weight gradient x^T g of every adapted layer: 2 x tokens x in x out FLOPs.
+  tokens = batch['input_ids'].size
+  adapters = peft.attach(params, glora.family(), targets=bert.DEFAULT_TARGETS)
+  wgrad = sum(2 * tokens * l.kernel_shape[0] * l.kernel_shape[1] for l in adapters.spec.layers) / 1e9
+  p_low = 1 / int(adapters.spec.num_options[0, 0])  # A's options: lora_4, vector, constant, none
+  run = out['GLoRA supernet']['gflop'] - (1 - p_low) * wgrad
+  floor = run / out['LoRA r=8']['gflop']
+  print(f'GLoRA weight gradients in conditional branches: {wgrad:.1f} GFLOP, run with p = {p_low:.2f}: '
+        f"GLoRA's FLOPs run {run:.1f} GFLOP = {floor:.3f} x LoRA's (the floor of GLoRA/LoRA "
+        f'where time follows FLOPs)', flush=True)
+  out['glora_flop_floor'] = floor
+  return out
+
+
 def section_inference(model, params, batch, n):
   adapters = peft.attach(params, glora.family(), targets=bert.DEFAULT_TARGETS, key=1)
   leaves, tree = jax.tree.flatten(adapters.params)
@@ -273,7 +307,7 @@ def main():
                   'time HF PEFT side by side (benchmarks/peer_torch.py)')
   ap.add_argument('--batch', type=int, default=32)
   ap.add_argument('--tokens', type=int, default=128)
-  ap.add_argument('--skip', default='', help='comma list of: train,inference,search,surm,devices')
+  ap.add_argument('--skip', default='', help='comma list of: train,compiled,inference,search,surm,devices')
   ap.add_argument('--json', default='')
   ap.add_argument('--tmp', default=tempfile.gettempdir())
   args = ap.parse_args()
@@ -283,6 +317,8 @@ def main():
   results = {}
   if 'train' not in skip:
     results['train'] = section_train(model, params, batch, task, args.steps, args.rounds, args.peer)
+  if 'compiled' not in skip:
+    results['compiled'] = section_compiled(model, params, batch, task)
   if 'inference' not in skip:
     results['inference_ms'] = section_inference(model, params, batch, args.steps)
   if 'search' not in skip:
