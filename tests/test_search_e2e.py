@@ -96,6 +96,7 @@ def test_chunk_probe_picks_the_fastest_measured(supernet):
                         log=logged.append)
   assert set(fit.probe) == {c * run.mesh.shape["data"] for c in fitness.PROBE_CHUNKS}
   assert fit.chunk == min(fit.probe, key=fit.probe.get)
+  assert fit.fn._cache_size() == 1  # the probe's compiled evaluator is kept, not rebuilt
   assert f'chunk {fit.chunk}' in logged[0]
 
 

@@ -70,14 +70,17 @@ class Fitness:
                  if race and len(self.batches) > 1 else len(self.batches))
     make = lambda c: make_chunk_evaluator(task, spec, mesh, frozen_shardings, c)
     self.probe = None
-    if chunk is None:
-      chunk, self.probe = probe_chunk(make, [c * mesh.shape['data'] for c in PROBE_CHUNKS],
-                                      trainable, frozen, self.batches[0], spec)
+    if chunk is None:  # the probe's compiled evaluator of the chosen chunk is kept
+      chunk, self.fn, self.probe = probe_chunk(
+          make, [c * mesh.shape['data'] for c in PROBE_CHUNKS], trainable, frozen,
+          self.batches[0], spec)
       log('search chunk probe (s per candidate on one eval batch): ' +
           ', '.join(f'{c}: {t:.3f}' for c, t in self.probe.items()) + f'; chunk {chunk}')
     elif chunk <= 0:
       raise ValueError(f'chunk must be > 0 (or None to measure it), got {chunk}')
-    self.fn, self.chunk = make(chunk), chunk
+    else:
+      self.fn = make(chunk)
+    self.chunk = chunk
     self.evaluated = 0  # candidates scored
     self.batch_evaluations = 0  # candidate x eval-batch forwards run
 
@@ -117,11 +120,11 @@ def _accuracy(sums: np.ndarray) -> np.ndarray:
 
 def probe_chunk(make, chunks, trainable, frozen, batch, spec, repeats: int = 2):
   """The chunk (of `chunks`) with the least time per candidate on `batch`: each is
-  compiled, run once, then timed `repeats` times (the minimum). Returns (chunk,
-  {chunk: seconds per candidate})."""
-  times = {}
+  compiled, run once, then timed `repeats` times (the minimum). Returns (chunk, its
+  compiled evaluator, {chunk: seconds per candidate})."""
+  times, fns = {}, {}
   for c in dict.fromkeys(chunks):
-    fn = make(c)
+    fn = fns[c] = make(c)
     subnets = jnp.zeros((c,) + tuple(spec.num_options.shape), jnp.int32)
     jax.block_until_ready(fn(trainable, frozen, batch, subnets))  # compile
     best = math.inf
@@ -130,4 +133,5 @@ def probe_chunk(make, chunks, trainable, frozen, batch, spec, repeats: int = 2):
       jax.block_until_ready(fn(trainable, frozen, batch, subnets))
       best = min(best, time.perf_counter() - t)
     times[c] = best / c
-  return min(times, key=times.get), times
+  best_chunk = min(times, key=times.get)
+  return best_chunk, fns[best_chunk], times
