@@ -184,8 +184,8 @@ class GLoRA(base.AdapterFamily):
       W0 + W0 * A : `scaled_matmul`: one matmul forward; the (in, out) weight
                     gradient only in layers whose sampled A is low rank. A vector
                     or constant A needs sum_t g_t * (x_t K), from the frozen product.
-      B x         : a rank-r product (x Bu^T) Bd^T for a low-rank B; a vector or
-                    constant B is a scale of the input's sum, (sum_j x_j) b.
+      B x         : a rank-(r+1) product (x [Bu; 1]^T) [Bd * mask, b]^T: the
+                    low-rank B, and a vector or constant B's (sum_j x_j) b.
       b'          : b0 + E + b0 * D + W0 C, a vector added to every token.
     (Joining B and b' into one rank-(r+2) product, so that the backward pass reads
     the output gradient once, was measured slower on CPU and is not done.)
@@ -211,13 +211,16 @@ class GLoRA(base.AdapterFamily):
     if bias is not None:
       b0 = bias.astype(f32)
       new_bias = new_bias + b0 + b0 * (t_d['vec'] * p['D'] + t_d['const'] * p['D'][0])
-    # B on the activations: a rank-r product, or a scale of the input's sum.
+    # B on the activations, one rank-(r+1) product for every option: a ones row
+    # under Bu gives the input's sum, which a vector or constant B scales
+    # (x [Bu; 1]^T [Bd * mask, b]^T). Written as a separate reduce and broadcast it
+    # cost two more passes over the activations, forward and backward.
     xf = x.astype(f32)
     b_mask = (ranks < t_b['rank']).astype(f32)
-    out = out + jnp.einsum('...r,or->...o', jnp.einsum('...i,ri->...r', xf, p['Bu']) * b_mask,
-                           p['Bd'])
-    out = out + jnp.sum(xf, -1, keepdims=True) * (t_b['vec'] * p['Bd'][:, 0]
-                                                   + t_b['const'] * p['Bd'][0, 0])
+    b_vec = t_b['vec'] * p['Bd'][:, 0] + t_b['const'] * p['Bd'][0, 0]  # (out,)
+    up = jnp.concatenate([p['Bu'], jnp.ones((1, p['Bu'].shape[1]), f32)])  # (r + 1, in)
+    down = jnp.concatenate([p['Bd'] * b_mask, b_vec[:, None]], axis=1)  # (out, r + 1)
+    out = out + jnp.einsum('...r,or->...o', jnp.einsum('...i,ri->...r', xf, up), down)
     return (out + new_bias).astype(dtype)
 
   def delta(self, params, choice, kernel, bias):
