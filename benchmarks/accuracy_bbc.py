@@ -61,6 +61,10 @@ CONFIGS = {
     'glora_distill_lite': ('bbc_minilm_glora', {  # largest teaches 1 fair draw: 2 passes
         'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
         'supernet.distill': 1.0}),
+    # Diagnostic, not a supernet: only the largest subnet is trained (1 pass), to tell
+    # GLoRA's parameterisation apart from the sharing between sampled subnets.
+    'glora_largest_only': ('bbc_minilm_glora', {
+        'supernet.sandwich': 'largest', 'supernet.num_random': 0}),
 }
 
 
@@ -130,6 +134,9 @@ def main():
   lora_budget = None
 
   def record(name, row):
+    # Re-read first: another study process may have recorded rows in the meantime.
+    if results_file.exists():
+      results.update(json.loads(results_file.read_text()))
     results[name] = row
     results_file.write_text(json.dumps(results, indent=1))
     print(f"{name:<28} {row['adapter_params']:>9,} {row['adapter_params'] + row['head_params']:>10,} "
