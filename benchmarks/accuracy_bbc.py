@@ -252,7 +252,7 @@ def summary_table(results: dict) -> str:
         f"| {name} | {len(rows)} | {rows[0]['lr']:g} | {stat(rows, 'adapter_params', ',.0f')} | "
         f"{stat([dict(r, p=r['adapter_params'] + r['head_params']) for r in rows], 'p', ',.0f')} | "
         f"{stat(rows, 'val_accuracy', '.4f')} | {stat(rows, 'test_accuracy', '.4f')} | "
-        f"{'-' if per_step is None else f'{per_step:g}'} | {ratio} | {step} |")
+        f"{'-' if per_step is None else f'{round(per_step, 2):g}'} | {ratio} | {step} |")
   return '\n'.join(lines)
 
 
