@@ -93,6 +93,10 @@ class GLoRA(base.AdapterFamily):
     return dict(rank=np.asarray(rank, np.int32), vec=np.asarray(vec, np.float32),
                 const=np.asarray(const, np.float32), struct=np.asarray(struct, np.int32))
 
+  def _row(self, support: str, idx):
+    """The option table's entries of option `idx` (traced) of one support."""
+    return {k: jnp.asarray(v)[idx] for k, v in self._table(support).items()}
+
   def check(self, path, kernel_shape):
     super().check(path, kernel_shape)
     d_in, d_out = kernel_shape
@@ -157,17 +161,11 @@ class GLoRA(base.AdapterFamily):
     A, B: (out, in); C: (in, 1); D, E: (out,)."""
     p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), dict(params))
 
-    def pick(support, idx):
-      return {k: jnp.asarray(v)[idx] for k, v in self._table(support).items()}
-
     def low_rank(down, up, t):
       mask = (jnp.arange(down.shape[1]) < t['rank']).astype(jnp.float32)
-      return ((down * mask) @ up + t['vec'] * down[:, :1] + t['const'] * down[0, 0])
+      return (down * mask) @ up + _vector_or_constant(down[:, :1], t)
 
-    def scale_vector(v, t):
-      return t['vec'] * v + t['const'] * v[0]
-
-    t_a, t_b, t_c, t_d, t_e = (pick(s, choice[i]) for i, s in enumerate(SUPPORTS))
+    t_a, t_b, t_c, t_d, t_e = (self._row(s, choice[i]) for i, s in enumerate(SUPPORTS))
     a = low_rank(p['Ad'], p['Au'], t_a)
     b = low_rank(p['Bd'], p['Bu'], t_b)
     if self.structured_b:
@@ -176,7 +174,7 @@ class GLoRA(base.AdapterFamily):
         dense = structured.structured_dense(fam, p['B_structured'][fam], d_out, d_in)
         b = b + (t_b['struct'] == k).astype(jnp.float32) * dense
     c = low_rank(p['Cd'], p['Cu'], t_c)
-    return dict(A=a, B=b, C=c, D=scale_vector(p['D'], t_d), E=scale_vector(p['E'], t_e))
+    return dict(A=a, B=b, C=c, D=_vector_or_constant(p['D'], t_d), E=_vector_or_constant(p['E'], t_e))
 
   def activation(self, params, choice, x, y, kernel, bias):
     """y' = x K' + b' without building K' for the backward pass unless A is low rank
@@ -198,26 +196,25 @@ class GLoRA(base.AdapterFamily):
       raise NotImplementedError('GLoRA with structured B options runs in weight mode')
     f32 = jnp.float32
     p = jax.tree.map(lambda v: jnp.asarray(v, f32), dict(params))
-    t_a, t_b, t_c, t_d, t_e = ({k: jnp.asarray(v)[choice[i]] for k, v in self._table(s).items()}
-                               for i, s in enumerate(SUPPORTS))
+    t_a, t_b, t_c, t_d, t_e = (self._row(s, choice[i]) for i, s in enumerate(SUPPORTS))
     ranks = jnp.arange(self.max_rank)
     a_mask = (ranks < t_a['rank']).astype(f32)
-    a_scale = t_a['vec'] * p['Ad'][:, 0] + t_a['const'] * p['Ad'][0, 0]  # (out,)
+    a_scale = _vector_or_constant(p['Ad'][:, 0], t_a)  # (out,)
     out = scaled_matmul(x.astype(dtype), kernel, p['Ad'], p['Au'], a_mask, a_scale)
     # b' = b0 + E + b0 * D + W0 C, with the frozen W0 (W0 C = C^T K).
     k = kernel.astype(f32)
     c = ((p['Cd'] * (ranks < t_c['rank']).astype(f32)) @ p['Cu'])[:, 0] + t_c['vec'] * p['Cd'][:, 0]
-    new_bias = t_e['vec'] * p['E'] + t_e['const'] * p['E'][0] + c @ k
+    new_bias = _vector_or_constant(p['E'], t_e) + c @ k
     if bias is not None:
       b0 = bias.astype(f32)
-      new_bias = new_bias + b0 + b0 * (t_d['vec'] * p['D'] + t_d['const'] * p['D'][0])
+      new_bias = new_bias + b0 + b0 * _vector_or_constant(p['D'], t_d)
     # B on the activations, one rank-(r+1) product for every option: a ones row
     # under Bu gives the input's sum, which a vector or constant B scales
     # (x [Bu; 1]^T [Bd * mask, b]^T). Written as a separate reduce and broadcast it
     # cost two more passes over the activations, forward and backward.
     xf = x.astype(f32)
     b_mask = (ranks < t_b['rank']).astype(f32)
-    b_vec = t_b['vec'] * p['Bd'][:, 0] + t_b['const'] * p['Bd'][0, 0]  # (out,)
+    b_vec = _vector_or_constant(p['Bd'][:, 0], t_b)  # (out,)
     up = jnp.concatenate([p['Bu'], jnp.ones((1, p['Bu'].shape[1]), f32)])  # (r + 1, in)
     down = jnp.concatenate([p['Bd'] * b_mask, b_vec[:, None]], axis=1)  # (out, r + 1)
     out = out + jnp.einsum('...r,or->...o', jnp.einsum('...i,ri->...r', xf, up), down)
@@ -238,6 +235,12 @@ class GLoRA(base.AdapterFamily):
 # --------------------------------------------------------------------------- #
 # W0 + W0 * A on the activations, with the weight gradient only where A needs it
 # --------------------------------------------------------------------------- #
+
+
+def _vector_or_constant(v, t):
+  """A support's vector option (v itself) or constant option (its first entry,
+  broadcast), as the option table row `t` says; zero for any other option."""
+  return t['vec'] * v + t['const'] * v[0]
 
 
 def _scaled_kernel(kernel, ad, au, mask, scale, dtype):
