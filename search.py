@@ -38,6 +38,8 @@ SEARCH_HELP = {
                    "layers; 'uniform': the authors' sampler alone.",
     'race': 'Racing: the share of the eval split in the first heat, after which only the '
             'better half is scored on the rest (0: off, every candidate on the whole split).',
+    'tie_break': "Candidates of equal val accuracy: 'params' ranks fewer adapter parameters "
+                 "first; 'loss' lower mean val loss first, then fewer parameters.",
 }
 SEARCH_UNITS = {'param_limit': 1e6, 'min_param_limit': 1e6}
 SEARCH_FLAGS = cli.define_dataclass_flags(SearchConfig, SEARCH_HELP, SEARCH_UNITS)

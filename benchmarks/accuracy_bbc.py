@@ -113,6 +113,9 @@ def main():
   ap.add_argument('--lr', default='', help='method=lr,... overrides (tune on val only)')
   ap.add_argument('--search_population', type=int, default=10)
   ap.add_argument('--search_generations', type=int, default=3)
+  ap.add_argument('--search_tie_break', choices=evolution.TIE_BREAKS, default='params',
+                  help="GLoRA search: rank equal val accuracies by fewer parameters ('params') "
+                       "or by lower val loss ('loss'; its rows and folders are tagged)")
   ap.add_argument('--retrain_epochs', type=int, default=0,
                   help='GLoRA: also retrain each searched subnet (fixed) for this many epochs')
   ap.add_argument('--table', action='store_true',
@@ -178,20 +181,22 @@ def main():
                                        generations=args.search_generations, parents=5,
                                        mutations=args.search_population // 2,
                                        crossovers=args.search_population // 2, param_limit=limit,
-                                       seed=seed)
-          row = f'{name}/search<={limit:,} ({label})'
-          if row not in results or not (workdir / f'search_{limit}' / 'summary.json').exists():
+                                       seed=seed, tie_break=args.search_tie_break)
+          loss_ties = args.search_tie_break == 'loss'
+          row = f'{name}/search<={limit:,} ({label}{", loss ties" if loss_ties else ""})'
+          search_dir = workdir / f'search_{limit}{"_loss_ties" if loss_ties else ""}'
+          if row not in results or not (search_dir / 'summary.json').exists():
             t0 = time.perf_counter()
-            s = driver.search_and_export(workdir, cfg, out=workdir / f'search_{limit}',
+            s = driver.search_and_export(workdir, cfg, out=search_dir,
                                          export_formats=('flax',), log=lambda m: None)
             record(row, dict(search_row(s, summary['median_step_ms'], time.perf_counter() - t0,
                                         config.optim.lr), **compute))
           if args.retrain_epochs:
             # Same search (copied, so it resumes finished), then the chosen subnet is
             # trained alone from the supernet's weights: more compute than the row above.
-            retrain_dir = workdir / f'search_{limit}_retrain{args.retrain_epochs}'
+            retrain_dir = search_dir.with_name(f'{search_dir.name}_retrain{args.retrain_epochs}')
             if not retrain_dir.exists():
-              shutil.copytree(workdir / f'search_{limit}', retrain_dir,
+              shutil.copytree(search_dir, retrain_dir,
                               ignore=shutil.ignore_patterns('merged_params*', 'retrain'))
             t0 = time.perf_counter()
             s = driver.search_and_export(workdir, cfg, out=retrain_dir, log=lambda m: None,

@@ -1,4 +1,6 @@
 """Evolution operators: rates, mixing, budgets, de-duplication, determinism, resume."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,6 +108,56 @@ def test_archive_ranks_race_losers_after_complete_candidates():
   assert archive.complete[:5].all()
   archive.load(saved)
   np.testing.assert_array_equal(archive.complete[:5], [True, False, True, True, True])
+
+
+def test_loss_tie_break_ranks_equal_accuracies_by_val_loss():
+  """tie_break='loss': equal accuracy -> lower val loss first (unknown loss last),
+  then fewer params; the order checked against a plain sort of the tuples."""
+  spec = make_spec(layers=2)
+  acc = np.array([0.9, 0.9, 0.8, 0.9, 0.9, 0.9])
+  loss = np.array([0.30, 0.10, 0.05, np.nan, 0.10, 0.20])
+  params = np.array([10, 50, 1, 5, 40, 20])
+  cands = np.arange(6)[:, None, None] * np.ones((1,) + spec.num_options.shape, np.int32)
+  by_loss = evolution.Archive(spec, 8, 'loss')
+  by_loss.add(cands, acc, params, 0, True, loss)
+  expected = sorted(range(6), key=lambda i: (-acc[i], np.inf if np.isnan(loss[i]) else loss[i], params[i]))
+  np.testing.assert_array_equal(by_loss.top(6), expected)  # [4, 1, 5, 0, 3, 2]
+  by_params = evolution.Archive(spec, 8)
+  by_params.add(cands, acc, params, 0, True, loss)
+  np.testing.assert_array_equal(by_params.top(6), [3, 0, 5, 4, 1, 2])
+  saved = by_loss.to_json()  # the loss survives a resume; NaN as null
+  assert saved['loss'][3] is None
+  by_loss.load(json.loads(json.dumps(saved)))
+  np.testing.assert_array_equal(by_loss.top(6), expected)
+  by_loss.load({k: v for k, v in saved.items() if k != 'loss'})  # a state from before: no loss
+  assert np.isnan(by_loss.loss[:6]).all()
+  with pytest.raises(ValueError, match="tie_break 'x' is unknown"):
+    evolution.SearchConfig(tie_break='x')
+
+
+def test_loss_tie_break_changes_the_chosen_subnet():
+  """A fitness whose accuracy ties everywhere: 'params' chooses the cheapest
+  candidate, 'loss' the one with the lowest loss, in the same archive."""
+  spec = make_spec(layers=4)
+  weights = np.random.default_rng(1).normal(size=spec.num_options.shape)
+
+  def fit(cands):
+    cands = np.asarray(cands)
+    return np.full(len(cands), 0.5), np.ones(len(cands), bool), (cands * weights).sum(axis=(1, 2))
+
+  chosen = {}
+  for tie in evolution.TIE_BREAKS:
+    cfg = evolution.SearchConfig(population=12, generations=2, parents=3, mutations=3,
+                                 crossovers=3, param_limit=1e9, tie_break=tie)
+    archive = evolution.run(spec, fit, cfg, log=lambda s: None)
+    n = archive.size
+    best = archive.top(1)[0]
+    chosen[tie] = archive.cands[best]
+    if tie == 'loss':
+      assert archive.loss[best] == archive.loss[:n].min()
+    else:
+      assert archive.params[best] == archive.params[:n].min()
+  assert not np.array_equal(chosen['loss'], chosen['params'])
 
 
 def test_race_share_is_checked():

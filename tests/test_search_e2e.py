@@ -32,15 +32,16 @@ def test_vmapped_fitness_equals_one_at_a_time(supernet):
           run.model_data.splits['eval'])
   vmapped = fitness.Fitness(*args, chunk=8, batch_size=16)
   single = fitness.Fitness(*args, chunk=1, batch_size=16)
-  batched_acc, complete = vmapped(cands)
+  batched_acc, complete, batched_loss = vmapped(cands)
   assert complete.all()  # no racing: every candidate scored on the whole split
-  np.testing.assert_allclose(batched_acc, [single(c[None])[0][0] for c in cands], atol=1e-9)
+  np.testing.assert_allclose(batched_acc, [single(c[None]).accuracy[0] for c in cands], atol=1e-9)
   vmapped(cands[:3])  # another count of candidates: padded to the same chunk
   assert vmapped.fn._cache_size() == 1 and single.fn._cache_size() == 1
   # and against the training evaluator, one subnet at a time
   evaluate = setup.make_evaluator(run, 16)
-  _, acc0 = evaluate(trainable, run.frozen, run.model_data.splits['eval'], cands[0])
+  loss0, acc0 = evaluate(trainable, run.frozen, run.model_data.splits['eval'], cands[0])
   assert abs(acc0 - batched_acc[0]) < 1e-9
+  assert abs(loss0 - batched_loss[0]) < 1e-5 * max(1.0, abs(loss0))  # the loss tie-break's value
 
 
 def _fitness_args(supernet):
@@ -54,13 +55,13 @@ def test_racing_scores_the_better_half_on_the_whole_split(supernet):
   val = run.model_data.splits['eval']
   cands = np.asarray(jax.vmap(lambda k: subnet.sample(k, run.spec))(
       jax.random.split(jax.random.key(3), 7)))
-  full_acc, _ = fitness.Fitness(*args, val, chunk=1, batch_size=16)(cands)
+  full_acc = fitness.Fitness(*args, val, chunk=1, batch_size=16)(cands).accuracy
   raced = fitness.Fitness(*args, val, chunk=1, batch_size=16, race=0.5)
   assert 1 <= raced.heat < len(raced.batches)
   # The first heat is the first `heat` batches: score them alone, as an independent split.
   first = {k: v[:raced.heat * 16] for k, v in val.items()}
-  heat_acc, _ = fitness.Fitness(*args, first, chunk=1, batch_size=16)(cands)
-  acc, complete = raced(cands)
+  heat_acc = fitness.Fitness(*args, first, chunk=1, batch_size=16)(cands).accuracy
+  acc, complete, _ = raced(cands)
   expected = np.zeros(7, bool)
   expected[np.argsort(-heat_acc, kind='stable')[:4]] = True  # ceil(7 / 2) survivors
   np.testing.assert_array_equal(complete, expected)

@@ -64,6 +64,7 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   (out / 'best_subnet.json').write_text(subnet_lib.dumps(run.spec, best_subnet))
   metrics.write_json(out / 'pareto.json', [
       {'params': int(archive.params[i]), f'val_{run.model_data.metric}': float(archive.accuracy[i]),
+       'val_loss': None if np.isnan(archive.loss[i]) else float(archive.loss[i]),
        'generation': int(archive.generation[i]), 'subnet': subnet_lib.to_dict(run.spec, archive.cands[i])}
       for i in front])
   metrics.plot_search(archive, front, out / 'search.png')

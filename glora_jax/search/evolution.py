@@ -25,6 +25,7 @@ from glora_jax.train.metrics import write_json
 
 REFILLS = ('population', 'children')
 RANDOM_FILLS = ('mixed', 'uniform')
+TIE_BREAKS = ('params', 'loss')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,14 @@ class SearchConfig:
   racing (ours, off by default): each generation's candidates are scored on the
   first `race` share of the eval batches, the better half on the rest; the others
   are kept with their partial accuracy, marked incomplete, and ranked after every
-  complete candidate (never parents, never on the Pareto front, never chosen)."""
+  complete candidate (never parents, never on the Pareto front, never chosen).
+
+  tie_break: how candidates of equal val accuracy are ranked (as parents and for the
+  chosen subnet). 'params' (this code before issue 16): fewer adapter parameters
+  first. 'loss' (ours): lower mean val loss first, then fewer parameters; on a small
+  val split (BBC News: 200 documents, one document = 0.005) many candidates tie on
+  accuracy and the loss still tells them apart. The authors sort by accuracy alone
+  (ties in evaluation order)."""
   population: int = 50
   generations: int = 20
   parents: int = 10
@@ -59,6 +67,7 @@ class SearchConfig:
   refill: str = 'population'
   random_fill: str = 'mixed'
   race: float = 0.0
+  tie_break: str = 'params'
 
   def __post_init__(self):
     for name in ('population', 'parents', 'tries'):
@@ -70,6 +79,8 @@ class SearchConfig:
       raise ValueError(f"search refill '{self.refill}' is unknown; allowed: {list(REFILLS)}")
     if self.random_fill not in RANDOM_FILLS:
       raise ValueError(f"search random_fill '{self.random_fill}' is unknown; allowed: {list(RANDOM_FILLS)}")
+    if self.tie_break not in TIE_BREAKS:
+      raise ValueError(f"search tie_break '{self.tie_break}' is unknown; allowed: {list(TIE_BREAKS)}")
     if not 0.0 <= self.race < 1.0:
       raise ValueError(f'search race must be in [0, 1) (the share of the eval split in the '
                        f'first heat; 0 = off), got {self.race}')
@@ -180,34 +191,44 @@ def pareto_front(params: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
 
 
 class Archive:
-  """Everything evaluated: candidates, accuracy, parameters, generation, and whether
-  the accuracy is on the whole eval split (`complete`; False only for a candidate
-  that lost a race's first heat). A fixed capacity array (so operator shapes never
-  change) plus a valid mask."""
+  """Everything evaluated: candidates, accuracy, mean val loss (NaN where the fitness
+  gave none), parameters, generation, and whether the accuracy is on the whole eval
+  split (`complete`; False only for a candidate that lost a race's first heat). A
+  fixed capacity array (so operator shapes never change) plus a valid mask.
+  tie_break: SearchConfig.tie_break, used by `top`."""
 
-  def __init__(self, spec: AdapterSpec, capacity: int):
+  def __init__(self, spec: AdapterSpec, capacity: int, tie_break: str = 'params'):
+    if tie_break not in TIE_BREAKS:
+      raise ValueError(f"tie_break '{tie_break}' is unknown; allowed: {list(TIE_BREAKS)}")
+    self.tie_break = tie_break
     self.shape = spec.num_options.shape
     self.cands = np.zeros((capacity,) + self.shape, np.int32)
     self.valid = np.zeros(capacity, bool)
     self.accuracy = np.zeros(capacity)
+    self.loss = np.full(capacity, np.nan)
     self.params = np.zeros(capacity, np.int64)
     self.generation = np.zeros(capacity, np.int32)
     self.complete = np.zeros(capacity, bool)
     self.size = 0
 
-  def add(self, cands, accuracy, params, generation, complete=True):
+  def add(self, cands, accuracy, params, generation, complete=True, loss=np.nan):
     n = len(cands)
     if self.size + n > len(self.valid):
       raise RuntimeError('search archive is full; this is a bug in its capacity estimate')
     s = slice(self.size, self.size + n)
     self.cands[s], self.accuracy[s], self.params[s] = cands, accuracy, params
+    self.loss[s] = loss
     self.generation[s], self.valid[s], self.complete[s] = generation, True, complete
     self.size += n
 
   def top(self, k: int) -> np.ndarray:
-    """The k best: complete before incomplete, then higher accuracy, then fewer params."""
+    """The k best: complete before incomplete, then higher accuracy, then (tie_break
+    'loss') lower val loss, NaN last, then fewer params."""
     n = self.size
-    order = np.lexsort((self.params[:n], -self.accuracy[:n], ~self.complete[:n]))
+    keys = (self.params[:n],)
+    if self.tie_break == 'loss':
+      keys += (np.where(np.isnan(self.loss[:n]), np.inf, self.loss[:n]),)
+    order = np.lexsort(keys + (-self.accuracy[:n], ~self.complete[:n]))
     return order[:k]
 
   def front(self) -> np.ndarray:
@@ -219,7 +240,8 @@ class Archive:
     n = self.size
     return {'cands': self.cands[:n].tolist(), 'accuracy': self.accuracy[:n].tolist(),
             'params': self.params[:n].tolist(), 'generation': self.generation[:n].tolist(),
-            'complete': self.complete[:n].tolist()}
+            'complete': self.complete[:n].tolist(),
+            'loss': [None if np.isnan(x) else float(x) for x in self.loss[:n]]}
 
   def load(self, d: dict):
     n = len(d['accuracy'])
@@ -228,7 +250,8 @@ class Archive:
     if n:
       self.add(np.asarray(d['cands'], np.int32).reshape((n,) + self.shape),
                np.asarray(d['accuracy']), np.asarray(d['params']), np.asarray(d['generation']),
-               np.asarray(d.get('complete', [True] * n), bool))
+               np.asarray(d.get('complete', [True] * n), bool),
+               np.asarray([np.nan if x is None else x for x in d.get('loss', [None] * n)], float))
 
 
 def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: SearchConfig,
@@ -236,8 +259,8 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
         stop_after_generations: int | None = None) -> Archive:
   """Runs the search, resuming from `state_dir/search_state.json` if present.
 
-  fitness: (n, layers, supports) int32 -> (n,) validation accuracy, or a pair
-  (accuracy, complete) when it races (fitness.Fitness with race > 0). Keys are a
+  fitness: (n, layers, supports) int32 -> (n,) validation accuracy, or a tuple
+  (accuracy, complete[, loss]) (fitness.Fitness's Scores). Keys are a
   function of (seed, generation), so a resumed search ends where an
   uninterrupted one would."""
   num_options = jnp.asarray(spec.num_options)
@@ -246,7 +269,8 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
   low, high = jnp.asarray(cfg.min_param_limit), jnp.asarray(cfg.param_limit)
   check_budget(spec, cfg)
   per_gen = max(cfg.population, cfg.mutations + cfg.crossovers)
-  archive = Archive(spec, per_gen * (cfg.generations + 1))  # the random population + generations
+  # the random population + generations
+  archive = Archive(spec, per_gen * (cfg.generations + 1), cfg.tie_break)
   state_file = None if state_dir is None else pathlib.Path(state_dir) / 'search_state.json'
   start = 0
   if state_file is not None and state_file.exists():
@@ -295,9 +319,10 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
       log(f'generation {gen}: no new candidate within the budget; stopping')
       break
     scored = fitness(new)
-    acc, complete = scored if isinstance(scored, tuple) else (scored, np.ones(len(new), bool))
+    acc, complete, *loss = scored if isinstance(scored, tuple) else (scored, np.ones(len(new), bool))
     params = np.asarray(jax.vmap(lambda s: subnet_lib.count_params(spec, s))(jnp.asarray(new)))
-    archive.add(new, np.asarray(acc), params, gen, np.asarray(complete, bool))
+    archive.add(new, np.asarray(acc), params, gen, np.asarray(complete, bool),
+                np.asarray(loss[0], float) if loss else np.nan)
     best = archive.top(1)[0]
     log(f'generation {gen}: evaluated {len(new)}, best val accuracy {archive.accuracy[best]:.4f} '
         f'with {archive.params[best]:,} params')

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +39,20 @@ def make_chunk_evaluator(task: steps.ForwardLoss, spec, mesh, frozen_shardings, 
                  out_shardings=cand_sh)
 
 
+class Scores(NamedTuple):
+  """A Fitness call's result, one entry per candidate. accuracy: correct / count of
+  the task's sums (higher is better); complete: scored on the whole eval split (False
+  only for a race's heat losers); loss: the task's mean loss over the same examples
+  (the search's tie-break with SearchConfig.tie_break='loss')."""
+  accuracy: np.ndarray
+  complete: np.ndarray
+  loss: np.ndarray
+
+
 class Fitness:
-  """Callable: (n, L, S) int32 candidates -> (accuracy (n,), complete (n,) bool) on
-  `arrays`, higher is better: correct / count of the task's loss sums, so top-1
-  accuracy for a classifier and next-token accuracy over real tokens for a causal LM.
+  """Callable: (n, L, S) int32 candidates -> Scores (accuracy, complete, loss) on
+  `arrays`: accuracy is correct / count of the task's loss sums, so top-1 accuracy
+  for a classifier and next-token accuracy over real tokens for a causal LM.
 
   Candidates are padded to whole chunks (padding repeats the first candidate and
   is discarded), so every call runs the same compiled function.
@@ -99,23 +110,25 @@ class Fitness:
     self.batch_evaluations += n * len(batches)
     return np.concatenate(out)[:n]
 
-  def __call__(self, cands) -> tuple[np.ndarray, np.ndarray]:
+  def __call__(self, cands) -> Scores:
     cands = np.asarray(cands, np.int32)
     n = len(cands)
     self.evaluated += n
     if self.heat == len(self.batches) or n < 2:
-      return _accuracy(self.sums(cands, self.batches)), np.ones(n, bool)
+      return _scores(self.sums(cands, self.batches), np.ones(n, bool))
     totals = self.sums(cands, self.batches[:self.heat])
-    heat_acc = _accuracy(totals)
+    heat_acc = _scores(totals, None).accuracy
     survivors = np.argsort(-heat_acc, kind='stable')[:math.ceil(n / 2)]
     totals[survivors] += self.sums(cands[survivors], self.batches[self.heat:])
     complete = np.zeros(n, bool)
     complete[survivors] = True
-    return _accuracy(totals), complete
+    return _scores(totals, complete)
 
 
-def _accuracy(sums: np.ndarray) -> np.ndarray:
-  return sums[:, 2] / np.maximum(sums[:, 1], 1)
+def _scores(sums: np.ndarray, complete) -> Scores:
+  """Scores of (n, 3) sums of (loss, count, correct)."""
+  count = np.maximum(sums[:, 1], 1)
+  return Scores(sums[:, 2] / count, complete, sums[:, 0] / count)
 
 
 def probe_chunk(make, chunks, trainable, frozen, batch, spec, repeats: int = 2):
