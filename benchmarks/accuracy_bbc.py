@@ -61,6 +61,11 @@ CONFIGS = {
     'glora_distill_lite': ('bbc_minilm_glora', {  # largest teaches 1 fair draw: 2 passes
         'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
         'supernet.distill': 1.0}),
+    # distill_lite with C (GLoRA's input shift W0 @ C) at a tenth of the learning rate:
+    # its step moves every output by about lr x |row of W0|_1, tens of times what E's does.
+    'glora_distill_lite_slow_c': ('bbc_minilm_glora', {
+        'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
+        'supernet.distill': 1.0, 'optim.lr_multipliers': (('adapters/.*/C[du]', 0.1),)}),
     # Diagnostic, not a supernet: only the largest subnet is trained (1 pass), to tell
     # GLoRA's parameterisation apart from the sharing between sampled subnets.
     'glora_largest_only': ('bbc_minilm_glora', {

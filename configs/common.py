@@ -120,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_init_lr = 0.0
   c.optim.min_lr = 0.0
   c.optim.clip_norm = 0.0
+  # (path regex, m) pairs: a trainable leaf whose path matches has lr (and decoupled
+  # weight decay) x m, e.g. (('adapters/.*/C[du]', 0.1),) slows GLoRA's C support.
+  c.optim.lr_multipliers = ()
 
   c.batch_size = 32
   c.eval_batch_size = 32

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from glora_jax import data, peft
+from glora_jax import data, paths, peft
 from glora_jax import subnet as subnet_lib
 from glora_jax.adapters import glora, lora
 from glora_jax.errors import CheckpointMismatchError, ConfigError
@@ -48,6 +49,14 @@ def validate(config) -> None:
   need(config.num_epochs > 0, f'num_epochs must be > 0, got {config.num_epochs}')
   need(config.optim.schedule in ('constant', 'cosine'),
        f"optim.schedule '{config.optim.schedule}' is unknown; allowed: constant, cosine")
+  for rule in config.optim.get('lr_multipliers', ()):
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+    need(ok and isinstance(rule[1], (int, float)) and rule[1] > 0,
+         f'optim.lr_multipliers: each rule is a (path regex, multiplier > 0) pair, got {rule!r}')
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      need(False, f"optim.lr_multipliers: bad regex '{rule[0]}': {e}")
   need(config.on_nonfinite in ('stop', 'skip'),
        f"on_nonfinite '{config.on_nonfinite}' is unknown; allowed: stop, skip")
   if config.method in ADAPTER_METHODS:
@@ -261,7 +270,8 @@ def optimizer_and_schedule(config, steps_per_epoch: int):
   schedule = _schedule(config, steps_per_epoch * config.num_epochs, steps_per_epoch)
   optimizer = steps.make_optimizer(schedule, config.optim.weight_decay, config.optim.b1,
                                    config.optim.b2, config.optim.eps,
-                                   config.optim.get('clip_norm') or None)
+                                   config.optim.get('clip_norm') or None,
+                                   config.optim.get('lr_multipliers', ()))
   return optimizer, schedule
 
 
@@ -280,6 +290,11 @@ def make_training(run: BuiltRun):
                                seed=config.seed, num_epochs=config.num_epochs,
                                drop_remainder=config.drop_remainder,
                                pad_remainder=not config.drop_remainder)
+  rules = config.optim.get('lr_multipliers', ())
+  if unmatched := steps.unmatched_rules(rules, run.trainable):
+    # A typo would otherwise change nothing, silently.
+    raise ConfigError(f'optim.lr_multipliers: {unmatched} match no trainable parameter; paths '
+                      f'look like {paths.examples(paths.flatten(run.trainable))}')
   optimizer, schedule = optimizer_and_schedule(config, batches.batches_per_epoch)
   return batches, optimizer, schedule, steps.init_state(run.trainable, optimizer, config.seed,
                                                         _state_subnet(run))

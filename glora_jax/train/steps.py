@@ -8,13 +8,14 @@ subnet from the state. Neither recompiles.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from glora_jax import peft
+from glora_jax import paths, peft
 from glora_jax import subnet as subnet_lib
 
 State = dict[str, Any]
@@ -43,13 +44,54 @@ def classification_loss(logits, batch):
 
 
 def make_optimizer(lr, weight_decay: float, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, clip_norm: float | None = None) -> optax.GradientTransformation:
-  """AdamW on every trainable leaf (as torch.optim.AdamW), optional global-norm clip."""
+                   eps: float = 1e-8, clip_norm: float | None = None,
+                   lr_multipliers: Sequence[tuple[str, float]] = ()) -> optax.GradientTransformation:
+  """AdamW on every trainable leaf (as torch.optim.AdamW), optional global-norm clip.
+
+  lr_multipliers: (path regex, m) pairs; a trainable leaf whose path (paths.flatten's,
+  e.g. 'adapters/encoder/layer_0/attention/query/Cd') fully matches a regex has its
+  whole AdamW update scaled by that regex's m (the first that matches): the learning
+  rate and the decoupled weight decay of a torch param group with lr x m."""
   parts = []
   if clip_norm:
     parts.append(optax.clip_by_global_norm(clip_norm))
   parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  if lr_multipliers:
+    parts.append(scale_by_path(lr_multipliers))
   return optax.chain(*parts)
+
+
+def _path_multiplier(rules, path) -> float:
+  name = '/'.join(paths.key_name(k) for k in path)
+  return next((m for pattern, m in rules if re.fullmatch(pattern, name)), 1.0)
+
+
+def scale_by_path(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+  """Multiplies each leaf's update by the m of the first (regex, m) rule its path fully
+  matches (1 if none). Stateless. `unmatched_rules` finds rules that match no leaf."""
+  rules = [(str(p), float(m)) for p, m in rules]
+  for pattern, m in rules:
+    re.compile(pattern)
+    if not m > 0:
+      raise ValueError(f"lr multiplier for '{pattern}' must be > 0, got {m}")
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u if (m := _path_multiplier(rules, path)) == 1.0 else u * jnp.asarray(m, u.dtype),
+        updates), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def unmatched_rules(rules: Sequence[tuple[str, float]], trainable) -> list[str]:
+  """The regexes of (regex, m) rules that fully match no leaf path of `trainable`."""
+  names = list(paths.flatten(trainable))
+  return [p for p, _ in rules if not any(re.fullmatch(p, n) for n in names)]
 
 
 def init_state(trainable, optimizer, seed: int, subnet) -> State:
