@@ -11,11 +11,14 @@ on val at LoRA's adapter-parameter count and at a quarter of it.
   python benchmarks/accuracy_bbc.py --setting 8shot --methods surm --lr surm=1e-2   # val-only sweep
   python benchmarks/accuracy_bbc.py --setting full --methods glora --retrain_epochs 5
   python benchmarks/accuracy_bbc.py --setting full --methods glora_sandwich,glora_distill --seeds 0,1,2
+  python benchmarks/accuracy_bbc.py --setting full --methods glora_distill_lite --seeds 0,1,2 \
+      --search_tie_break loss   # the same supernets searched again, ties by val loss
   python benchmarks/accuracy_bbc.py --setting full --table    # mean ± std over seeds per row
   python benchmarks/accuracy_bbc.py --setting full --table --per_seed   # one line per run
 
-Methods glora_fair, glora_progressive, glora_sandwich, glora_distill and
-glora_distill_lite train the supernet with config.supernet options (README,
+Methods glora_fair, glora_progressive, glora_sandwich, glora_distill,
+glora_distill_lite and glora_distill_lite_slow_c (C's learning rate x 0.1 through
+optim.lr_multipliers) train the supernet with config.supernet options (README,
 "Supernet training options"). Every training row records its compute: steps,
 backbone forward+backward passes per step (a forward alone counts 1/3; the linear
 probe 1/3, a sandwich step with k subnets k, a distillation teacher that is not in
