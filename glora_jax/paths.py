@@ -20,10 +20,14 @@ def key_name(k) -> str:
   return str(k)
 
 
+def path_name(key_path) -> str:
+  """The '/'-joined name of a jax key path (as tree_map_with_path passes it)."""
+  return '/'.join(key_name(k) for k in key_path)
+
+
 def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
   """{'a': {'b': x}} -> {'a/b': x} (leaves in tree order)."""
-  return {'/'.join(key_name(k) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -31,8 +31,8 @@ def run(script, *args):
     (['--config', 'configs/bbc_minilm_glora.py', "--config.optim.lr_multipliers=(('x', -1),)"],
      "error: optim.lr_multipliers: each rule is a (path regex, multiplier > 0) pair, got ('x', -1)"),
     (['--config', 'configs/tiny_bbc_glora.py', "--config.optim.lr_multipliers=(('adapters/.*/Cx', 0.1),)"],
-     "error: optim.lr_multipliers: ['adapters/.*/Cx'] match no trainable parameter; paths look like "
-     "'adapters/encoder/layer_0/attention/key/Ad'"),
+     "error: optim.lr_multipliers: lr multiplier pattern 'adapters/.*/Cx' matched no parameter; "
+     "paths look like 'adapters/encoder/layer_0/attention/key/Ad'"),
 ])
 def test_config_errors_are_one_line(tmp_path, args, expected):
   code, out, err = run('train.py', *args, '--workdir', str(tmp_path / 'run'))

@@ -45,12 +45,11 @@ def test_lr_multipliers_equal_adamw_at_the_scaled_rate_per_leaf():
   assert float(jnp.abs(got['adapters/l0/Cd'] - 1).mean()) < 0.2 * float(jnp.abs(got['adapters/l0/Bd'] - 1).mean())
 
 
-def test_first_matching_rule_wins_and_unmatched_rules_are_named():
+def test_first_matching_rule_wins():
   params = {'adapters': {'Cd': jnp.ones(2)}, 'model': {'w': jnp.ones(2)}}
   opt = steps.make_optimizer(1.0, 0.0, lr_multipliers=(('adapters/Cd', 0.5), ('adapters/.*', 0.0001)))
   u, _ = opt.update({'adapters': {'Cd': jnp.ones(2)}, 'model': {'w': jnp.ones(2)}}, opt.init(params), params)
   np.testing.assert_allclose(u['adapters']['Cd'], -0.5, rtol=1e-5)  # Adam's first step is -lr x 1
   np.testing.assert_allclose(u['model']['w'], -1.0, rtol=1e-5)
-  assert steps.unmatched_rules((('adapters/Cd', 2.0), ('adapters/Cx', 2.0)), params) == ['adapters/Cx']
   with pytest.raises(ValueError, match='must be > 0'):
     steps.make_optimizer(1.0, 0.0, lr_multipliers=(('adapters/Cd', 0.0),))

@@ -206,6 +206,12 @@ def build(config) -> BuiltRun:
   except ValueError as e:
     raise ConfigError(f'data: {e}') from None
   trainable = {'model': model_trainable, 'adapters': {} if adapters is None else adapters.params}
+  trainable_paths = paths.flatten(trainable)
+  for pattern, _ in config.optim.get('lr_multipliers', ()):
+    try:  # a rule that matches nothing would change nothing, silently
+      paths.match_paths(trainable_paths, pattern, 'lr multiplier pattern')
+    except ValueError as e:
+      raise ConfigError(f'optim.lr_multipliers: {e}') from None
   spec = None if adapters is None else adapters.spec
   fixed = None
   if spec is not None:
@@ -290,11 +296,6 @@ def make_training(run: BuiltRun):
                                seed=config.seed, num_epochs=config.num_epochs,
                                drop_remainder=config.drop_remainder,
                                pad_remainder=not config.drop_remainder)
-  rules = config.optim.get('lr_multipliers', ())
-  if unmatched := steps.unmatched_rules(rules, run.trainable):
-    # A typo would otherwise change nothing, silently.
-    raise ConfigError(f'optim.lr_multipliers: {unmatched} match no trainable parameter; paths '
-                      f'look like {paths.examples(paths.flatten(run.trainable))}')
   optimizer, schedule = optimizer_and_schedule(config, batches.batches_per_epoch)
   return batches, optimizer, schedule, steps.init_state(run.trainable, optimizer, config.seed,
                                                         _state_subnet(run))

@@ -62,13 +62,14 @@ def make_optimizer(lr, weight_decay: float, b1: float = 0.9, b2: float = 0.999,
 
 
 def _path_multiplier(rules, path) -> float:
-  name = '/'.join(paths.key_name(k) for k in path)
+  name = paths.path_name(path)
   return next((m for pattern, m in rules if re.fullmatch(pattern, name)), 1.0)
 
 
 def scale_by_path(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
   """Multiplies each leaf's update by the m of the first (regex, m) rule its path fully
-  matches (1 if none). Stateless. `unmatched_rules` finds rules that match no leaf."""
+  matches (1 if none). Stateless; a rule matching no leaf is refused where the
+  trainable tree is known (setup.build, by paths.match_paths)."""
   rules = [(str(p), float(m)) for p, m in rules]
   for pattern, m in rules:
     re.compile(pattern)
@@ -86,12 +87,6 @@ def scale_by_path(rules: Sequence[tuple[str, float]]) -> optax.GradientTransform
         updates), state
 
   return optax.GradientTransformation(init, update)
-
-
-def unmatched_rules(rules: Sequence[tuple[str, float]], trainable) -> list[str]:
-  """The regexes of (regex, m) rules that fully match no leaf path of `trainable`."""
-  names = list(paths.flatten(trainable))
-  return [p for p, _ in rules if not any(re.fullmatch(p, n) for n in names)]
 
 
 def init_state(trainable, optimizer, seed: int, subnet) -> State:
