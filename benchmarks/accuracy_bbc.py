@@ -46,6 +46,7 @@ from glora_jax import subnet as subnet_lib  # noqa: E402
 from glora_jax.search import driver, evolution  # noqa: E402
 from glora_jax.train import loop, setup, steps  # noqa: E402
 
+SUBNETS = pathlib.Path(__file__).resolve().parent / 'subnets'
 CONFIGS = {
     'linear_probe': ('bbc_minilm_linear_probe', {}),
     'full': ('bbc_minilm_full', {}),
@@ -69,10 +70,23 @@ CONFIGS = {
     'glora_distill_lite_slow_c': ('bbc_minilm_glora', {
         'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
         'supernet.distill': 1.0, 'optim.lr_multipliers': (('adapters/.*/C[du]', 0.1),)}),
+    # distill_lite_slow_c with the anchor B + D + E (benchmarks/subnets/b_d_e.json: B low
+    # rank, D and E vectors, A and C none, in every layer) in the largest's roles: it is
+    # trained in every step and teaches the fair-sampled subnet. 2 passes.
+    'glora_anchor_b_d_e': ('bbc_minilm_glora', {
+        'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
+        'supernet.distill': 1.0, 'optim.lr_multipliers': (('adapters/.*/C[du]', 0.1),),
+        'supernet.anchor': str(SUBNETS / 'b_d_e.json')}),
     # Diagnostic, not a supernet: only the largest subnet is trained (1 pass), to tell
     # GLoRA's parameterisation apart from the sharing between sampled subnets.
     'glora_largest_only': ('bbc_minilm_glora', {
         'supernet.sandwich': 'largest', 'supernet.num_random': 0}),
+    # References, not supernets: one GLoRA subnet (benchmarks/subnets/, the same choice
+    # in every layer) trained alone from scratch at 1 pass per step, LoRA's compute.
+    # What a searched subnet could reach if its inherited weights were as good as
+    # its own training's. No search follows them.
+    'subnet_b_d_e': ('bbc_minilm_glora', {'subnet': str(SUBNETS / 'b_d_e.json')}),
+    'subnet_b_only': ('bbc_minilm_glora', {'subnet': str(SUBNETS / 'b_only.json')}),
 }
 
 
@@ -94,9 +108,15 @@ def passes_per_step(config) -> float:
   linear probe a forward, every other method one pass."""
   if config.method == 'linear_probe':
     return 1 / 3
-  if config.method == 'glora' and not config.get('subnet'):
+  if is_supernet(config):
     return steps.supernet_options(config, steps_per_epoch=1).backbone_passes()
   return 1.0
+
+
+def is_supernet(config) -> bool:
+  """A GLoRA run that trains a supernet (its rows are '/largest' and searched ones);
+  a fixed subnet (config.subnet) is a plain row, like LoRA's."""
+  return config.method == 'glora' and not config.get('subnet')
 
 
 def evaluate_test(config, workdir):
@@ -172,7 +192,7 @@ def main():
       test_acc, adapter, head = evaluate_test(config, workdir)
       compute = {'train_steps': summary['step'], 'passes_per_step': passes_per_step(config),
                  'backbone_passes': summary['step'] * passes_per_step(config)}
-      row = name + ('/largest' if method.startswith('glora') else '')
+      row = name + ('/largest' if is_supernet(config) else '')
       # A resumed finished run has no step times: keep the row of the run that trained.
       if row not in results or summary.get('median_step_ms') is not None:
         record(row, {
@@ -181,7 +201,7 @@ def main():
             'lr': config.optim.lr, **compute})
       if method == 'lora':
         lora_budget = adapter
-      if method.startswith('glora') and not args.skip_search:
+      if is_supernet(config) and not args.skip_search:
         budget = lora_budget or results.get(f'lora/seed{seed}', {}).get('adapter_params') or 331_776
         budgets = {'lora': ('lora budget', budget), 'quarter': ('quarter', budget // 4)}
         for label, limit in (budgets[b] for b in args.budgets.split(',')):

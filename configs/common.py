@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.supernet.distill = 0.0  # in [0, 1]: weight of KL to the largest subnet's soft labels
   c.supernet.temperature = 1.0  # of the distillation's softmax
   c.supernet.progressive_epochs = 0.0  # > 0: widen from the largest subnet to all options (OFA)
+  # A subnet JSON (search.py's best_subnet.json format) that replaces the largest subnet
+  # as the sandwich's first subnet and the distillation teacher; '' = the largest.
+  c.supernet.anchor = ''
   c.subnet = ''  # a subnet JSON (search.py output): train that subnet only
   c.init_from = ''  # a train.py workdir: start from its latest trainable params
 

@@ -230,6 +230,40 @@ def test_in_place_distillation_loss_is_kl_to_the_largest_subnets_soft_labels():
   assert options.teacher_forwards == 1 and options.backbone_passes() == 2 + 1 / 3
 
 
+def test_anchor_takes_the_largest_subnets_roles(tmp_path):
+  """supernet.anchor: the given subnet heads the sandwich, learns from the labels,
+  and is the teacher whose soft labels the others learn from (numpy losses)."""
+  spec, task, trainable, frozen, batch, _ = supernet_setup()
+  labels, mask = np.asarray(batch['label']), np.asarray(batch['mask'])
+  anchor = np.asarray(subnet_lib.sample(jax.random.key(3), spec))
+  assert not np.array_equal(anchor, subnet_lib.largest(spec))
+  path = tmp_path / 'anchor.json'
+  path.write_text(subnet_lib.dumps(spec, anchor))
+  teacher = np_logits(task, trainable, frozen, spec, anchor, batch)
+  optimizer = optax.sgd(0.0)
+  for options in (steps.SupernetOptions(num_random=1, sandwich='largest', distill=0.6, anchor=str(path)),
+                  steps.SupernetOptions(num_random=2, distill=1.0, anchor=str(path))):
+    state = steps.init_state(trainable, optimizer, seed=4, subnet=np.zeros(spec.num_options.shape))
+    _, metrics, subnets = jax.jit(steps.make_train_step(task, spec, optimizer, options))(
+        state, frozen, batch)
+    subnets = np.asarray(subnets)
+    want = []
+    for i, s in enumerate(subnets):
+      logits = np_logits(task, trainable, frozen, spec, s, batch)
+      ce = np_cross_entropy(logits, labels, mask)
+      if options.sandwich != 'none' and i == 0:
+        np.testing.assert_array_equal(s, anchor)
+        want.append(ce)
+      else:
+        want.append((1 - options.distill) * ce + options.distill * np_kl(teacher, logits, mask, 1.0))
+    np.testing.assert_allclose(float(metrics['loss']), np.mean(want), rtol=1e-5)
+  state = steps.init_state(trainable, optimizer, seed=4, subnet=np.zeros(spec.num_options.shape))
+  both = steps.SupernetOptions(num_random=1, sandwich='largest_smallest', anchor=str(path))
+  drawn = np.asarray(steps.draw_subnets(spec, both, state))
+  np.testing.assert_array_equal(drawn[0], anchor)
+  np.testing.assert_array_equal(drawn[1], subnet_lib.cheapest_and_largest(spec.num_options, spec.option_costs)[0])
+
+
 def test_distillation_pulls_students_towards_the_teacher_only():
   """The KL term's gradient reaches the students, never the teacher: with distill=1
   and a sandwich of the largest alone plus one student equal to it, the KL is 0 and

@@ -24,6 +24,9 @@ OPTIONS = {'supernet.sandwich': 'largest_smallest', 'supernet.num_random': 1,
     ({'supernet.temperature': 0.0}, 'supernet.temperature must be > 0, got 0.0'),
     ({'supernet.progressive_epochs': 3.0}, 'supernet.progressive_epochs must be in [0, num_epochs=2], got 3.0'),
     ({'method': 'lora', 'supernet.sandwich': 'largest'}, "supernet options other than the defaults train a GLoRA supernet; method is 'lora'"),
+    ({'supernet.anchor': '/nonexistent/anchor.json', 'supernet.sandwich': 'largest'},
+     'supernet.anchor: subnet file /nonexistent/anchor.json does not exist'),
+    ({'supernet.anchor': __file__}, "supernet.anchor takes the largest subnet's roles, which only sandwich"),
 ])
 def test_bad_supernet_options_are_one_line_config_errors(overrides, message):
   with pytest.raises(ConfigError) as e:
@@ -81,3 +84,11 @@ def test_resume_with_options_equals_uninterrupted(tmp_path):
   loop.train_and_evaluate(config, tmp_path / 'split', progress=False)
   a, b = trainable_of(config, tmp_path / 'straight'), trainable_of(config, tmp_path / 'split')
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+
+
+def test_an_anchor_of_another_space_is_a_config_error_before_training(tmp_path):
+  path = tmp_path / 'anchor.json'
+  path.write_text('{"encoder/layer_9/attention/query": {"A": "none"}}')
+  with pytest.raises(ConfigError) as e:
+    setup.build(tiny(**{'supernet.anchor': str(path), 'supernet.sandwich': 'largest'}))
+  assert str(e.value).startswith('supernet.anchor: subnet names layers that are not adapted')

@@ -101,6 +101,12 @@ def validate_supernet(config) -> None:
   epochs = c.get('progressive_epochs', 0.0)
   need(0.0 <= epochs <= config.num_epochs,
        f'progressive_epochs must be in [0, num_epochs={config.num_epochs}], got {epochs}')
+  anchor = c.get('anchor', '')
+  if anchor:
+    need(pathlib.Path(anchor).is_file(), f'anchor: subnet file {anchor} does not exist')
+    need(sandwich != 'none' or distill > 0,
+         "anchor takes the largest subnet's roles, which only sandwich 'largest' / "
+         "'largest_smallest' or distill > 0 use; set one of them")
   options = steps.supernet_options(config, steps_per_epoch=1)
   if options != steps.SupernetOptions(widen_steps=options.widen_steps) or epochs:
     if config.method != 'glora':
@@ -219,6 +225,11 @@ def build(config) -> BuiltRun:
       fixed = subnet_lib.loads(spec, pathlib.Path(config.subnet).read_text())
     elif not spec.searchable:
       fixed = np.zeros(spec.num_options.shape, np.int32)
+    elif config.get('supernet', {}).get('anchor'):
+      try:  # a subnet of another model or space is refused before anything trains
+        steps.anchor_subnet(spec, steps.supernet_options(config, steps_per_epoch=1))
+      except ValueError as e:
+        raise ConfigError(f'supernet.anchor: {e}') from None
   return BuiltRun(config, model_data, mesh, spec, trainable, frozen, fixed)
 
 

@@ -8,11 +8,13 @@ subnet from the state. Neither recompiles.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import re
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from glora_jax import paths, peft
@@ -129,13 +131,17 @@ class SupernetOptions:
   distill: weight α of in-place distillation, each subnet but the largest learns
   (1 - α) CE + α T² KL(teacher_T || student_T) from the largest subnet's outputs
   (stop_gradient; classification only). widen_steps > 0: progressive shrinking,
-  `subnet.allowed_options`. The count of subnets is static: one compile."""
+  `subnet.allowed_options`. anchor (ours): a subnet JSON that takes the largest
+  subnet's two roles, the sandwich's first subnet and the distillation teacher
+  (BigNAS assumes the largest subnet is the best one; in GLoRA's space it need not
+  be). The count of subnets is static: one compile."""
   num_random: int = 1
   sandwich: str = 'none'
   sampling: str = 'uniform'
   distill: float = 0.0
   temperature: float = 1.0
   widen_steps: int = 0
+  anchor: str = ''
 
   @property
   def num_subnets(self) -> int:
@@ -167,13 +173,24 @@ def supernet_options(config, steps_per_epoch: int | None = None) -> SupernetOpti
     widen = max(1, int(round(epochs * steps_per_epoch)))
   return SupernetOptions(num_random=int(get('num_random', 1)), sandwich=str(get('sandwich', 'none')),
                          sampling=str(get('sampling', 'uniform')), distill=float(get('distill', 0.0)),
-                         temperature=float(get('temperature', 1.0)), widen_steps=widen)
+                         temperature=float(get('temperature', 1.0)), widen_steps=widen,
+                         anchor=str(get('anchor', '')))
 
 
-def draw_subnets(spec: peft.AdapterSpec, options: SupernetOptions, state: State) -> jax.Array:
-  """(options.num_subnets, layers, supports) subnets of a step: the largest, the
-  smallest allowed (as options.sandwich says), then the random ones. A function
-  of the state's seed and step only, identical on every replica."""
+def anchor_subnet(spec: peft.AdapterSpec, options: SupernetOptions) -> np.ndarray:
+  """The subnet in the largest's roles (sandwich head, teacher): options.anchor's
+  subnet JSON, or the largest subnet."""
+  if options.anchor:
+    return subnet_lib.loads(spec, pathlib.Path(options.anchor).read_text())
+  return subnet_lib.largest(spec)
+
+
+def draw_subnets(spec: peft.AdapterSpec, options: SupernetOptions, state: State,
+                 anchor=None) -> jax.Array:
+  """(options.num_subnets, layers, supports) subnets of a step: the largest (or the
+  anchor, `anchor_subnet`; pass it to skip reading its file), the smallest allowed
+  (as options.sandwich says), then the random ones. A function of the state's seed
+  and step only, identical on every replica."""
   k_subnet, _ = step_keys(state)
   num = spec.num_options
   step = state['step']
@@ -181,7 +198,8 @@ def draw_subnets(spec: peft.AdapterSpec, options: SupernetOptions, state: State)
   order = jnp.asarray(subnet_lib.option_order(num, spec.option_costs))
   out = []
   if options.sandwich != 'none':
-    out.append(order[..., 0])
+    out.append(order[..., 0] if not options.anchor else
+               jnp.asarray(anchor_subnet(spec, options) if anchor is None else anchor))
   if options.sandwich == 'largest_smallest':
     cheapest, _ = subnet_lib.cheapest_and_largest(num, spec.option_costs)
     smallest = jnp.take_along_axis(order, (allowed - 1)[..., None], -1)[..., 0]
@@ -219,13 +237,14 @@ def make_train_step(task: ForwardLoss, spec: peft.AdapterSpec | None, optimizer,
   (subnets, layers, supports) stack when a step trains more than one)."""
   options = (SupernetOptions() if supernet is True else supernet) if spec is not None else None
   options = options or None  # False -> fixed subnet
-  # The distillation teacher without a sandwich, computed here: numpy, not traced.
-  largest = subnet_lib.largest(spec) if options is not None and options.distill > 0 else None
+  # The sandwich's head and the distillation teacher (without a sandwich a separate
+  # forward): the largest subnet or the anchor, read here: numpy, not traced.
+  anchor = anchor_subnet(spec, options) if options is not None else None
 
   def train_step(state, frozen, batch):
     k_subnet, k_dropout = step_keys(state)
     if options is not None:
-      subnets = draw_subnets(spec, options, state)
+      subnets = draw_subnets(spec, options, state, anchor)
     else:
       subnets = jnp.asarray(state['subnet'])[None]
     num = subnets.shape[0]
@@ -241,7 +260,7 @@ def make_train_step(task: ForwardLoss, spec: peft.AdapterSpec | None, optimizer,
       teacher = None
       if distill:
         teacher = (outs[0] if has_teacher else
-                   forward(jnp.asarray(largest), jax.random.fold_in(k_dropout, num)))
+                   forward(jnp.asarray(anchor), jax.random.fold_in(k_dropout, num)))
         teacher = jax.lax.stop_gradient(teacher)
       losses, corrects = [], []
       for i, out in enumerate(outs):
