@@ -40,6 +40,9 @@ SEARCH_HELP = {
             'better half is scored on the rest (0: off, every candidate on the whole split).',
     'tie_break': "Candidates of equal val accuracy: 'params' ranks fewer adapter parameters "
                  "first; 'loss' lower mean val loss first, then fewer parameters.",
+    'start': "First population: 'random' (the authors); 'anchor' begins it with the subnet "
+             "the supernet trained every step (its supernet.anchor, else the largest) when "
+             "that meets the budget.",
 }
 SEARCH_UNITS = {'param_limit': 1e6, 'min_param_limit': 1e6}
 SEARCH_FLAGS = cli.define_dataclass_flags(SearchConfig, SEARCH_HELP, SEARCH_UNITS)

@@ -144,6 +144,9 @@ def main():
   ap.add_argument('--search_tie_break', choices=evolution.TIE_BREAKS, default='params',
                   help="GLoRA search: rank equal val accuracies by fewer parameters ('params') "
                        "or by lower val loss ('loss'; its rows and folders are tagged)")
+  ap.add_argument('--search_start', choices=evolution.STARTS, default='random',
+                  help="GLoRA search: first population random (the authors) or opened by the "
+                       "supernet's anchor ('anchor'; its rows and folders are tagged)")
   ap.add_argument('--retrain_epochs', type=int, default=0,
                   help='GLoRA: also retrain each searched subnet (fixed) for this many epochs')
   ap.add_argument('--table', action='store_true',
@@ -209,10 +212,12 @@ def main():
                                        generations=args.search_generations, parents=5,
                                        mutations=args.search_population // 2,
                                        crossovers=args.search_population // 2, param_limit=limit,
-                                       seed=seed, tie_break=args.search_tie_break)
-          loss_ties = args.search_tie_break == 'loss'
-          row = f'{name}/search<={limit:,} ({label}{", loss ties" if loss_ties else ""})'
-          search_dir = workdir / f'search_{limit}{"_loss_ties" if loss_ties else ""}'
+                                       seed=seed, tie_break=args.search_tie_break,
+                                       start=args.search_start)
+          tags = [t for t, on in (('loss ties', args.search_tie_break == 'loss'),
+                                  ('from anchor', args.search_start == 'anchor')) if on]
+          row = f'{name}/search<={limit:,} ({", ".join([label] + tags)})'
+          search_dir = workdir / '_'.join(['search', str(limit)] + [t.replace(' ', '_') for t in tags])
           if row not in results or not (search_dir / 'summary.json').exists():
             t0 = time.perf_counter()
             s = driver.search_and_export(workdir, cfg, out=search_dir,

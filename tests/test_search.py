@@ -234,3 +234,23 @@ def test_uniform_random_fill_is_the_authors_sampler():
     evolution.SearchConfig(random_fill='thin')
   with pytest.raises(ValueError, match="search refill 'all' is unknown"):
     evolution.SearchConfig(refill='all')
+
+
+def test_initial_subnets_open_the_first_population_within_the_budget():
+  """start='anchor' (driver): the given subnets are the first candidates evaluated,
+  those over the budget and repeats left out, the rest of the population random."""
+  spec = make_spec()
+  largest, cheapest = subnet.largest(spec), np.zeros(spec.num_options.shape, np.int32)
+  limit = int(subnet.count_params(spec, largest)) - 1  # the largest is just over it
+  cfg = evolution.SearchConfig(population=8, generations=1, parents=2, mutations=2, crossovers=2,
+                               param_limit=limit, seed=3)
+  archive = evolution.run(spec, toy_fitness(spec), cfg, log=lambda s: None,
+                          initial=np.stack([cheapest, largest, cheapest]))
+  np.testing.assert_array_equal(archive.cands[0], cheapest)
+  assert not any(np.array_equal(c, largest) for c in archive.cands[:archive.size])
+  assert np.bincount(archive.generation[:archive.size]).tolist() == [8, 8]
+  assert len({c.tobytes() for c in archive.cands[:archive.size]}) == archive.size
+  plain = evolution.run(spec, toy_fitness(spec), cfg, log=lambda s: None)
+  assert not np.array_equal(plain.cands[0], cheapest)  # random first candidate without it
+  with pytest.raises(ValueError, match="search start 'best' is unknown"):
+    evolution.SearchConfig(start='best')

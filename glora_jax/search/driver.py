@@ -14,7 +14,7 @@ import numpy as np
 from glora_jax import errors, peft
 from glora_jax import subnet as subnet_lib
 from glora_jax.search import evolution, export, fitness as fitness_lib
-from glora_jax.train import loop, metrics, setup, sharding
+from glora_jax.train import loop, metrics, setup, sharding, steps
 
 
 def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int | None = None,
@@ -50,8 +50,11 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
                             run.model_data.splits['eval'], chunk=chunk, batch_size=eval_batch_size,
                             race=cfg.race, log=log)
   t0 = time.perf_counter()
+  initial = None
+  if cfg.start == 'anchor':  # the subnet the supernet trained in every step
+    initial = steps.anchor_subnet(run.spec, steps.supernet_options(config, steps_per_epoch=1))[None]
   archive = evolution.run(run.spec, fit, cfg, out, log=log,
-                          stop_after_generations=stop_after_generations)
+                          stop_after_generations=stop_after_generations, initial=initial)
   search_s = time.perf_counter() - t0
   n = archive.size
   if n == 0:

@@ -26,6 +26,7 @@ from glora_jax.train.metrics import write_json
 REFILLS = ('population', 'children')
 RANDOM_FILLS = ('mixed', 'uniform')
 TIE_BREAKS = ('params', 'loss')
+STARTS = ('random', 'anchor')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,12 @@ class SearchConfig:
   first. 'loss' (ours): lower mean val loss first, then fewer parameters; on a small
   val split (BBC News: 200 documents, one document = 0.005) many candidates tie on
   accuracy and the loss still tells them apart. The authors sort by accuracy alone
-  (ties in evaluation order)."""
+  (ties in evaluation order).
+
+  start: the first population. 'random' (the authors): random candidates only.
+  'anchor' (ours): it begins with the subnet the supernet trained in every step (its
+  config.supernet.anchor, else the largest subnet) when that meets the budget, the
+  rest random; the evolution then also explores around the best-trained subnet."""
   population: int = 50
   generations: int = 20
   parents: int = 10
@@ -68,6 +74,7 @@ class SearchConfig:
   random_fill: str = 'mixed'
   race: float = 0.0
   tie_break: str = 'params'
+  start: str = 'random'
 
   def __post_init__(self):
     for name in ('population', 'parents', 'tries'):
@@ -81,6 +88,8 @@ class SearchConfig:
       raise ValueError(f"search random_fill '{self.random_fill}' is unknown; allowed: {list(RANDOM_FILLS)}")
     if self.tie_break not in TIE_BREAKS:
       raise ValueError(f"search tie_break '{self.tie_break}' is unknown; allowed: {list(TIE_BREAKS)}")
+    if self.start not in STARTS:
+      raise ValueError(f"search start '{self.start}' is unknown; allowed: {list(STARTS)}")
     if not 0.0 <= self.race < 1.0:
       raise ValueError(f'search race must be in [0, 1) (the share of the eval split in the '
                        f'first heat; 0 = off), got {self.race}')
@@ -256,8 +265,11 @@ class Archive:
 
 def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: SearchConfig,
         state_dir: pathlib.Path | None = None, log: Callable[[str], None] = print,
-        stop_after_generations: int | None = None) -> Archive:
+        stop_after_generations: int | None = None, initial=None) -> Archive:
   """Runs the search, resuming from `state_dir/search_state.json` if present.
+
+  initial: (k, layers, supports) subnets that open the first population, before its
+  random candidates, those within the budget and not repeated (SearchConfig.start).
 
   fitness: (n, layers, supports) int32 -> (n,) validation accuracy, or a tuple
   (accuracy, complete[, loss]) (fitness.Fitness's Scores). Keys are a
@@ -301,6 +313,12 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
     empty = np.zeros((0,) + archive.shape, np.int32)
     if gen == 0:
       new = empty
+      if initial is not None and len(initial):
+        initial = np.asarray(initial, np.int32).reshape((-1,) + archive.shape)[:cfg.population]
+        ok = acceptable(jnp.asarray(initial), jnp.asarray(archive.cands), jnp.asarray(archive.valid),
+                        costs, fixed, low, high)
+        new = initial[np.asarray(ok)]
+        log(f'first population: {len(new)} of {len(initial)} given subnets within the budget')
     else:
       parents = archive.cands[archive.top(cfg.parents)]
       children, ok = propose(k_children, jnp.asarray(parents), jnp.asarray(archive.cands),
