@@ -47,6 +47,9 @@ from glora_jax.search import driver, evolution  # noqa: E402
 from glora_jax.train import loop, setup, steps  # noqa: E402
 
 SUBNETS = pathlib.Path(__file__).resolve().parent / 'subnets'
+DISTILL_LITE = {'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
+                'supernet.distill': 1.0}
+SLOW_C = {**DISTILL_LITE, 'optim.lr_multipliers': (('adapters/.*/C[du]', 0.1),)}
 CONFIGS = {
     'linear_probe': ('bbc_minilm_linear_probe', {}),
     'full': ('bbc_minilm_full', {}),
@@ -62,21 +65,14 @@ CONFIGS = {
         'supernet.sandwich': 'largest_smallest', 'supernet.num_random': 2}),
     'glora_distill': ('bbc_minilm_glora', {  # the sandwich + in-place distillation, 4 passes
         'supernet.sandwich': 'largest_smallest', 'supernet.num_random': 2, 'supernet.distill': 1.0}),
-    'glora_distill_lite': ('bbc_minilm_glora', {  # largest teaches 1 fair draw: 2 passes
-        'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
-        'supernet.distill': 1.0}),
+    'glora_distill_lite': ('bbc_minilm_glora', DISTILL_LITE),  # largest teaches 1 fair draw: 2 passes
     # distill_lite with C (GLoRA's input shift W0 @ C) at a tenth of the learning rate:
     # its step moves every output by about lr x |row of W0|_1, tens of times what E's does.
-    'glora_distill_lite_slow_c': ('bbc_minilm_glora', {
-        'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
-        'supernet.distill': 1.0, 'optim.lr_multipliers': (('adapters/.*/C[du]', 0.1),)}),
+    'glora_distill_lite_slow_c': ('bbc_minilm_glora', SLOW_C),
     # distill_lite_slow_c with the anchor B + D + E (benchmarks/subnets/b_d_e.json: B low
     # rank, D and E vectors, A and C none, in every layer) in the largest's roles: it is
     # trained in every step and teaches the fair-sampled subnet. 2 passes.
-    'glora_anchor_b_d_e': ('bbc_minilm_glora', {
-        'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
-        'supernet.distill': 1.0, 'optim.lr_multipliers': (('adapters/.*/C[du]', 0.1),),
-        'supernet.anchor': str(SUBNETS / 'b_d_e.json')}),
+    'glora_anchor_b_d_e': ('bbc_minilm_glora', {**SLOW_C, 'supernet.anchor': str(SUBNETS / 'b_d_e.json')}),
     # Diagnostic, not a supernet: only the largest subnet is trained (1 pass), to tell
     # GLoRA's parameterisation apart from the sharing between sampled subnets.
     'glora_largest_only': ('bbc_minilm_glora', {

@@ -1,4 +1,5 @@
 """Evolution operators: rates, mixing, budgets, de-duplication, determinism, resume."""
+import dataclasses
 import json
 
 import jax
@@ -254,3 +255,23 @@ def test_initial_subnets_open_the_first_population_within_the_budget():
   assert not np.array_equal(plain.cands[0], cheapest)  # random first candidate without it
   with pytest.raises(ValueError, match="search start 'best' is unknown"):
     evolution.SearchConfig(start='best')
+
+
+def test_a_state_saved_before_a_newer_field_resumes_at_its_default(tmp_path):
+  """A search_state.json written before `start` existed resumes with start='random'
+  (what it ran) and is refused with start='anchor' (another search)."""
+  spec = make_spec()
+  cfg = evolution.SearchConfig(population=6, generations=2, parents=2, mutations=3, crossovers=3,
+                               param_limit=1e9, seed=2)
+  full = evolution.run(spec, toy_fitness(spec), cfg, None, log=lambda s: None)
+  evolution.run(spec, toy_fitness(spec), cfg, tmp_path, log=lambda s: None, stop_after_generations=1)
+  state = tmp_path / 'search_state.json'
+  saved = json.loads(state.read_text())
+  del saved['config']['start']
+  state.write_text(json.dumps(saved))
+  resumed = evolution.run(spec, toy_fitness(spec), cfg, tmp_path, log=lambda s: None)
+  np.testing.assert_array_equal(full.cands[:full.size], resumed.cands[:resumed.size])
+  state.write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match='is from a search with other settings'):
+    evolution.run(spec, toy_fitness(spec), dataclasses.replace(cfg, start='anchor'), tmp_path,
+                  log=lambda s: None)

@@ -8,6 +8,7 @@ import pytest
 
 from helpers import tiny_config as tiny, trainable_of
 from glora_jax.errors import CheckpointMismatchError, ConfigError
+from glora_jax import subnet
 from glora_jax.train import loop, setup, sharding, steps
 
 OPTIONS = {'supernet.sandwich': 'largest_smallest', 'supernet.num_random': 1,
@@ -92,3 +93,16 @@ def test_an_anchor_of_another_space_is_a_config_error_before_training(tmp_path):
   with pytest.raises(ConfigError) as e:
     setup.build(tiny(**{'supernet.anchor': str(path), 'supernet.sandwich': 'largest'}))
   assert str(e.value).startswith('supernet.anchor: subnet names layers that are not adapted')
+
+
+def test_fingerprint_names_the_anchor_only_when_one_is_set(tmp_path):
+  """Supernet checkpoints written before supernet.anchor existed have no such key;
+  a run without an anchor fingerprints the same, one with an anchor differs."""
+  config = tiny(**{'supernet.sandwich': 'largest'})
+  run = setup.build(config)
+  plain = setup.training_fingerprint(config, run.spec, run.trainable)
+  assert 'anchor' not in plain['supernet'] and plain['supernet']['sandwich'] == 'largest'
+  path = tmp_path / 'anchor.json'
+  path.write_text(subnet.dumps(run.spec, subnet.largest(run.spec)))
+  anchored = tiny(**{'supernet.sandwich': 'largest', 'supernet.anchor': str(path)})
+  assert setup.training_fingerprint(anchored, run.spec, run.trainable)['supernet']['anchor'] == str(path)

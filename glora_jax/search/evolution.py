@@ -287,7 +287,10 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
   start = 0
   if state_file is not None and state_file.exists():
     saved = json.loads(state_file.read_text())
-    if saved.get('config') != dataclasses.asdict(cfg) or saved.get('shape') != list(archive.shape):
+    # A field newer than the saved state (e.g. start, tie_break) ran at its default,
+    # which is always the behaviour from before the field existed.
+    saved_cfg = {**dataclasses.asdict(SearchConfig()), **saved.get('config', {})}
+    if saved_cfg != dataclasses.asdict(cfg) or saved.get('shape') != list(archive.shape):
       raise ValueError(f'{state_file} is from a search with other settings; delete it or use '
                        'the same flags')
     archive.load(saved['archive'])

@@ -151,6 +151,8 @@ def training_fingerprint(config, spec: peft.AdapterSpec | None, trainable) -> di
     options = steps.supernet_options(config, steps_per_epoch=1)
     fp['supernet'] = dict(dataclasses.asdict(options), widen_steps=None,
                           progressive_epochs=float(config.get('supernet', {}).get('progressive_epochs', 0.0)))
+    if not options.anchor:  # as checkpoints written before the anchor existed have it
+      del fp['supernet']['anchor']
   return fp
 
 

@@ -187,8 +187,8 @@ def anchor_subnet(spec: peft.AdapterSpec, options: SupernetOptions) -> np.ndarra
 
 def draw_subnets(spec: peft.AdapterSpec, options: SupernetOptions, state: State,
                  anchor=None) -> jax.Array:
-  """(options.num_subnets, layers, supports) subnets of a step: the largest (or the
-  anchor, `anchor_subnet`; pass it to skip reading its file), the smallest allowed
+  """(options.num_subnets, layers, supports) subnets of a step: `anchor_subnet` (the
+  largest, or the anchor; pass it as `anchor` to skip working it out), the smallest allowed
   (as options.sandwich says), then the random ones. A function of the state's seed
   and step only, identical on every replica."""
   k_subnet, _ = step_keys(state)
@@ -198,8 +198,7 @@ def draw_subnets(spec: peft.AdapterSpec, options: SupernetOptions, state: State,
   order = jnp.asarray(subnet_lib.option_order(num, spec.option_costs))
   out = []
   if options.sandwich != 'none':
-    out.append(order[..., 0] if not options.anchor else
-               jnp.asarray(anchor_subnet(spec, options) if anchor is None else anchor))
+    out.append(jnp.asarray(anchor_subnet(spec, options) if anchor is None else anchor))
   if options.sandwich == 'largest_smallest':
     cheapest, _ = subnet_lib.cheapest_and_largest(num, spec.option_costs)
     smallest = jnp.take_along_axis(order, (allowed - 1)[..., None], -1)[..., 0]
