@@ -50,6 +50,7 @@ SUBNETS = pathlib.Path(__file__).resolve().parent / 'subnets'
 DISTILL_LITE = {'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
                 'supernet.distill': 1.0}
 SLOW_C = {**DISTILL_LITE, 'optim.lr_multipliers': (('adapters/.*/C[du]', 0.1),)}
+ANCHOR_B_D_E = {**SLOW_C, 'supernet.anchor': str(SUBNETS / 'b_d_e.json')}
 CONFIGS = {
     'linear_probe': ('bbc_minilm_linear_probe', {}),
     'full': ('bbc_minilm_full', {}),
@@ -72,7 +73,13 @@ CONFIGS = {
     # distill_lite_slow_c with the anchor B + D + E (benchmarks/subnets/b_d_e.json: B low
     # rank, D and E vectors, A and C none, in every layer) in the largest's roles: it is
     # trained in every step and teaches the fair-sampled subnet. 2 passes.
-    'glora_anchor_b_d_e': ('bbc_minilm_glora', {**SLOW_C, 'supernet.anchor': str(SUBNETS / 'b_d_e.json')}),
+    'glora_anchor_b_d_e': ('bbc_minilm_glora', ANCHOR_B_D_E),
+    # glora_anchor_b_d_e with unshared vector and constant options (adapter.share_vectors
+    # False, our departure): B's vector, whose step is scaled by the input's sum, no
+    # longer moves the first rank of the anchor's low-rank B. C's own vector is slowed too.
+    'glora_anchor_b_d_e_unshared': ('bbc_minilm_glora', {
+        **ANCHOR_B_D_E, 'adapter.share_vectors': False,
+        'optim.lr_multipliers': (('adapters/.*/C[duv]', 0.1),)}),
     # Diagnostic, not a supernet: only the largest subnet is trained (1 pass), to tell
     # GLoRA's parameterisation apart from the sharing between sampled subnets.
     'glora_largest_only': ('bbc_minilm_glora', {

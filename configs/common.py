@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.exclude = ''
   c.adapter.ranks = (4,)
   c.adapter.structured_b = ()
+  # GLoRA: False gives vector and constant options parameters of their own instead
+  # of the low-rank factor's first column (the authors' sharing; adapters/glora.py).
+  c.adapter.share_vectors = True
   c.adapter.lora_rank = 8
   c.adapter.lora_alpha = 16.0
   c.adapter.lora_mode = 'activation'  # activation | weight (adapters/lora.py says when)

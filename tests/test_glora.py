@@ -15,30 +15,32 @@ from glora_jax.adapters import glora
 # --------------------------------------------------------------------------- #
 
 
-def ref_matrix_support(down, up, opt):
-  """A, B (down (out,R), up (R,in)) or C (down (in,R), up (R,1))."""
+def ref_matrix_support(down, up, opt, vec=None, const=None):
+  """A, B (down (out,R), up (R,in)) or C (down (in,R), up (R,1)). Shared (the
+  authors'): vector and constant from down's first column; else `vec`, `const`."""
   if opt.startswith('lora_'):
     r = int(opt.split('_')[1])
     return down[:, :r] @ up[:r, :]
   if opt == 'vector':
-    return down[:, 0:1]
+    return down[:, 0:1] if vec is None else vec[:, None]
   if opt == 'constant':
-    return down[0, 0]
+    return down[0, 0] if const is None else const[0]
   assert opt == 'none'
   return 0.0
 
 
-def ref_vector_support(v, opt):
-  return {'vector': v, 'constant': v[0], 'none': 0.0}[opt]
+def ref_vector_support(v, opt, const=None):
+  return {'vector': v, 'constant': v[0] if const is None else const[0], 'none': 0.0}[opt]
 
 
 def ref_glora(w0, b0, p, choice):
-  """W' = W0 + W0*A + B,  b' = b0 + b0*D + E + W0 @ C  (torch layout)."""
-  a = ref_matrix_support(p['Ad'], p['Au'], choice['A'])
-  b = ref_matrix_support(p['Bd'], p['Bu'], choice['B'])
-  c = ref_matrix_support(p['Cd'], p['Cu'], choice['C'])
-  d = ref_vector_support(p['D'], choice['D'])
-  e = ref_vector_support(p['E'], choice['E'])
+  """W' = W0 + W0*A + B,  b' = b0 + b0*D + E + W0 @ C  (torch layout). Unshared
+  params (Av, Ac, ...) are used where present."""
+  a = ref_matrix_support(p['Ad'], p['Au'], choice['A'], p.get('Av'), p.get('Ac'))
+  b = ref_matrix_support(p['Bd'], p['Bu'], choice['B'], p.get('Bv'), p.get('Bc'))
+  c = ref_matrix_support(p['Cd'], p['Cu'], choice['C'], p.get('Cv'))
+  d = ref_vector_support(p['D'], choice['D'], p.get('Dc'))
+  e = ref_vector_support(p['E'], choice['E'], p.get('Ec'))
   b0 = np.zeros(w0.shape[0]) if b0 is None else b0
   w = w0 + w0 * a + b
   c_col = np.broadcast_to(np.asarray(c, np.float64), (w0.shape[1], 1)) if np.ndim(c) == 0 else c
@@ -74,10 +76,11 @@ def all_choices(fam):
   return list(itertools.product(*[range(len(fam.options(s))) for s in fam.supports]))
 
 
-@pytest.mark.parametrize('d_in,d_out', [(16, 16), (16, 48), (48, 16)])
+@pytest.mark.parametrize('d_in,d_out,share', [(16, 16, True), (16, 48, True), (48, 16, True),
+                                              (16, 48, False), (48, 16, False)])
 @pytest.mark.parametrize('with_bias', [True, False])
-def test_every_option_matches_numpy_reference(d_in, d_out, with_bias):
-  fam = glora.family(ranks=(2, 4))
+def test_every_option_matches_numpy_reference(d_in, d_out, share, with_bias):
+  fam = glora.family(ranks=(2, 4), share_vectors=share)
   key = jax.random.key(0)
   p = random_params(fam, key, d_in, d_out)
   w0 = np.asarray(jax.random.normal(jax.random.key(1), (d_out, d_in)), np.float64)
@@ -122,14 +125,48 @@ def test_vector_on_c_counts_input_width_not_output():
   assert costs[2][fam.options('C').index('vector')] == 16
 
 
-def test_init_is_identity_for_every_choice():
-  fam = glora.family(ranks=(4, 8))
+@pytest.mark.parametrize('share', [True, False])
+def test_init_is_identity_for_every_choice(share):
+  fam = glora.family(ranks=(4, 8), share_vectors=share)
   p = fam.init(jax.random.key(3), (24, 40))
   kernel = jax.random.normal(jax.random.key(4), (24, 40))
   bias = jax.random.normal(jax.random.key(5), (40,))
   for c in all_choices(fam)[::7]:
     dk, db = fam.delta(p, jnp.asarray(c), kernel, bias)
     assert float(jnp.abs(dk).max()) == 0.0 and float(jnp.abs(db).max()) == 0.0
+
+
+def test_unshared_vectors_leave_the_low_rank_factors_alone():
+  """share_vectors=False: a layer that draws vector or constant options has a zero
+  gradient on the low-rank factors' first columns (shared, it moves them), and its
+  own vector gets the gradient the shared column got."""
+  x = jax.random.normal(jax.random.key(1), (4, 6, 12))
+  kernel = jax.random.normal(jax.random.key(2), (12, 20))
+  bias = jax.random.normal(jax.random.key(3), (20,))
+
+  def grads(share, named):
+    fam = glora.family(ranks=(4,), share_vectors=share)
+    p = random_params(fam, jax.random.key(0), 12, 20)
+    choice = jnp.asarray([fam.options(s).index(named[s]) for s in fam.supports])
+    loss = lambda p: jnp.sum(jnp.sin(fam.activation(p, choice, x, jnp.zeros((4, 6, 20)), kernel, bias)))
+    return jax.grad(loss)(p)
+
+  named = dict(A='vector', B='vector', C='vector', D='constant', E='constant')
+  g_shared, g_own = grads(True, named), grads(False, named)
+  for s in 'ABC':
+    assert float(jnp.abs(g_shared[f'{s}d'][:, 0]).max()) > 0, s
+    assert float(jnp.abs(g_own[f'{s}d']).max()) == 0.0, s
+  for s in 'DE':
+    assert float(jnp.abs(g_own[s]).max()) == 0.0 and float(jnp.abs(g_own[f'{s}c']).max()) > 0, s
+  assert set(g_own) - set(g_shared) == {'Av', 'Bv', 'Cv', 'Ac', 'Bc', 'Dc', 'Ec'}
+
+
+def test_unshared_vectors_keep_costs_and_the_fingerprinted_repr():
+  shared, own = glora.family(), glora.family(share_vectors=False)
+  assert shared.option_costs((16, 48)) == own.option_costs((16, 48))
+  assert repr(shared) == repr(own) and shared != own  # trainable shapes differ instead
+  p = own.init(jax.random.key(0), (16, 48))
+  assert p['Cv'].shape == (16,) and p['Bv'].shape == (48,) and p['Ec'].shape == (1,)
 
 
 def test_xavier_bounds_of_up_projections():
@@ -153,13 +190,13 @@ def test_unknown_support_name():
     glora.family().options('F')
 
 
-@pytest.mark.parametrize('with_bias', [True, False])
-def test_activation_gradients_equal_those_of_the_merged_layer(with_bias):
+@pytest.mark.parametrize('with_bias,share', [(True, True), (False, True), (True, False)])
+def test_activation_gradients_equal_those_of_the_merged_layer(with_bias, share):
   """The training path (scaled_matmul's custom VJP: weight gradient only for a
   low-rank A, the rank-(r+2) product for B and the bias) gives the values and
   the gradients (adapter params, input, kernel) of x (K + dK) + (b + db) built
   from `delta`, differentiated by JAX, for every A option."""
-  fam = glora.family(ranks=(2, 4))
+  fam = glora.family(ranks=(2, 4), share_vectors=share)
   d_in, d_out = 12, 20
   p = random_params(fam, jax.random.key(0), d_in, d_out)
   x = jax.random.normal(jax.random.key(1), (3, 5, d_in))

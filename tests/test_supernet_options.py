@@ -106,3 +106,17 @@ def test_fingerprint_names_the_anchor_only_when_one_is_set(tmp_path):
   path.write_text(subnet.dumps(run.spec, subnet.largest(run.spec)))
   anchored = tiny(**{'supernet.sandwich': 'largest', 'supernet.anchor': str(path)})
   assert setup.training_fingerprint(anchored, run.spec, run.trainable)['supernet']['anchor'] == str(path)
+
+
+
+def test_unshared_vectors_train_and_resume_only_as_such(tmp_path):
+  """adapter.share_vectors=False through the real training path: the vector and
+  constant options' own params train, and a resume that would share them is
+  refused (the trainable shapes differ). Their maths and merge: test_glora.py."""
+  config = tiny(**{'adapter.share_vectors': False, 'mesh.num_devices': 1, 'num_epochs': 1})
+  loop.train_and_evaluate(config, tmp_path, stop_after_steps=2, progress=False)
+  adapters = trainable_of(config, tmp_path)['adapters']
+  assert all(set(p) >= {'Av', 'Bv', 'Cv', 'Ac', 'Bc', 'Dc', 'Ec'} for p in adapters.values())
+  assert any(float(np.abs(p['Bv']).max()) > 0 for p in adapters.values())  # drawn and trained
+  with pytest.raises(CheckpointMismatchError, match='trainable_shapes'):
+    loop.train_and_evaluate(tiny(**{'mesh.num_devices': 1, 'num_epochs': 1}), tmp_path, progress=False)

@@ -39,6 +39,15 @@ class GLoRA(base.AdapterFamily):
   `structured_b` adds full-rank structured updates (the matrices of structured.py
   that SURM uses, e.g. 'circulant') as extra options of the additive support B.
 
+  `share_vectors=True` is the authors' weight sharing: a vector option is the
+  first column of the low-rank down factor (Ad, Bd, Cd), a constant the first
+  entry of that column (of D, E for those supports). `share_vectors=False` is our
+  departure, off by default: the vector and constant options get parameters of
+  their own (Av Bv Cv: vectors; Ac Bc Dc Ec: (1,) constants; zero at start), so
+  a step that draws B's vector, whose gradient is scaled by the input's sum, no
+  longer moves the first rank of B's low-rank option (issue 16, BENCHMARKS.md).
+  A subnet uses, and counts, the same number of parameters either way.
+
   Training runs in activation mode (`activation`): the layer's own frozen matmul
   y0 = x K plus the supports' terms, so that only a low-rank A needs a full-size
   (in, out) product; the other options cost vectors and rank-r products. With
@@ -49,6 +58,9 @@ class GLoRA(base.AdapterFamily):
 
   ranks: tuple[int, ...] = (4,)
   structured_b: tuple[str, ...] = ()
+  # Out of the repr that checkpoints fingerprint (setup.fingerprint), so ones saved
+  # before this field still resume; the trainable shapes tell the two apart.
+  share_vectors: bool = dataclasses.field(default=True, repr=False)
   name: str = 'glora'
   supports: tuple[str, ...] = SUPPORTS
   mode: str = 'weight'
@@ -130,7 +142,8 @@ class GLoRA(base.AdapterFamily):
 
   def param_axes(self, kernel_shape):
     return {'Ad': ('out', None), 'Au': (None, 'in'), 'Bd': ('out', None), 'Bu': (None, 'in'),
-            'Cd': ('in', None), 'Cu': (None, None), 'D': ('out',), 'E': ('out',)}
+            'Cd': ('in', None), 'Cu': (None, None), 'D': ('out',), 'E': ('out',),
+            'Av': ('out',), 'Bv': ('out',), 'Cv': ('in',)}
 
   def init(self, key, kernel_shape, dtype=jnp.float32):
     """Supernet params; every choice starts at the pretrained layer exactly.
@@ -149,6 +162,10 @@ class GLoRA(base.AdapterFamily):
         'Cd': jnp.zeros((d_in, r), dtype), 'Cu': xavier(k_c, (r, 1)),
         'D': jnp.zeros((d_out,), dtype), 'E': jnp.zeros((d_out,), dtype),
     }
+    if not self.share_vectors:
+      params.update({'Av': jnp.zeros((d_out,), dtype), 'Bv': jnp.zeros((d_out,), dtype),
+                     'Cv': jnp.zeros((d_in,), dtype)})
+      params.update({f'{s}c': jnp.zeros((1,), dtype) for s in 'ABDE'})
     if self.structured_b:
       keys = jax.random.split(k_s, len(self.structured_b))
       params['B_structured'] = {
@@ -161,20 +178,34 @@ class GLoRA(base.AdapterFamily):
     A, B: (out, in); C: (in, 1); D, E: (out,)."""
     p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), dict(params))
 
-    def low_rank(down, up, t):
+    def low_rank(s, t):
+      down, up = p[f'{s}d'], p[f'{s}u']
       mask = (jnp.arange(down.shape[1]) < t['rank']).astype(jnp.float32)
-      return (down * mask) @ up + _vector_or_constant(down[:, :1], t)
+      return (down * mask) @ up + self._vector_or_constant(p, s, t)[:, None]
 
     t_a, t_b, t_c, t_d, t_e = (self._row(s, choice[i]) for i, s in enumerate(SUPPORTS))
-    a = low_rank(p['Ad'], p['Au'], t_a)
-    b = low_rank(p['Bd'], p['Bu'], t_b)
+    a = low_rank('A', t_a)
+    b = low_rank('B', t_b)
     if self.structured_b:
       d_out, d_in = b.shape
       for k, fam in enumerate(self.structured_b):
         dense = structured.structured_dense(fam, p['B_structured'][fam], d_out, d_in)
         b = b + (t_b['struct'] == k).astype(jnp.float32) * dense
-    c = low_rank(p['Cd'], p['Cu'], t_c)
-    return dict(A=a, B=b, C=c, D=_vector_or_constant(p['D'], t_d), E=_vector_or_constant(p['E'], t_e))
+    c = low_rank('C', t_c)
+    return dict(A=a, B=b, C=c, D=self._vector_or_constant(p, 'D', t_d),
+                E=self._vector_or_constant(p, 'E', t_e))
+
+  def _vector_or_constant(self, p, support, t):
+    """A support's vector option or its constant option (broadcast), as the option
+    table row `t` says; zero for any other option. Shared (the authors'): the first
+    column of the down factor (A, B, C) or the vector itself (D, E), and its first
+    entry; unshared: `<support>v` and `<support>c`."""
+    vec = p[support] if support in 'DE' else p[f'{support}d'][:, 0]
+    if self.share_vectors:
+      return t['vec'] * vec + t['const'] * vec[0]
+    vec = vec if support in 'DE' else p[f'{support}v']
+    const = p[f'{support}c'][0] if support != 'C' else 0.0  # C has no constant option
+    return t['vec'] * vec + t['const'] * const
 
   def activation(self, params, choice, x, y, kernel, bias):
     """y' = x K' + b' without building K' for the backward pass unless A is low rank
@@ -199,22 +230,22 @@ class GLoRA(base.AdapterFamily):
     t_a, t_b, t_c, t_d, t_e = (self._row(s, choice[i]) for i, s in enumerate(SUPPORTS))
     ranks = jnp.arange(self.max_rank)
     a_mask = (ranks < t_a['rank']).astype(f32)
-    a_scale = _vector_or_constant(p['Ad'][:, 0], t_a)  # (out,)
+    a_scale = self._vector_or_constant(p, 'A', t_a)  # (out,)
     out = scaled_matmul(x.astype(dtype), kernel, p['Ad'], p['Au'], a_mask, a_scale)
     # b' = b0 + E + b0 * D + W0 C, with the frozen W0 (W0 C = C^T K).
     k = kernel.astype(f32)
-    c = ((p['Cd'] * (ranks < t_c['rank']).astype(f32)) @ p['Cu'])[:, 0] + t_c['vec'] * p['Cd'][:, 0]
-    new_bias = _vector_or_constant(p['E'], t_e) + c @ k
+    c = ((p['Cd'] * (ranks < t_c['rank']).astype(f32)) @ p['Cu'])[:, 0] + self._vector_or_constant(p, 'C', t_c)
+    new_bias = self._vector_or_constant(p, 'E', t_e) + c @ k
     if bias is not None:
       b0 = bias.astype(f32)
-      new_bias = new_bias + b0 + b0 * _vector_or_constant(p['D'], t_d)
+      new_bias = new_bias + b0 + b0 * self._vector_or_constant(p, 'D', t_d)
     # B on the activations, one rank-(r+1) product for every option: a ones row
     # under Bu gives the input's sum, which a vector or constant B scales
     # (x [Bu; 1]^T [Bd * mask, b]^T). Written as a separate reduce and broadcast it
     # cost two more passes over the activations, forward and backward.
     xf = x.astype(f32)
     b_mask = (ranks < t_b['rank']).astype(f32)
-    b_vec = _vector_or_constant(p['Bd'][:, 0], t_b)  # (out,)
+    b_vec = self._vector_or_constant(p, 'B', t_b)  # (out,)
     up = jnp.concatenate([p['Bu'], jnp.ones((1, p['Bu'].shape[1]), f32)])  # (r + 1, in)
     down = jnp.concatenate([p['Bd'] * b_mask, b_vec[:, None]], axis=1)  # (out, r + 1)
     out = out + jnp.einsum('...r,or->...o', jnp.einsum('...i,ri->...r', xf, up), down)
@@ -235,12 +266,6 @@ class GLoRA(base.AdapterFamily):
 # --------------------------------------------------------------------------- #
 # W0 + W0 * A on the activations, with the weight gradient only where A needs it
 # --------------------------------------------------------------------------- #
-
-
-def _vector_or_constant(v, t):
-  """A support's vector option (v itself) or constant option (its first entry,
-  broadcast), as the option table row `t` says; zero for any other option."""
-  return t['vec'] * v + t['const'] * v[0]
 
 
 def _scaled_kernel(kernel, ad, au, mask, scale, dtype):
@@ -308,6 +333,8 @@ def _scaled_matmul_bwd(res, g):
 scaled_matmul.defvjp(_scaled_matmul_fwd, _scaled_matmul_bwd)
 
 
-def family(ranks: Sequence[int] = (4,), structured_b: Sequence[str] = ()) -> GLoRA:
-  """The GLoRA family with the given LoRA ranks (default: the authors' 432 choices)."""
-  return GLoRA(ranks=tuple(ranks), structured_b=tuple(structured_b))
+def family(ranks: Sequence[int] = (4,), structured_b: Sequence[str] = (),
+           share_vectors: bool = True) -> GLoRA:
+  """The GLoRA family with the given LoRA ranks (default: the authors' 432 choices);
+  `share_vectors=False` gives vector and constant options their own parameters."""
+  return GLoRA(ranks=tuple(ranks), structured_b=tuple(structured_b), share_vectors=bool(share_vectors))

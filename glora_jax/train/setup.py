@@ -121,7 +121,8 @@ def adapter_family(config):
   a = config.adapter
   try:
     if config.method == 'glora':
-      return glora.family(ranks=tuple(a.ranks), structured_b=tuple(a.get('structured_b', ())))
+      return glora.family(ranks=tuple(a.ranks), structured_b=tuple(a.get('structured_b', ())),
+                          share_vectors=a.get('share_vectors', True))
     if config.method == 'lora':
       return lora.family(rank=a.lora_rank, alpha=a.lora_alpha, mode=a.get('lora_mode', 'activation'))
     if config.method == 'surm':
