@@ -138,8 +138,8 @@ def test_init_is_identity_for_every_choice(share):
 
 def test_unshared_vectors_leave_the_low_rank_factors_alone():
   """share_vectors=False: a layer that draws vector or constant options has a zero
-  gradient on the low-rank factors' first columns (shared, it moves them), and its
-  own vector gets the gradient the shared column got."""
+  gradient on the low-rank factors (shared, their first columns move), and its own
+  vector and constant params get the gradient instead."""
   x = jax.random.normal(jax.random.key(1), (4, 6, 12))
   kernel = jax.random.normal(jax.random.key(2), (12, 20))
   bias = jax.random.normal(jax.random.key(3), (20,))
@@ -156,6 +156,7 @@ def test_unshared_vectors_leave_the_low_rank_factors_alone():
   for s in 'ABC':
     assert float(jnp.abs(g_shared[f'{s}d'][:, 0]).max()) > 0, s
     assert float(jnp.abs(g_own[f'{s}d']).max()) == 0.0, s
+    assert float(jnp.abs(g_own[f'{s}v']).max()) > 0, s
   for s in 'DE':
     assert float(jnp.abs(g_own[s]).max()) == 0.0 and float(jnp.abs(g_own[f'{s}c']).max()) > 0, s
   assert set(g_own) - set(g_shared) == {'Av', 'Bv', 'Cv', 'Ac', 'Bc', 'Dc', 'Ec'}
