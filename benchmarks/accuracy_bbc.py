@@ -51,6 +51,8 @@ DISTILL_LITE = {'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'super
                 'supernet.distill': 1.0}
 SLOW_C = {**DISTILL_LITE, 'optim.lr_multipliers': (('adapters/.*/C[du]', 0.1),)}
 ANCHOR_B_D_E = {**SLOW_C, 'supernet.anchor': str(SUBNETS / 'b_d_e.json')}
+ANCHOR_UNSHARED = {**ANCHOR_B_D_E, 'adapter.share_vectors': False,
+                   'optim.lr_multipliers': (('adapters/.*/C[duv]', 0.1),)}
 CONFIGS = {
     'linear_probe': ('bbc_minilm_linear_probe', {}),
     'full': ('bbc_minilm_full', {}),
@@ -77,9 +79,13 @@ CONFIGS = {
     # glora_anchor_b_d_e with unshared vector and constant options (adapter.share_vectors
     # False, our departure): B's vector, whose step is scaled by the input's sum, no
     # longer moves the first rank of the anchor's low-rank B. C's own vector is slowed too.
-    'glora_anchor_b_d_e_unshared': ('bbc_minilm_glora', {
-        **ANCHOR_B_D_E, 'adapter.share_vectors': False,
-        'optim.lr_multipliers': (('adapters/.*/C[duv]', 0.1),)}),
+    'glora_anchor_b_d_e_unshared': ('bbc_minilm_glora', ANCHOR_UNSHARED),
+    # glora_anchor_b_d_e_unshared with the anchor weighing w in each step's loss and the
+    # fair-sampled subnet 1 - w (supernet.head_weight; the mean, 0.5, above): the params
+    # the anchor shares with the sampled subnet follow the anchor more, those only the
+    # sampled subnets use still take full Adam steps. Still 2 passes.
+    'glora_anchor_unshared_head75': ('bbc_minilm_glora', {**ANCHOR_UNSHARED, 'supernet.head_weight': 0.75}),
+    'glora_anchor_unshared_head90': ('bbc_minilm_glora', {**ANCHOR_UNSHARED, 'supernet.head_weight': 0.9}),
     # Diagnostic, not a supernet: only the largest subnet is trained (1 pass), to tell
     # GLoRA's parameterisation apart from the sharing between sampled subnets.
     'glora_largest_only': ('bbc_minilm_glora', {

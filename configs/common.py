@@ -111,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
   # A subnet JSON (search.py's best_subnet.json format) that replaces the largest subnet
   # as the sandwich's first subnet and the distillation teacher; '' = the largest.
   c.supernet.anchor = ''
+  # > 0 (ours): the sandwich head's (largest or anchor) share of a step's loss, the
+  # other subnets share the rest evenly; 0 = the mean over the step's subnets.
+  c.supernet.head_weight = 0.0
   c.subnet = ''  # a subnet JSON (search.py output): train that subnet only
   c.init_from = ''  # a train.py workdir: start from its latest trainable params
 

@@ -264,6 +264,46 @@ def test_anchor_takes_the_largest_subnets_roles(tmp_path):
   np.testing.assert_array_equal(drawn[1], subnet_lib.cheapest_and_largest(spec.num_options, spec.option_costs)[0])
 
 
+def test_head_weight_weighs_the_sandwich_head_against_the_rest():
+  """supernet.head_weight w: the step's loss is w x the head's (here the largest,
+  which learns from the labels) + (1 - w) / 2 x each of the two distilled random
+  subnets', and an SGD step moves every param by that weighted sum of the three
+  gradients, each taken alone (numpy losses, jax.grad per subnet)."""
+  spec, task, trainable, frozen, batch, _ = supernet_setup()
+  labels, mask = np.asarray(batch['label']), np.asarray(batch['mask'])
+  options = steps.SupernetOptions(num_random=2, sandwich='largest', distill=0.5, head_weight=0.8)
+  np.testing.assert_allclose(options.loss_weights(), (0.8, 0.1, 0.1), rtol=1e-12)
+  assert options.backbone_passes() == 3
+  assert steps.SupernetOptions(num_random=2, sandwich='largest').loss_weights() == (1 / 3,) * 3
+  lr = 0.5
+  optimizer = optax.sgd(lr)
+  state = steps.init_state(trainable, optimizer, seed=6, subnet=np.zeros(spec.num_options.shape))
+  new_state, metrics, subnets = jax.jit(steps.make_train_step(task, spec, optimizer, options))(
+      state, frozen, batch)
+  subnets = np.asarray(subnets)
+  np.testing.assert_array_equal(subnets[0], subnet_lib.largest(spec))
+  teacher = np_logits(task, trainable, frozen, spec, subnets[0], batch)
+  weights = (0.8, 0.1, 0.1)
+  want = 0.0
+  for i, (w, s) in enumerate(zip(weights, subnets)):
+    ce = np_cross_entropy(np_logits(task, trainable, frozen, spec, s, batch), labels, mask)
+    kl = np_kl(teacher, np_logits(task, trainable, frozen, spec, s, batch), mask, 1.0)
+    want += w * (ce if i == 0 else 0.5 * ce + 0.5 * kl)
+  np.testing.assert_allclose(float(metrics['loss']), want, rtol=1e-5)
+
+  def single_loss(t, s, i):
+    out = task.forward(peft.combine(frozen, t['model']), peft.Adapters(params=t['adapters'], spec=spec),
+                       s, batch, True, None)
+    total, n, _ = task.loss(out, batch)
+    if i == 0:
+      return total / n
+    return 0.5 * total / n + 0.5 * steps.distillation_loss(out, jnp.asarray(teacher), batch, 1.0) / n
+  grads = [jax.grad(single_loss)(trainable, jnp.asarray(s), i) for i, s in enumerate(subnets)]
+  weighted = jax.tree.map(lambda *g: sum(w * np.asarray(x, np.float64) for w, x in zip(weights, g)), *grads)
+  jax.tree.map(lambda new, old, g: np.testing.assert_allclose(new, old - lr * g, rtol=1e-4, atol=1e-6),
+               new_state['trainable'], trainable, weighted)
+
+
 def test_distillation_pulls_students_towards_the_teacher_only():
   """The KL term's gradient reaches the students, never the teacher: with distill=1
   and a sandwich of the largest alone plus one student equal to it, the KL is 0 and

@@ -28,6 +28,11 @@ OPTIONS = {'supernet.sandwich': 'largest_smallest', 'supernet.num_random': 1,
     ({'supernet.anchor': '/nonexistent/anchor.json', 'supernet.sandwich': 'largest'},
      'supernet.anchor: subnet file /nonexistent/anchor.json does not exist'),
     ({'supernet.anchor': __file__}, "supernet.anchor takes the largest subnet's roles, which only sandwich"),
+    ({'supernet.head_weight': 1.0, 'supernet.sandwich': 'largest'},
+     'supernet.head_weight must be in [0, 1) (0: the mean over subnets), got 1.0'),
+    ({'supernet.head_weight': 0.7}, "supernet.head_weight weighs the sandwich's head against the other"),
+    ({'supernet.head_weight': 0.7, 'supernet.sandwich': 'largest', 'supernet.num_random': 0},
+     "supernet.head_weight weighs the sandwich's head against the other"),
 ])
 def test_bad_supernet_options_are_one_line_config_errors(overrides, message):
   with pytest.raises(ConfigError) as e:
@@ -95,7 +100,7 @@ def test_an_anchor_of_another_space_is_a_config_error_before_training(tmp_path):
   assert str(e.value).startswith('supernet.anchor: subnet names layers that are not adapted')
 
 
-def test_fingerprint_names_the_anchor_only_when_one_is_set(tmp_path):
+def test_fingerprint_names_the_anchor_and_head_weight_only_when_set(tmp_path):
   """Supernet checkpoints written before supernet.anchor existed have no such key;
   a run without an anchor fingerprints the same, one with an anchor differs."""
   config = tiny(**{'supernet.sandwich': 'largest'})
@@ -106,6 +111,10 @@ def test_fingerprint_names_the_anchor_only_when_one_is_set(tmp_path):
   path.write_text(subnet.dumps(run.spec, subnet.largest(run.spec)))
   anchored = tiny(**{'supernet.sandwich': 'largest', 'supernet.anchor': str(path)})
   assert setup.training_fingerprint(anchored, run.spec, run.trainable)['supernet']['anchor'] == str(path)
+  # supernet.head_weight likewise: absent at its default (0, the mean), named when set.
+  assert 'head_weight' not in plain['supernet']
+  weighted = tiny(**{'supernet.sandwich': 'largest', 'supernet.head_weight': 0.75})
+  assert setup.training_fingerprint(weighted, run.spec, run.trainable)['supernet']['head_weight'] == 0.75
 
 
 

@@ -98,6 +98,11 @@ def validate_supernet(config) -> None:
   distill, temperature = c.get('distill', 0.0), c.get('temperature', 1.0)
   need(0.0 <= distill <= 1.0, f'distill must be in [0, 1] (the weight of the KL term), got {distill}')
   need(temperature > 0, f'temperature must be > 0, got {temperature}')
+  head_weight = c.get('head_weight', 0.0)
+  need(0.0 <= head_weight < 1.0, f'head_weight must be in [0, 1) (0: the mean over subnets), got {head_weight}')
+  need(not head_weight or (sandwich != 'none' and num_random >= 1),
+       "head_weight weighs the sandwich's head against the other subnets: it needs sandwich "
+       "'largest' / 'largest_smallest' and num_random >= 1")
   epochs = c.get('progressive_epochs', 0.0)
   need(0.0 <= epochs <= config.num_epochs,
        f'progressive_epochs must be in [0, num_epochs={config.num_epochs}], got {epochs}')
@@ -152,8 +157,9 @@ def training_fingerprint(config, spec: peft.AdapterSpec | None, trainable) -> di
     options = steps.supernet_options(config, steps_per_epoch=1)
     fp['supernet'] = dict(dataclasses.asdict(options), widen_steps=None,
                           progressive_epochs=float(config.get('supernet', {}).get('progressive_epochs', 0.0)))
-    if not options.anchor:  # as checkpoints written before the anchor existed have it
-      del fp['supernet']['anchor']
+    for field in ('anchor', 'head_weight'):  # at the default: as checkpoints written
+      if not getattr(options, field):          # before the field existed have it
+        del fp['supernet'][field]
   return fp
 
 

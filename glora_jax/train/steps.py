@@ -126,7 +126,11 @@ class SupernetOptions:
 
   num_random: random subnets per step. sandwich: 'largest' adds the largest
   subnet, 'largest_smallest' also the smallest allowed one (BigNAS's sandwich
-  rule). The step's loss is the mean of its subnets' losses. sampling 'fair':
+  rule). The step's loss is the mean of its subnets' losses, or, with head_weight
+  > 0 (ours), head_weight x the sandwich head's loss + the rest split evenly over
+  the other subnets: parameters that only the sampled subnets use still take
+  full-sized Adam steps (its update is invariant to a gradient's scale), while the
+  parameters the head shares with them follow the head more. sampling 'fair':
   random draws follow `subnet.fair_sample` (FairNAS), draw g = step * num_random + j.
   distill: weight α of in-place distillation, each subnet but the largest learns
   (1 - α) CE + α T² KL(teacher_T || student_T) from the largest subnet's outputs
@@ -142,6 +146,15 @@ class SupernetOptions:
   temperature: float = 1.0
   widen_steps: int = 0
   anchor: str = ''
+  head_weight: float = 0.0
+
+  def loss_weights(self) -> tuple[float, ...]:
+    """Each subnet's weight in the step's loss, in draw_subnets' order: equal, or
+    head_weight for the sandwich's head and the rest shared evenly."""
+    n = self.num_subnets
+    if not self.head_weight or n == 1:
+      return (1.0 / n,) * n
+    return (self.head_weight,) + ((1.0 - self.head_weight) / (n - 1),) * (n - 1)
 
   @property
   def num_subnets(self) -> int:
@@ -174,7 +187,7 @@ def supernet_options(config, steps_per_epoch: int | None = None) -> SupernetOpti
   return SupernetOptions(num_random=int(get('num_random', 1)), sandwich=str(get('sandwich', 'none')),
                          sampling=str(get('sampling', 'uniform')), distill=float(get('distill', 0.0)),
                          temperature=float(get('temperature', 1.0)), widen_steps=widen,
-                         anchor=str(get('anchor', '')))
+                         anchor=str(get('anchor', '')), head_weight=float(get('head_weight', 0.0)))
 
 
 def anchor_subnet(spec: peft.AdapterSpec, options: SupernetOptions) -> np.ndarray:
@@ -272,7 +285,8 @@ def make_train_step(task: ForwardLoss, spec: peft.AdapterSpec | None, optimizer,
         corrects.append(correct)
       if num == 1:
         return losses[0], (n, corrects[0])
-      return sum(losses) / num, (n, sum(corrects) / num)
+      loss = sum(w * l for w, l in zip(options.loss_weights(), losses))
+      return loss, (n, sum(corrects) / num)
 
     (loss, (n, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['trainable'])
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['trainable'])
