@@ -7,13 +7,17 @@ spread evenly over the front by parameter count (topped up from the archive when
 the front is shorter), measures each one's val accuracy with the supernet's weights
 as inherited, retrains each alone from those weights for --retrain_epochs (the
 config's recipe with the subnet fixed, as search.py --retrain_epochs does) and
-measures val accuracy again. Only the val split is read; test never. Besides tau of
+measures val accuracy again. With --from_scratch each subnet is instead trained alone
+from a fresh init for the supernet config's own epochs (its stand-alone accuracy,
+the ground truth of one-shot NAS's ranking studies, not a fine-tuning of inherited
+weights). Only the val split is read; test never. Besides tau of
 the accuracies (the issue's measure) it prints tau of the mean val losses: on a
 200-document val split accuracies move in steps of 0.005 and tie often, the loss
 does not.
 
   python benchmarks/search_trust.py --ckpt runs/bbc --search runs/bbc/search --retrain_epochs 5
   python benchmarks/search_trust.py --ckpt runs/bbc --source archive --points 8
+  python benchmarks/search_trust.py --ckpt runs/bbc --search runs/bbc/search --from_scratch
 
 Prints one row per subnet and tau; writes <out>/search_trust.json (default out:
 <search>/trust). A rerun resumes: finished retrains are re-evaluated, not retrained.
@@ -83,6 +87,18 @@ def pick_subnets(spec, search_dir: pathlib.Path, n: int, source: str) -> list[di
   return sorted(points, key=lambda p: p['params'])
 
 
+def retrain_config(ckpt: pathlib.Path, subnet_file: pathlib.Path, from_scratch: bool,
+                   retrain_epochs: int):
+  """The supernet's config (its recipe) with the subnet fixed: from the supernet's
+  weights for retrain_epochs, or from_scratch (a fresh init) for its own epochs."""
+  config = setup.load_config(ckpt)
+  config.subnet, config.eval_every_epochs = str(subnet_file), 0
+  if not from_scratch:
+    config.init_from, config.num_epochs = str(ckpt), retrain_epochs
+  config.checkpoint.keep = 1
+  return config
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--ckpt', required=True, help='a train.py workdir holding a GLoRA supernet')
@@ -90,12 +106,15 @@ def main():
   ap.add_argument('--source', choices=('front', 'archive'), default='front')
   ap.add_argument('--points', type=int, default=8)
   ap.add_argument('--retrain_epochs', type=int, default=5)
+  ap.add_argument('--from_scratch', action='store_true',
+                  help="train each subnet from a fresh init for the config's epochs instead "
+                       'of retraining inherited weights for --retrain_epochs')
   ap.add_argument('--eval_batch_size', type=int, default=32)
   ap.add_argument('--out', default='')
   args = ap.parse_args()
   ckpt = pathlib.Path(args.ckpt)
   search_dir = pathlib.Path(args.search) if args.search else ckpt / 'search'
-  out = pathlib.Path(args.out) if args.out else search_dir / 'trust'
+  out = pathlib.Path(args.out) if args.out else search_dir / ('trust_scratch' if args.from_scratch else 'trust')
   (out / 'subnets').mkdir(parents=True, exist_ok=True)
 
   config = setup.load_config(ckpt)
@@ -110,10 +129,7 @@ def main():
     inherited_loss, inherited = evaluate(trainable, run.frozen, val, p['subnet'])
     subnet_file = out / 'subnets' / f'point{i}.json'
     subnet_file.write_text(subnet_lib.dumps(run.spec, p['subnet']))
-    retrain = setup.load_config(ckpt)
-    retrain.subnet, retrain.init_from = str(subnet_file), str(ckpt)
-    retrain.num_epochs, retrain.eval_every_epochs = args.retrain_epochs, 0
-    retrain.checkpoint.keep = 1
+    retrain = retrain_config(ckpt, subnet_file, args.from_scratch, args.retrain_epochs)
     t0 = time.perf_counter()
     summary = loop.train_and_evaluate(retrain, out / f'point{i}', progress=False)
     row = {'params': int(p['params']), 'from': p['from'],
@@ -131,7 +147,8 @@ def main():
   tau_loss = kendall_tau([r['inherited_val_loss'] for r in rows],
                          [r['retrained_val_loss'] for r in rows])
   result = {'ckpt': str(ckpt), 'search': str(search_dir), 'source': args.source,
-            'retrain_epochs': args.retrain_epochs, 'kendall_tau': tau,
+            'retrain_epochs': None if args.from_scratch else args.retrain_epochs,
+            'from_scratch': args.from_scratch, 'epochs': retrain.num_epochs, 'kendall_tau': tau,
             'kendall_tau_loss': tau_loss, 'points': rows}
   metrics.write_json(out / 'search_trust.json', result)
   print(f'Kendall tau (inherited vs retrained, {len(rows)} subnets): val accuracy {tau:.3f}, '

@@ -72,3 +72,18 @@ def test_picks_from_the_front_then_the_archive(tmp_path):
   every = search_trust.pick_subnets(spec, tmp_path, 4, 'archive')
   # positions round(linspace(0, 11, 4)) = 0, 4, 7, 11 of the archive sorted by parameters
   assert [p['params'] for p in every] == [sorted(counts)[i] for i in (0, 4, 7, 11)]
+
+
+def test_retrain_config_fixes_the_subnet_and_starts_from_the_supernet_or_scratch(tmp_path):
+  """The supernet's recipe with the subnet fixed: inherited weights for
+  retrain_epochs, or --from_scratch a fresh init for the supernet's own epochs."""
+  from helpers import tiny_config
+  config = tiny_config(**{'supernet.sandwich': 'largest', 'optim.lr': 3e-3})
+  (tmp_path / 'config.json').write_text(config.to_json())
+  subnet_file = tmp_path / 'point0.json'
+  inherited = search_trust.retrain_config(tmp_path, subnet_file, False, 5)
+  assert (inherited.subnet, inherited.init_from, inherited.num_epochs) == (str(subnet_file), str(tmp_path), 5)
+  scratch = search_trust.retrain_config(tmp_path, subnet_file, True, 5)
+  assert (scratch.subnet, scratch.init_from, scratch.num_epochs) == (str(subnet_file), '', config.num_epochs)
+  for c in (inherited, scratch):
+    assert c.optim.lr == 3e-3 and c.eval_every_epochs == 0 and c.checkpoint.keep == 1
