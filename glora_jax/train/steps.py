@@ -285,7 +285,10 @@ def make_train_step(task: ForwardLoss, spec: peft.AdapterSpec | None, optimizer,
         corrects.append(correct)
       if num == 1:
         return losses[0], (n, corrects[0])
-      loss = sum(w * l for w, l in zip(options.loss_weights(), losses))
+      if options.head_weight:
+        loss = sum(w * l for w, l in zip(options.loss_weights(), losses))
+      else:  # the mean, computed as before head_weight existed (the same float32 rounding)
+        loss = sum(losses) / num
       return loss, (n, sum(corrects) / num)
 
     (loss, (n, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['trainable'])
