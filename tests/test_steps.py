@@ -286,8 +286,8 @@ def test_head_weight_weighs_the_sandwich_head_against_the_rest():
   weights = (0.8, 0.1, 0.1)
   want = 0.0
   for i, (w, s) in enumerate(zip(weights, subnets)):
-    ce = np_cross_entropy(np_logits(task, trainable, frozen, spec, s, batch), labels, mask)
-    kl = np_kl(teacher, np_logits(task, trainable, frozen, spec, s, batch), mask, 1.0)
+    logits = np_logits(task, trainable, frozen, spec, s, batch)
+    ce, kl = np_cross_entropy(logits, labels, mask), np_kl(teacher, logits, mask, 1.0)
     want += w * (ce if i == 0 else 0.5 * ce + 0.5 * kl)
   np.testing.assert_allclose(float(metrics['loss']), want, rtol=1e-5)
 

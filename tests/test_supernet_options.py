@@ -101,8 +101,9 @@ def test_an_anchor_of_another_space_is_a_config_error_before_training(tmp_path):
 
 
 def test_fingerprint_names_the_anchor_and_head_weight_only_when_set(tmp_path):
-  """Supernet checkpoints written before supernet.anchor existed have no such key;
-  a run without an anchor fingerprints the same, one with an anchor differs."""
+  """Supernet checkpoints written before supernet.anchor or supernet.head_weight
+  existed have no such key; a run at their defaults fingerprints the same, one that
+  sets either differs."""
   config = tiny(**{'supernet.sandwich': 'largest'})
   run = setup.build(config)
   plain = setup.training_fingerprint(config, run.spec, run.trainable)

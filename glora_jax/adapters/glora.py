@@ -200,13 +200,11 @@ class GLoRA(base.AdapterFamily):
     table row `t` says; zero for any other option. Shared (the authors'): the first
     column of the down factor (A, B, C) or the vector itself (D, E), and its first
     entry; unshared: `<support>v` and `<support>c`."""
-    if support in 'DE':
-      vec = p[support]
-    else:
-      vec = p[f'{support}d'][:, 0] if self.share_vectors else p[f'{support}v']
     if self.share_vectors:
+      vec = p[support] if support in 'DE' else p[f'{support}d'][:, 0]
       const = vec[0]
     else:
+      vec = p[support] if support in 'DE' else p[f'{support}v']
       const = p[f'{support}c'][0] if support != 'C' else 0.0  # C has no constant option
     return t['vec'] * vec + t['const'] * const
 
