@@ -40,6 +40,9 @@ SEARCH_HELP = {
             'better half is scored on the rest (0: off, every candidate on the whole split).',
     'tie_break': "Candidates of equal val accuracy: 'params' ranks fewer adapter parameters "
                  "first; 'loss' lower mean val loss first, then fewer parameters.",
+    'rank_by': "What makes a candidate better (parents, racing, Pareto front, the chosen "
+               "subnet): 'accuracy' (the authors) higher val accuracy, then --tie_break; "
+               "'loss' lower mean val loss, then higher accuracy, then fewer parameters.",
     'start': "First population: 'random' (the authors); 'anchor' begins it with the subnet "
              "the supernet trained every step (its supernet.anchor, else the largest) when "
              "that meets the budget.",

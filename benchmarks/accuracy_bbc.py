@@ -13,6 +13,11 @@ on val at LoRA's adapter-parameter count and at a quarter of it.
   python benchmarks/accuracy_bbc.py --setting full --methods glora_sandwich,glora_distill --seeds 0,1,2
   python benchmarks/accuracy_bbc.py --setting full --methods glora_distill_lite --seeds 0,1,2 \
       --search_tie_break loss   # the same supernets searched again, ties by val loss
+  python benchmarks/accuracy_bbc.py --setting full --methods glora_anchor_unshared_head75 \
+      --seeds 0,1,2 --search_start anchor --search_population 16 --search_generations 5
+      # the same supernets searched again with 96 candidates (rows tagged '96 candidates')
+  python benchmarks/accuracy_bbc.py --setting full --methods glora_anchor_unshared_head75 \
+      --seeds 0,1,2 --search_start anchor --search_rank_by loss   # ranked by mean val loss
   python benchmarks/accuracy_bbc.py --setting full --table    # mean ± std over seeds per row
   python benchmarks/accuracy_bbc.py --setting full --table --per_seed   # one line per run
 
@@ -47,6 +52,9 @@ from glora_jax.search import driver, evolution  # noqa: E402
 from glora_jax.train import loop, setup, steps  # noqa: E402
 
 SUBNETS = pathlib.Path(__file__).resolve().parent / 'subnets'
+# The search of every three-seed row (population 8, 2 generations: 24 candidates); a
+# search of another size is tagged '<N> candidates' in its row and folder names.
+STUDY_SEARCH = (8, 2)
 DISTILL_LITE = {'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
                 'supernet.distill': 1.0}
 SLOW_C = {**DISTILL_LITE, 'optim.lr_multipliers': (('adapters/.*/C[du]', 0.1),)}
@@ -148,11 +156,17 @@ def main():
   ap.add_argument('--seeds', default='0')
   ap.add_argument('--out', default='runs/accuracy')
   ap.add_argument('--lr', default='', help='method=lr,... overrides (tune on val only)')
-  ap.add_argument('--search_population', type=int, default=10)
-  ap.add_argument('--search_generations', type=int, default=3)
+  ap.add_argument('--search_population', type=int, default=STUDY_SEARCH[0],
+                  help='GLoRA search: first population (and per generation); a size other '
+                       'than the default tags its rows and folders')
+  ap.add_argument('--search_generations', type=int, default=STUDY_SEARCH[1],
+                  help='GLoRA search: rounds of evolution after the first population')
   ap.add_argument('--search_tie_break', choices=evolution.TIE_BREAKS, default='params',
                   help="GLoRA search: rank equal val accuracies by fewer parameters ('params') "
                        "or by lower val loss ('loss'; its rows and folders are tagged)")
+  ap.add_argument('--search_rank_by', choices=evolution.RANKS, default='accuracy',
+                  help="GLoRA search: candidates ranked by val accuracy (the authors) or by "
+                       "mean val loss ('loss'; its rows and folders are tagged 'loss ranked')")
   ap.add_argument('--search_start', choices=evolution.STARTS, default='random',
                   help="GLoRA search: first population random (the authors) or opened by the "
                        "supernet's anchor ('anchor'; its rows and folders are tagged)")
@@ -222,9 +236,13 @@ def main():
                                        mutations=args.search_population // 2,
                                        crossovers=args.search_population // 2, param_limit=limit,
                                        seed=seed, tie_break=args.search_tie_break,
-                                       start=args.search_start)
+                                       start=args.search_start, rank_by=args.search_rank_by)
+          size = (args.search_population, args.search_generations)
           tags = [t for t, on in (('loss ties', args.search_tie_break == 'loss'),
-                                  ('from anchor', args.search_start == 'anchor')) if on]
+                                  ('loss ranked', args.search_rank_by == 'loss'),
+                                  ('from anchor', args.search_start == 'anchor'),
+                                  (f'{search_candidates(*size)} candidates', size != STUDY_SEARCH))
+                  if on]
           row = f'{name}/search<={limit:,} ({", ".join([label] + tags)})'
           search_dir = workdir / '_'.join(['search', str(limit)] + [t.replace(' ', '_') for t in tags])
           if row not in results or not (search_dir / 'summary.json').exists():
@@ -249,6 +267,12 @@ def main():
   print(f'jax {jax.__version__}, {jax.devices()[0].device_kind} x{jax.device_count()}; '
         f'results in {results_file}')
   print(summary_table(results))
+
+
+def search_candidates(population: int, generations: int) -> int:
+  """Candidates the study's search evaluates: the first population, then each
+  generation refilled to `population` (SearchConfig.refill='population')."""
+  return population * (generations + 1)
 
 
 def search_row(s: dict, step_ms, wall_s: float, lr: float) -> dict:

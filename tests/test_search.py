@@ -161,6 +161,57 @@ def test_loss_tie_break_changes_the_chosen_subnet():
   assert not np.array_equal(chosen['loss'], chosen['params'])
 
 
+def test_rank_by_loss_orders_and_fronts_by_val_loss():
+  """rank_by='loss': complete first, then lower val loss (unknown last), then higher
+  accuracy, then fewer params, against a plain sort of the tuples; the front is fewer
+  params against lower loss, checked by brute-force dominance."""
+  spec = make_spec(layers=2)
+  acc = np.array([0.9, 0.8, 0.95, 0.9, 0.7, 0.8, 0.99])
+  loss = np.array([0.30, 0.10, 0.20, np.nan, 0.10, 0.25, 0.05])
+  params = np.array([10, 50, 30, 5, 40, 20, 1])
+  complete = np.array([True, True, True, True, True, True, False])  # 6: a heat loser
+  cands = np.arange(7)[:, None, None] * np.ones((1,) + spec.num_options.shape, np.int32)
+  for tie in evolution.TIE_BREAKS:  # tie_break is unused when ranking by loss
+    archive = evolution.Archive(spec, 8, tie, 'loss')
+    archive.add(cands, acc, params, 0, complete, loss)
+    finite = np.where(np.isnan(loss), np.inf, loss)
+    expected = sorted(range(7), key=lambda i: (not complete[i], finite[i], -acc[i], params[i]))
+    np.testing.assert_array_equal(archive.top(7), expected)  # [1, 4, 2, 5, 0, 3, 6]
+    dominated = lambda i: any(params[j] <= params[i] and finite[j] <= finite[i] and
+                              (params[j], finite[j]) != (params[i], finite[i])
+                              for j in range(6) if j != i)
+    want = sorted((i for i in range(6) if np.isfinite(finite[i]) and not dominated(i)),
+                  key=lambda i: params[i])
+    np.testing.assert_array_equal(archive.front(), want)  # [0, 5, 2, 4]
+  with pytest.raises(ValueError, match="rank_by 'x' is unknown"):
+    evolution.SearchConfig(rank_by='x')
+
+
+def test_rank_by_loss_chooses_the_lowest_loss_over_a_higher_accuracy():
+  """A fitness whose accuracy and loss disagree: 'accuracy' chooses the most accurate
+  candidate, 'loss' the one of lowest loss, each the archive's extreme."""
+  spec = make_spec(layers=4)
+  rng = np.random.default_rng(2)
+  w_acc, w_loss = rng.normal(size=(2,) + spec.num_options.shape)
+
+  def fit(cands):
+    cands = np.asarray(cands, float)
+    return (cands * w_acc).sum(axis=(1, 2)), np.ones(len(cands), bool), (cands * w_loss).sum(axis=(1, 2))
+
+  chosen = {}
+  for rank in evolution.RANKS:
+    cfg = evolution.SearchConfig(population=12, generations=2, parents=3, mutations=3,
+                                 crossovers=3, param_limit=1e9, rank_by=rank)
+    archive = evolution.run(spec, fit, cfg, log=lambda s: None)
+    n, best = archive.size, archive.top(1)[0]
+    chosen[rank] = archive.cands[best]
+    if rank == 'loss':
+      assert archive.loss[best] == archive.loss[:n].min()
+    else:
+      assert archive.accuracy[best] == archive.accuracy[:n].max()
+  assert not np.array_equal(chosen['loss'], chosen['accuracy'])
+
+
 def test_race_share_is_checked():
   with pytest.raises(ValueError, match=r'race must be in \[0, 1\)'):
     evolution.SearchConfig(race=1.0)

@@ -70,6 +70,30 @@ def test_racing_scores_the_better_half_on_the_whole_split(supernet):
   assert raced.batch_evaluations == 7 * raced.heat + 4 * (len(raced.batches) - raced.heat)
 
 
+def test_racing_by_loss_keeps_the_heat_half_of_lowest_loss(supernet):
+  """rank_by='loss': the heat's survivors are those of lowest heat loss (an
+  independent Fitness of the heat's batches alone), and they get their whole-split
+  loss."""
+  run, args = _fitness_args(supernet)
+  val = run.model_data.splits['eval']
+  cands = np.asarray(jax.vmap(lambda k: subnet.sample(k, run.spec))(
+      jax.random.split(jax.random.key(4), 7)))
+  full = fitness.Fitness(*args, val, chunk=1, batch_size=16)(cands)
+  raced = fitness.Fitness(*args, val, chunk=1, batch_size=16, race=0.5, rank_by='loss')
+  first = {k: v[:raced.heat * 16] for k, v in val.items()}
+  heat = fitness.Fitness(*args, first, chunk=1, batch_size=16)(cands)
+  _, complete, loss = raced(cands)
+  expected = np.zeros(7, bool)
+  expected[np.argsort(heat.loss, kind='stable')[:4]] = True
+  np.testing.assert_array_equal(complete, expected)
+  np.testing.assert_allclose(loss[complete], full.loss[complete], rtol=1e-6)
+  np.testing.assert_allclose(loss[~complete], heat.loss[~complete], rtol=1e-6)
+  # Ranked by accuracy the same heat keeps another half here (else the test shows nothing).
+  by_acc = np.zeros(7, bool)
+  by_acc[np.argsort(-heat.accuracy, kind='stable')[:4]] = True
+  assert not np.array_equal(by_acc, expected)
+
+
 def test_racing_search_chooses_the_same_subnet_with_fewer_evaluations(supernet):
   run, args = _fitness_args(supernet)
   val = run.model_data.splits['eval']

@@ -48,7 +48,7 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
 
   fit = fitness_lib.Fitness(run.model_data.forward_loss, run.spec, run.mesh, trainable, frozen, frozen_sh,
                             run.model_data.splits['eval'], chunk=chunk, batch_size=eval_batch_size,
-                            race=cfg.race, log=log)
+                            race=cfg.race, rank_by=cfg.rank_by, log=log)
   t0 = time.perf_counter()
   initial = None
   if cfg.start == 'anchor':  # the subnet the supernet trained in every step

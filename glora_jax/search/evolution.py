@@ -26,6 +26,7 @@ from glora_jax.train.metrics import write_json
 REFILLS = ('population', 'children')
 RANDOM_FILLS = ('mixed', 'uniform')
 TIE_BREAKS = ('params', 'loss')
+RANKS = ('accuracy', 'loss')
 STARTS = ('random', 'anchor')
 
 
@@ -56,6 +57,12 @@ class SearchConfig:
   accuracy and the loss still tells them apart. The authors sort by accuracy alone
   (ties in evaluation order).
 
+  rank_by: what makes a candidate better, as a parent, in a race's heat, on the
+  Pareto front and as the chosen subnet. 'accuracy' (the authors): higher val
+  accuracy, then `tie_break`. 'loss' (ours): lower mean val loss, then higher
+  accuracy, then fewer parameters (`tie_break` unused): on a small val split the
+  mean loss is a finer and less noisy estimate than a count of correct documents.
+
   start: the first population. 'random' (the authors): random candidates only.
   'anchor' (ours): it begins with the subnet the supernet trained in every step (its
   config.supernet.anchor, else the largest subnet) when that meets the budget, the
@@ -75,6 +82,7 @@ class SearchConfig:
   race: float = 0.0
   tie_break: str = 'params'
   start: str = 'random'
+  rank_by: str = 'accuracy'
 
   def __post_init__(self):
     for name in ('population', 'parents', 'tries'):
@@ -88,6 +96,8 @@ class SearchConfig:
       raise ValueError(f"search random_fill '{self.random_fill}' is unknown; allowed: {list(RANDOM_FILLS)}")
     if self.tie_break not in TIE_BREAKS:
       raise ValueError(f"search tie_break '{self.tie_break}' is unknown; allowed: {list(TIE_BREAKS)}")
+    if self.rank_by not in RANKS:
+      raise ValueError(f"search rank_by '{self.rank_by}' is unknown; allowed: {list(RANKS)}")
     if self.start not in STARTS:
       raise ValueError(f"search start '{self.start}' is unknown; allowed: {list(STARTS)}")
     if not 0.0 <= self.race < 1.0:
@@ -204,12 +214,15 @@ class Archive:
   gave none), parameters, generation, and whether the accuracy is on the whole eval
   split (`complete`; False only for a candidate that lost a race's first heat). A
   fixed capacity array (so operator shapes never change) plus a valid mask.
-  tie_break: SearchConfig.tie_break, used by `top`."""
+  tie_break, rank_by: SearchConfig's, used by `top` and `front`."""
 
-  def __init__(self, spec: AdapterSpec, capacity: int, tie_break: str = 'params'):
+  def __init__(self, spec: AdapterSpec, capacity: int, tie_break: str = 'params',
+               rank_by: str = 'accuracy'):
     if tie_break not in TIE_BREAKS:
       raise ValueError(f"tie_break '{tie_break}' is unknown; allowed: {list(TIE_BREAKS)}")
-    self.tie_break = tie_break
+    if rank_by not in RANKS:
+      raise ValueError(f"rank_by '{rank_by}' is unknown; allowed: {list(RANKS)}")
+    self.tie_break, self.rank_by = tie_break, rank_by
     self.shape = spec.num_options.shape
     self.cands = np.zeros((capacity,) + self.shape, np.int32)
     self.valid = np.zeros(capacity, bool)
@@ -230,20 +243,30 @@ class Archive:
     self.generation[s], self.valid[s], self.complete[s] = generation, True, complete
     self.size += n
 
+  def _loss(self) -> np.ndarray:
+    """The val losses with an unknown one (NaN) as the worst."""
+    return np.where(np.isnan(self.loss[:self.size]), np.inf, self.loss[:self.size])
+
   def top(self, k: int) -> np.ndarray:
-    """The k best: complete before incomplete, then higher accuracy, then (tie_break
-    'loss') lower val loss, NaN last, then fewer params."""
+    """The k best: complete before incomplete; then with rank_by 'accuracy' higher
+    accuracy, then (tie_break 'loss') lower val loss, NaN last, then fewer params;
+    with rank_by 'loss' lower val loss, NaN last, then higher accuracy, then fewer
+    params."""
     n = self.size
-    keys = (self.params[:n],)
-    if self.tie_break == 'loss':
-      keys += (np.where(np.isnan(self.loss[:n]), np.inf, self.loss[:n]),)
-    order = np.lexsort(keys + (-self.accuracy[:n], ~self.complete[:n]))
+    if self.rank_by == 'loss':
+      keys = (self.params[:n], -self.accuracy[:n], self._loss())
+    else:
+      keys = (self.params[:n],) + ((self._loss(),) if self.tie_break == 'loss' else ())
+      keys += (-self.accuracy[:n],)
+    order = np.lexsort(keys + (~self.complete[:n],))
     return order[:k]
 
   def front(self) -> np.ndarray:
-    """Indices of the Pareto front (pareto_front) among the complete candidates."""
+    """Indices of the Pareto front (pareto_front) among the complete candidates:
+    fewer parameters against higher accuracy, or (rank_by 'loss') lower val loss."""
     idx = np.flatnonzero(self.complete[:self.size])
-    return idx[pareto_front(self.params[idx], self.accuracy[idx])]
+    score = self.accuracy[idx] if self.rank_by == 'accuracy' else -self._loss()[idx]
+    return idx[pareto_front(self.params[idx], score)]
 
   def to_json(self) -> dict:
     n = self.size
@@ -282,7 +305,7 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
   check_budget(spec, cfg)
   per_gen = max(cfg.population, cfg.mutations + cfg.crossovers)
   # the random population + generations
-  archive = Archive(spec, per_gen * (cfg.generations + 1), cfg.tie_break)
+  archive = Archive(spec, per_gen * (cfg.generations + 1), cfg.tie_break, cfg.rank_by)
   state_file = None if state_dir is None else pathlib.Path(state_dir) / 'search_state.json'
   start = 0
   if state_file is not None and state_file.exists():
@@ -346,7 +369,7 @@ def run(spec: AdapterSpec, fitness: Callable[[np.ndarray], np.ndarray], cfg: Sea
                 np.asarray(loss[0], float) if loss else np.nan)
     best = archive.top(1)[0]
     log(f'generation {gen}: evaluated {len(new)}, best val accuracy {archive.accuracy[best]:.4f} '
-        f'with {archive.params[best]:,} params')
+        f'(val loss {archive.loss[best]:.4f}) with {archive.params[best]:,} params')
     if state_file is not None:
       # One line: the archive holds every candidate, indented it would be several times larger.
       write_json(state_file, {'config': dataclasses.asdict(cfg), 'shape': list(archive.shape),

@@ -64,16 +64,20 @@ class Fitness:
   (0, 1), a first heat scores all candidates on the first ceil(race x batches)
   eval batches; the better half (ties to the earlier candidate) go on to the rest
   and get their whole-split accuracy; the others keep their heat accuracy and
-  complete=False (the search ranks them after every complete candidate)."""
+  complete=False (the search ranks them after every complete candidate).
+  rank_by: what "better" means in the heat: 'accuracy' (higher) or 'loss' (lower
+  mean loss), SearchConfig.rank_by."""
 
   def __init__(self, task, spec, mesh, trainable, frozen, frozen_shardings, arrays,
                chunk: int | None = 8, batch_size: int = 32, race: float = 0.0,
-               log=lambda msg: None):
+               rank_by: str = 'accuracy', log=lambda msg: None):
     if not 0.0 <= race < 1.0:
       raise ValueError(f'race must be in [0, 1) (the share of the eval split in the first '
                        f'heat; 0 = off), got {race}')
+    if rank_by not in ('accuracy', 'loss'):
+      raise ValueError(f"rank_by must be 'accuracy' or 'loss', got {rank_by!r}")
     self.trainable, self.frozen = trainable, frozen
-    self.batch_size, self.race = batch_size, race
+    self.batch_size, self.race, self.rank_by = batch_size, race, rank_by
     # Evaluation batches are fixed: build (and transfer) them once.
     self.batches = [jax.device_put(b, sharding.replicated(mesh))
                     for b in data.eval_iterator(arrays, batch_size)]
@@ -117,8 +121,9 @@ class Fitness:
     if self.heat == len(self.batches) or n < 2:
       return _scores(self.sums(cands, self.batches), np.ones(n, bool))
     totals = self.sums(cands, self.batches[:self.heat])
-    heat_acc = _scores(totals, None).accuracy
-    survivors = np.argsort(-heat_acc, kind='stable')[:math.ceil(n / 2)]
+    heat = _scores(totals, None)
+    worse = -heat.accuracy if self.rank_by == 'accuracy' else heat.loss
+    survivors = np.argsort(worse, kind='stable')[:math.ceil(n / 2)]
     totals[survivors] += self.sums(cands[survivors], self.batches[self.heat:])
     complete = np.zeros(n, bool)
     complete[survivors] = True
