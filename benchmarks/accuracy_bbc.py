@@ -136,16 +136,23 @@ def is_supernet(config) -> bool:
   return config.method == 'glora' and not config.get('subnet')
 
 
-def evaluate_test(config, workdir):
-  """(test accuracy, adapter params, head params) of a finished run."""
+def evaluate_test(config, workdir, anchor: bool = False):
+  """(test accuracy, adapter params, head params) of a finished run: its evaluation
+  subnet (a supernet's largest), or with `anchor` the supernet's anchor
+  (supernet.anchor), then (val accuracy, test accuracy, ...) with its val accuracy
+  first (the training summary has only the largest's)."""
   run, trainable = setup.load_trained(workdir, config)
   evaluate = setup.make_evaluator(run, config.eval_batch_size)
-  sub = setup.eval_subnet(run)
+  sub = (steps.anchor_subnet(run.spec, steps.supernet_options(config, steps_per_epoch=1))
+         if anchor else setup.eval_subnet(run))
   _, test_acc = evaluate(trainable, run.frozen, run.model_data.splits['test'], sub)
   head = int(sum(np.size(x) for x in jax.tree.leaves(trainable['model'])))
   adapter = 0 if run.spec is None else int(subnet_lib.count_params(run.spec, sub))
   if config.method == 'full':
     adapter, head = head, 0  # every parameter trains
+  if anchor:
+    _, val_acc = evaluate(trainable, run.frozen, run.model_data.splits['eval'], sub)
+    return val_acc, test_acc, adapter, head
   return test_acc, adapter, head
 
 
@@ -225,6 +232,15 @@ def main():
             'adapter_params': adapter, 'head_params': head, 'val_accuracy': summary['val_accuracy'],
             'test_accuracy': test_acc, 'median_step_ms': summary['median_step_ms'], 'wall_s': wall,
             'lr': config.optim.lr, **compute})
+      if is_supernet(config) and config.supernet.anchor:
+        # The anchor as the supernet trained it (inherited weights, no search): what a
+        # search that kept its starting subnet would give. The '/largest' row above is
+        # the largest subnet, a different one.
+        val_acc, test_acc, adapter_anchor, _ = evaluate_test(config, workdir, anchor=True)
+        record(f'{name}/anchor', {
+            'adapter_params': adapter_anchor, 'head_params': head, 'val_accuracy': val_acc,
+            'test_accuracy': test_acc, 'median_step_ms': results[row]['median_step_ms'],
+            'wall_s': results[row]['wall_s'], 'lr': config.optim.lr, **compute})
       if method == 'lora':
         lora_budget = adapter
       if is_supernet(config) and not args.skip_search:
