@@ -137,10 +137,10 @@ def is_supernet(config) -> bool:
 
 
 def evaluate_test(config, workdir, anchor: bool = False):
-  """(test accuracy, adapter params, head params) of a finished run: its evaluation
-  subnet (a supernet's largest), or with `anchor` the supernet's anchor
-  (supernet.anchor), then (val accuracy, test accuracy, ...) with its val accuracy
-  first (the training summary has only the largest's)."""
+  """(val accuracy, test accuracy, adapter params, head params) of a finished run's
+  evaluation subnet (a supernet's largest), or with `anchor` of the supernet's anchor
+  (supernet.anchor). Val is measured only for the anchor (None otherwise): the
+  training summary already has the evaluation subnet's."""
   run, trainable = setup.load_trained(workdir, config)
   evaluate = setup.make_evaluator(run, config.eval_batch_size)
   sub = (steps.anchor_subnet(run.spec, steps.supernet_options(config, steps_per_epoch=1))
@@ -150,10 +150,9 @@ def evaluate_test(config, workdir, anchor: bool = False):
   adapter = 0 if run.spec is None else int(subnet_lib.count_params(run.spec, sub))
   if config.method == 'full':
     adapter, head = head, 0  # every parameter trains
-  if anchor:
-    _, val_acc = evaluate(trainable, run.frozen, run.model_data.splits['eval'], sub)
-    return val_acc, test_acc, adapter, head
-  return test_acc, adapter, head
+  val_acc = (evaluate(trainable, run.frozen, run.model_data.splits['eval'], sub)[1]
+             if anchor else None)
+  return val_acc, test_acc, adapter, head
 
 
 def main():
@@ -222,7 +221,7 @@ def main():
       t0 = time.perf_counter()
       summary = loop.train_and_evaluate(config, workdir, progress=False)
       wall = time.perf_counter() - t0
-      test_acc, adapter, head = evaluate_test(config, workdir)
+      _, test_acc, adapter, head = evaluate_test(config, workdir)
       compute = {'train_steps': summary['step'], 'passes_per_step': passes_per_step(config),
                  'backbone_passes': summary['step'] * passes_per_step(config)}
       row = name + ('/largest' if is_supernet(config) else '')

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glora_jax import data
+from glora_jax.search.evolution import RANKS
 from glora_jax.train import sharding, steps
 
 PROBE_CHUNKS = (1, 8)  # times the data-parallel size: the chunks `probe_chunk` tries
@@ -74,8 +75,8 @@ class Fitness:
     if not 0.0 <= race < 1.0:
       raise ValueError(f'race must be in [0, 1) (the share of the eval split in the first '
                        f'heat; 0 = off), got {race}')
-    if rank_by not in ('accuracy', 'loss'):
-      raise ValueError(f"rank_by must be 'accuracy' or 'loss', got {rank_by!r}")
+    if rank_by not in RANKS:
+      raise ValueError(f"rank_by '{rank_by}' is unknown; allowed: {list(RANKS)}")
     self.trainable, self.frozen = trainable, frozen
     self.batch_size, self.race, self.rank_by = batch_size, race, rank_by
     # Evaluation batches are fixed: build (and transfer) them once.
