@@ -20,6 +20,7 @@ on val at LoRA's adapter-parameter count and at a quarter of it.
       --seeds 0,1,2 --search_start anchor --search_rank_by loss   # ranked by mean val loss
   python benchmarks/accuracy_bbc.py --setting full --table    # mean ± std over seeds per row
   python benchmarks/accuracy_bbc.py --setting full --table --per_seed   # one line per run
+  python benchmarks/accuracy_bbc.py --setting full --table --seeds 0,1,2  # those seeds' rows only
 
 Methods glora_fair, glora_progressive, glora_sandwich, glora_distill,
 glora_distill_lite and glora_distill_lite_slow_c (C's learning rate x 0.1 through
@@ -159,7 +160,9 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--setting', choices=('full', '8shot'), default='8shot')
   ap.add_argument('--methods', default=','.join(CONFIGS))
-  ap.add_argument('--seeds', default='0')
+  ap.add_argument('--seeds', default=None,
+                  help="seeds to run (default '0'); with --table, the seeds whose rows are "
+                       'summarised (default: every seed recorded)')
   ap.add_argument('--out', default='runs/accuracy')
   ap.add_argument('--lr', default='', help='method=lr,... overrides (tune on val only)')
   ap.add_argument('--search_population', type=int, default=STUDY_SEARCH[0],
@@ -207,11 +210,13 @@ def main():
           f"{row['wall_s']:8.0f}", flush=True)
 
   if args.table:
+    if args.seeds is not None:
+      results = only_seeds(results, {int(s) for s in args.seeds.split(',')})
     print(markdown(results) if args.per_seed else summary_table(results))
     return
   print(f"{'method':<28} {'adapter':>9} {'with head':>10} {'val':>8} {'test':>8} {'step ms':>9} {'wall s':>8}")
   for method in args.methods.split(','):
-    for seed in [int(s) for s in args.seeds.split(',')]:
+    for seed in [int(s) for s in (args.seeds or '0').split(',')]:
       # An lr override (a val-only sweep) gets its own row and workdir, so it never
       # resumes, or overwrites, the run at the configured rate.
       tag = f'/lr={lrs[method]}' if method in lrs else ''
@@ -308,6 +313,14 @@ def group_name(name: str) -> str:
   """A run's row without its seed: 'glora/seed1/search<=331,776 (lora budget)' ->
   'glora/search<=331,776 (lora budget)'."""
   return '/'.join(part for part in name.split('/') if not re.fullmatch(r'seed\d+', part))
+
+
+def only_seeds(results: dict, seeds: set[int]) -> dict:
+  """The rows of runs with one of `seeds` ('lora/seed3' is seed 3's)."""
+  def seed(name):
+    found = re.search(r'(?:^|/)seed(\d+)(?:/|$)', name)
+    return int(found.group(1)) if found else None
+  return {name: r for name, r in results.items() if seed(name) in seeds}
 
 
 def summary_table(results: dict) -> str:

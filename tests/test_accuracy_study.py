@@ -1,0 +1,36 @@
+"""benchmarks/accuracy_bbc.py's tables: a seed filter and the mean +- std over seeds,
+checked against rows written by hand and numpy."""
+import numpy as np
+
+from benchmarks import accuracy_bbc
+
+
+def _row(test):
+  return {'adapter_params': 10, 'head_params': 2, 'val_accuracy': 0.5, 'test_accuracy': test,
+          'median_step_ms': None, 'wall_s': 1.0, 'lr': 1e-3, 'backbone_passes': 5,
+          'passes_per_step': 1}
+
+
+RESULTS = {
+    'lora/seed0': _row(0.90), 'lora/seed1': _row(0.92), 'lora/seed3': _row(0.80),
+    'glora/seed12/largest': _row(0.70), 'glora/seed1/search<=331,776 (lora budget)': _row(0.95),
+    'lora/seed1/lr=2e-3': _row(0.60),
+}
+
+
+def test_only_seeds_keeps_the_runs_of_those_seeds_and_no_seed_prefix():
+  kept = accuracy_bbc.only_seeds(RESULTS, {1})
+  assert sorted(kept) == ['glora/seed1/search<=331,776 (lora budget)', 'lora/seed1',
+                          'lora/seed1/lr=2e-3']  # 'seed12' is not seed 1
+  assert sorted(accuracy_bbc.only_seeds(RESULTS, {12})) == ['glora/seed12/largest']
+
+
+def test_summary_over_chosen_seeds_is_their_mean_and_sample_std():
+  table = accuracy_bbc.summary_table(accuracy_bbc.only_seeds(RESULTS, {0, 1}))
+  (line,) = [l for l in table.splitlines() if l.startswith('| lora |')]
+  v = np.array([0.90, 0.92])
+  assert f'| 2 |' in line and f'{v.mean():.4f} ± {v.std(ddof=1):.4f}' in line
+  everything = accuracy_bbc.summary_table(RESULTS)
+  (line,) = [l for l in everything.splitlines() if l.startswith('| lora |')]
+  v = np.array([0.90, 0.92, 0.80])
+  assert f'| 3 |' in line and f'{v.mean():.4f} ± {v.std(ddof=1):.4f}' in line
