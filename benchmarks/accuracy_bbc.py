@@ -21,6 +21,7 @@ on val at LoRA's adapter-parameter count and at a quarter of it.
   python benchmarks/accuracy_bbc.py --setting full --table    # mean ± std over seeds per row
   python benchmarks/accuracy_bbc.py --setting full --table --per_seed   # one line per run
   python benchmarks/accuracy_bbc.py --setting full --table --seeds 0,1,2  # those seeds' rows only
+  python benchmarks/accuracy_bbc.py --setting full --table --compare lora subnet_b_d_e  # seed by seed
 
 Methods glora_fair, glora_progressive, glora_sandwich, glora_distill,
 glora_distill_lite and glora_distill_lite_slow_c (C's learning rate x 0.1 through
@@ -185,6 +186,9 @@ def main():
                   help='print the rows recorded so far as a markdown table; run nothing')
   ap.add_argument('--per_seed', action='store_true',
                   help='with --table: one line per run instead of mean +- std over seeds')
+  ap.add_argument('--compare', nargs=2, metavar=('ROW_A', 'ROW_B'),
+                  help='with --table: test accuracy of ROW_B minus ROW_A seed by seed (rows as '
+                       "the summary names them, e.g. 'lora'), their mean, std and standard error")
   ap.add_argument('--budgets', default='lora,quarter',
                   help="GLoRA: search budgets, 'lora' (LoRA's adapter parameters) and/or 'quarter'")
   ap.add_argument('--skip_search', action='store_true',
@@ -213,6 +217,8 @@ def main():
     if args.seeds is not None:
       results = only_seeds(results, {int(s) for s in args.seeds.split(',')})
     print(markdown(results) if args.per_seed else summary_table(results))
+    if args.compare:
+      print(compare(results, *args.compare))
     return
   print(f"{'method':<28} {'adapter':>9} {'with head':>10} {'val':>8} {'test':>8} {'step ms':>9} {'wall s':>8}")
   for method in args.methods.split(','):
@@ -321,6 +327,31 @@ def only_seeds(results: dict, seeds: set[int]) -> dict:
     found = re.search(r'(?:^|/)seed(\d+)(?:/|$)', name)
     return int(found.group(1)) if found else None
   return {name: r for name, r in results.items() if seed(name) in seeds}
+
+
+def compare(results: dict, row_a: str, row_b: str) -> str:
+  """Test accuracy of row_b minus row_a on every seed both have (rows named as in
+  the summary table): the differences, their mean, sample std and standard error
+  (std / sqrt(seeds)). Runs of one seed share its data order and dropout stream."""
+  def by_seed(row):
+    found = {}
+    for name, r in results.items():
+      seed = re.search(r'(?:^|/)seed(\d+)(?:/|$)', name)
+      if seed and group_name(name) == row:
+        found[int(seed.group(1))] = r['test_accuracy']
+    if not found:
+      raise SystemExit(f'error: --compare: no row {row!r}; rows: {sorted({group_name(n) for n in results})}')
+    return found
+  a, b = by_seed(row_a), by_seed(row_b)
+  seeds = sorted(set(a) & set(b))
+  diff = np.asarray([b[s] - a[s] for s in seeds], np.float64)
+  lines = [f'test accuracy, {row_b} minus {row_a}:',
+           *(f'  seed {s}: {b[s]:.4f} - {a[s]:.4f} = {d:+.4f}' for s, d in zip(seeds, diff))]
+  if len(diff) > 1:
+    se = diff.std(ddof=1) / np.sqrt(len(diff))
+    lines.append(f'  mean {diff.mean():+.4f} ± {diff.std(ddof=1):.4f} (std), standard error {se:.4f}, '
+                 f'{len(diff)} seeds')
+  return '\n'.join(lines)
 
 
 def summary_table(results: dict) -> str:

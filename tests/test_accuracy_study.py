@@ -34,3 +34,13 @@ def test_summary_over_chosen_seeds_is_their_mean_and_sample_std():
   (line,) = [l for l in everything.splitlines() if l.startswith('| lora |')]
   v = np.array([0.90, 0.92, 0.80])
   assert f'| 3 |' in line and f'{v.mean():.4f} ± {v.std(ddof=1):.4f}' in line
+
+
+def test_compare_is_the_seed_by_seed_difference_on_the_seeds_both_rows_have():
+  results = {**RESULTS, 'glora/seed0/search<=331,776 (lora budget)': _row(0.93),
+             'glora/seed2/search<=331,776 (lora budget)': _row(0.99)}  # no LoRA seed 2
+  text = accuracy_bbc.compare(results, 'lora', 'glora/search<=331,776 (lora budget)')
+  d = np.array([0.93 - 0.90, 0.95 - 0.92])  # seeds 0 and 1 only
+  assert 'seed 0: 0.9300 - 0.9000 = +0.0300' in text and 'seed 2' not in text
+  assert (f'mean {d.mean():+.4f} ± {d.std(ddof=1):.4f} (std), standard error '
+          f'{d.std(ddof=1) / np.sqrt(2):.4f}, 2 seeds') in text
