@@ -322,11 +322,14 @@ def group_name(name: str) -> str:
 
 
 def only_seeds(results: dict, seeds: set[int]) -> dict:
-  """The rows of runs with one of `seeds` ('lora/seed3' is seed 3's)."""
-  def seed(name):
-    found = re.search(r'(?:^|/)seed(\d+)(?:/|$)', name)
-    return int(found.group(1)) if found else None
-  return {name: r for name, r in results.items() if seed(name) in seeds}
+  """The rows of runs with one of `seeds`."""
+  return {name: r for name, r in results.items() if seed_of(name) in seeds}
+
+
+def seed_of(name: str) -> int | None:
+  """A row's seed: 'lora/seed3' and 'glora/seed3/largest' are seed 3's."""
+  found = re.search(r'(?:^|/)seed(\d+)(?:/|$)', name)
+  return int(found.group(1)) if found else None
 
 
 def compare(results: dict, row_a: str, row_b: str) -> str:
@@ -336,9 +339,8 @@ def compare(results: dict, row_a: str, row_b: str) -> str:
   def by_seed(row):
     found = {}
     for name, r in results.items():
-      seed = re.search(r'(?:^|/)seed(\d+)(?:/|$)', name)
-      if seed and group_name(name) == row:
-        found[int(seed.group(1))] = r['test_accuracy']
+      if group_name(name) == row and seed_of(name) is not None:
+        found[seed_of(name)] = r['test_accuracy']
     if not found:
       raise SystemExit(f'error: --compare: no row {row!r}; rows: {sorted({group_name(n) for n in results})}')
     return found
