@@ -335,7 +335,7 @@ def seed_of(name: str) -> int | None:
 def compare(results: dict, row_a: str, row_b: str) -> str:
   """Test accuracy of row_b minus row_a on every seed both have (rows named as in
   the summary table): the differences, their mean, sample std and standard error
-  (std / sqrt(seeds)). Runs of one seed share its data order and dropout stream."""
+  (std / sqrt(seeds)). Runs of one seed share its data order."""
   def by_seed(row):
     found = {}
     for name, r in results.items():
