@@ -57,6 +57,7 @@ SUBNETS = pathlib.Path(__file__).resolve().parent / 'subnets'
 # The search of every three-seed row (population 8, 2 generations: 24 candidates); a
 # search of another size is tagged '<N> candidates' in its row and folder names.
 STUDY_SEARCH = (8, 2)
+SEED_PART = re.compile(r'seed(\d+)')  # the part of a row's name that names its seed
 DISTILL_LITE = {'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
                 'supernet.distill': 1.0}
 SLOW_C = {**DISTILL_LITE, 'optim.lr_multipliers': (('adapters/.*/C[du]', 0.1),)}
@@ -318,7 +319,7 @@ def _method_rank(name: str) -> int:
 def group_name(name: str) -> str:
   """A run's row without its seed: 'glora/seed1/search<=331,776 (lora budget)' ->
   'glora/search<=331,776 (lora budget)'."""
-  return '/'.join(part for part in name.split('/') if not re.fullmatch(r'seed\d+', part))
+  return '/'.join(part for part in name.split('/') if not SEED_PART.fullmatch(part))
 
 
 def only_seeds(results: dict, seeds: set[int]) -> dict:
@@ -328,8 +329,8 @@ def only_seeds(results: dict, seeds: set[int]) -> dict:
 
 def seed_of(name: str) -> int | None:
   """A row's seed: 'lora/seed3' and 'glora/seed3/largest' are seed 3's."""
-  found = re.search(r'(?:^|/)seed(\d+)(?:/|$)', name)
-  return int(found.group(1)) if found else None
+  found = [int(m.group(1)) for part in name.split('/') if (m := SEED_PART.fullmatch(part))]
+  return found[0] if found else None
 
 
 def compare(results: dict, row_a: str, row_b: str) -> str:
@@ -339,13 +340,16 @@ def compare(results: dict, row_a: str, row_b: str) -> str:
   def by_seed(row):
     found = {}
     for name, r in results.items():
-      if group_name(name) == row and seed_of(name) is not None:
-        found[seed_of(name)] = r['test_accuracy']
+      if group_name(name) == row and (seed := seed_of(name)) is not None:
+        found[seed] = r['test_accuracy']
     if not found:
       raise SystemExit(f'error: --compare: no row {row!r}; rows: {sorted({group_name(n) for n in results})}')
     return found
   a, b = by_seed(row_a), by_seed(row_b)
   seeds = sorted(set(a) & set(b))
+  if not seeds:
+    raise SystemExit(f'error: --compare: {row_a!r} (seeds {sorted(a)}) and {row_b!r} '
+                     f'(seeds {sorted(b)}) have no seed in common')
   diff = np.asarray([b[s] - a[s] for s in seeds], np.float64)
   lines = [f'test accuracy, {row_b} minus {row_a}:',
            *(f'  seed {s}: {b[s]:.4f} - {a[s]:.4f} = {d:+.4f}' for s, d in zip(seeds, diff))]

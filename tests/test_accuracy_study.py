@@ -1,6 +1,7 @@
 """benchmarks/accuracy_bbc.py's tables: a seed filter and the mean +- std over seeds,
 checked against rows written by hand and numpy."""
 import numpy as np
+import pytest
 
 from benchmarks import accuracy_bbc
 
@@ -44,3 +45,10 @@ def test_compare_is_the_seed_by_seed_difference_on_the_seeds_both_rows_have():
   assert 'seed 0: 0.9300 - 0.9000 = +0.0300' in text and 'seed 2' not in text
   assert (f'mean {d.mean():+.4f} ± {d.std(ddof=1):.4f} (std), standard error '
           f'{d.std(ddof=1) / np.sqrt(2):.4f}, 2 seeds') in text
+
+
+def test_compare_of_rows_without_a_common_seed_is_an_error_naming_their_seeds():
+  results = {'lora/seed0': _row(0.9), 'glora/seed1/largest': _row(0.8)}
+  with pytest.raises(SystemExit, match=r"no seed in common") as e:
+    accuracy_bbc.compare(results, 'lora', 'glora/largest')
+  assert "'lora' (seeds [0])" in str(e.value) and "'glora/largest' (seeds [1])" in str(e.value)
