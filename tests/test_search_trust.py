@@ -87,3 +87,25 @@ def test_retrain_config_fixes_the_subnet_and_starts_from_the_supernet_or_scratch
   assert (scratch.subnet, scratch.init_from, scratch.num_epochs) == (str(subnet_file), '', config.num_epochs)
   for c in (inherited, scratch):
     assert c.optim.lr == 3e-3 and c.eval_every_epochs == 0 and c.checkpoint.keep == 1
+  assert search_trust.retrain_config(tmp_path, subnet_file, True, 5).seed == config.seed
+  assert search_trust.retrain_config(tmp_path, subnet_file, True, 5, seed=config.seed + 7).seed == config.seed + 7
+
+
+def test_seed_agreement_is_the_mean_pairwise_tau_of_the_seeds():
+  rng = np.random.default_rng(0)
+  values = rng.integers(0, 8, (4, 8)) / 200  # 4 seeds x 8 subnets, ties common
+  pairs = [tau_by_pairs(values[a], values[b]) for a, b in itertools.combinations(range(4), 2)]
+  assert search_trust.seed_agreement(values) == pytest.approx(np.mean(pairs), abs=1e-12)
+  same = np.tile(values[:1], (3, 1))
+  assert search_trust.seed_agreement(same) == 1.0  # seeds that agree fully
+  assert search_trust.seed_agreement(np.stack([values[0], -values[0]])) == -1.0
+  # a seed whose values are all equal has no ranking: its pairs are left out
+  with_constant = np.concatenate([values[:2], np.full((1, 8), 0.5)])
+  assert search_trust.seed_agreement(with_constant) == pytest.approx(pairs[0], abs=1e-12)
+  assert np.isnan(search_trust.seed_agreement(values[:1]))
+
+
+def test_run_dir_keeps_the_single_seed_layout_for_the_configs_seed(tmp_path):
+  assert search_trust.run_dir(tmp_path, 3, 0, 0) == tmp_path / 'point3'
+  assert search_trust.run_dir(tmp_path, 3, 2, 0) == tmp_path / 'point3_seed2'
+  assert search_trust.run_dir(tmp_path, 3, 0, 5) == tmp_path / 'point3_seed0'
