@@ -16,6 +16,9 @@ on val at LoRA's adapter-parameter count and at a quarter of it.
   python benchmarks/accuracy_bbc.py --setting full --methods glora_anchor_unshared_head75 \
       --seeds 0,1,2 --search_start anchor --search_population 16 --search_generations 5
       # the same supernets searched again with 96 candidates (rows tagged '96 candidates')
+  python benchmarks/accuracy_bbc.py --setting full --methods glora_anchor_unshared_head75 --seeds 0 \
+      --search_start anchor --search_population 50 --search_generations 20 --search_parents 10
+      # the authors' search size: 1,050 candidates, top 10 parents
   python benchmarks/accuracy_bbc.py --setting full --methods glora_anchor_unshared_head75 \
       --seeds 0,1,2 --search_start anchor --search_rank_by loss   # ranked by mean val loss
   python benchmarks/accuracy_bbc.py --setting full --table    # mean ± std over seeds per row
@@ -57,6 +60,7 @@ SUBNETS = pathlib.Path(__file__).resolve().parent / 'subnets'
 # The search of every three-seed row (population 8, 2 generations: 24 candidates); a
 # search of another size is tagged '<N> candidates' in its row and folder names.
 STUDY_SEARCH = (8, 2)
+STUDY_PARENTS = 5  # its parents per generation; another count is tagged "<k> parents"
 SEED_PART = re.compile(r'seed(\d+)')  # the part of a row's name that names its seed
 DISTILL_LITE = {'supernet.sandwich': 'largest', 'supernet.num_random': 1, 'supernet.sampling': 'fair',
                 'supernet.distill': 1.0}
@@ -172,6 +176,9 @@ def main():
                        'than the default tags its rows and folders')
   ap.add_argument('--search_generations', type=int, default=STUDY_SEARCH[1],
                   help='GLoRA search: rounds of evolution after the first population')
+  ap.add_argument('--search_parents', type=int, default=STUDY_PARENTS,
+                  help='GLoRA search: the top candidates that parent each generation (the '
+                       'authors: 10 of 50); another count than the default tags its rows and folders')
   ap.add_argument('--search_tie_break', choices=evolution.TIE_BREAKS, default='params',
                   help="GLoRA search: rank equal val accuracies by fewer parameters ('params') "
                        "or by lower val loss ('loss'; its rows and folders are tagged)")
@@ -259,7 +266,8 @@ def main():
         budgets = {'lora': ('lora budget', budget), 'quarter': ('quarter', budget // 4)}
         for label, limit in (budgets[b] for b in args.budgets.split(',')):
           cfg = evolution.SearchConfig(population=args.search_population,
-                                       generations=args.search_generations, parents=5,
+                                       generations=args.search_generations,
+                                       parents=args.search_parents,
                                        mutations=args.search_population // 2,
                                        crossovers=args.search_population // 2, param_limit=limit,
                                        seed=seed, tie_break=args.search_tie_break,
@@ -268,7 +276,9 @@ def main():
           tags = [t for t, on in (('loss ties', args.search_tie_break == 'loss'),
                                   ('loss ranked', args.search_rank_by == 'loss'),
                                   ('from anchor', args.search_start == 'anchor'),
-                                  (f'{search_candidates(*size)} candidates', size != STUDY_SEARCH))
+                                  (f'{search_candidates(*size)} candidates', size != STUDY_SEARCH),
+                                  (f'{args.search_parents} parents',
+                                   args.search_parents != STUDY_PARENTS))
                   if on]
           row = f'{name}/search<={limit:,} ({", ".join([label] + tags)})'
           search_dir = workdir / '_'.join(['search', str(limit)] + [t.replace(' ', '_') for t in tags])
