@@ -193,10 +193,9 @@ def main():
                     [r['retrained_val_accuracy'] for r in rows])
   tau_loss = kendall_tau([r['inherited_val_loss'] for r in rows],
                          [r['retrained_val_loss'] for r in rows])
-  agreement = {'accuracy': seed_agreement([[r['retrained_val_accuracy_per_seed'][k] for r in rows]
-                                           for k in range(len(seeds))]),
-               'loss': seed_agreement([[r['retrained_val_loss_per_seed'][k] for r in rows]
-                                       for k in range(len(seeds))])}
+  # [subnets, seeds] -> [seeds, subnets]: each seed's values over the subnets
+  agreement = {m: seed_agreement(np.transpose([r[f'retrained_val_{m}_per_seed'] for r in rows]))
+               for m in ('accuracy', 'loss')}
   result = {'ckpt': str(ckpt), 'search': str(search_dir), 'source': args.source,
             'retrain_epochs': None if args.from_scratch else args.retrain_epochs,
             'from_scratch': args.from_scratch, 'epochs': retrain.num_epochs, 'seeds': seeds,
