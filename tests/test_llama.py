@@ -1,5 +1,6 @@
-"""Tests for glora_jax.models.llama against transformers' LlamaForCausalLM (fixtures written
-by scripts/make_torch_fixtures.py): HF importer, single and sharded, training loss, GQA, bias flags."""
+"""Tests for glora_jax.models.llama against transformers' Llama, Qwen2 and Mistral (fixtures
+written by scripts/make_torch_fixtures.py): HF importer, single and sharded, training loss, GQA,
+bias flags, rope types, config.json both ways."""
 import dataclasses
 import functools
 import json
@@ -96,12 +97,127 @@ def test_sharded_index_naming_a_missing_tensor(tmp_path):
 
 def test_config_refuses_unsupported_options():
   hf = json.loads((FIXTURES / 'llama_tied_bias' / 'config.json').read_text())
-  with pytest.raises(ValueError, match="'model_type' is 'mistral'"):
-    llama.LlamaConfig.from_hf({**hf, 'model_type': 'mistral'})
-  with pytest.raises(ValueError, match="rope type 'llama3' is not supported"):
-    llama.LlamaConfig.from_hf({**hf, 'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 1.0}})
+  with pytest.raises(ValueError, match="'model_type' is 'gemma'; supported: \\['llama', 'qwen2', "
+                                       "'mistral'\\]"):
+    llama.LlamaConfig.from_hf({**hf, 'model_type': 'gemma'})
+  with pytest.raises(ValueError, match="rope type 'yarn' is not supported; supported: "
+                                       "\\['default', 'linear', 'llama3'\\]"):
+    llama.LlamaConfig.from_hf({**hf, 'rope_parameters': {'rope_type': 'yarn', 'factor': 4.0}})
+  with pytest.raises(ValueError, match="'hidden_act' is 'gelu'"):
+    llama.LlamaConfig.from_hf({**hf, 'hidden_act': 'gelu'})
+  with pytest.raises(ValueError, match="'partial_rotary_factor' is 0.5"):
+    llama.LlamaConfig.from_hf({**hf, 'partial_rotary_factor': 0.5})
+  with pytest.raises(ValueError, match="rope type 'llama3' needs 'low_freq_factor'"):
+    llama.LlamaConfig.from_hf({**hf, 'rope_parameters': {'rope_type': 'llama3', 'factor': 8.0}})
   old_style = {k: v for k, v in hf.items() if k != 'rope_parameters'}
   assert llama.LlamaConfig.from_hf({**old_style, 'rope_theta': 123.0}).rope_theta == 123.0
+
+
+# --------------------------------------------------------------------------- #
+# Llama 3 / 3.2, Qwen2, Mistral: directories written by transformers' save_pretrained
+# --------------------------------------------------------------------------- #
+
+DECODERS = ('hf_llama3', 'hf_llama32', 'hf_llama_linear', 'hf_qwen2', 'hf_mistral')
+
+
+@pytest.fixture(scope='module')
+def decoders_reference():
+  return dict(np.load(FIXTURES / 'hf_decoders_reference.npz'))
+
+
+@pytest.mark.parametrize('name', DECODERS)
+def test_decoder_families_equal_transformers(decoders_reference, name):
+  ref = {k.split('/', 1)[1]: v for k, v in decoders_reference.items() if k.startswith(f'{name}/')}
+  config, params = llama.load_llama(FIXTURES / name)
+  np.testing.assert_allclose(llama.rope_inv_freq(config), ref['inv_freq'], rtol=1e-6, atol=0)
+  logits = jax.jit(llama.LlamaForCausalLM(config).apply)({'params': params}, ref['input_ids'],
+                                                         ref['attention_mask'])
+  # float32 rounding, scaled to the logits (|logit| up to ~8): in float64, with transformers'
+  # float32 norm, rotary and softmax lifted on both sides, the two agree to 5e-14.
+  np.testing.assert_allclose(logits, ref['logits'], rtol=1e-5,
+                             atol=1e-5 * np.abs(ref['logits']).max())
+
+
+def test_decoder_family_configs():
+  configs = {name: llama.load_llama(FIXTURES / name)[0] for name in DECODERS}
+  l3, l32, linear, qwen2, mistral = (configs[n] for n in DECODERS)
+  assert (l3.model_type, l3.rope_type, l3.rope_factor, l3.kv_heads) == ('llama', 'llama3', 8.0, 2)
+  assert l3.rope_original_max_position_embeddings == 1024 and not l3.tie_word_embeddings
+  assert l32.tie_word_embeddings and l32.head_dim == 16 and l32.rope_factor == 32.0
+  assert (linear.rope_type, linear.rope_factor) == ('linear', 2.0)
+  assert qwen2.model_type == 'qwen2' and qwen2.qkv_bias and qwen2.tie_word_embeddings
+  assert not (qwen2.attention_bias or qwen2.mlp_bias) and qwen2.sliding_window is None
+  assert (mistral.model_type, mistral.sliding_window) == ('mistral', 128)
+  flat = importers.flatten(llama.load_llama(FIXTURES / 'hf_qwen2')[1])
+  assert sorted(p for p in flat if p.startswith('layers_0/') and p.endswith('/bias')) == [
+      f'layers_0/self_attn/{n}_proj/bias' for n in 'kqv']
+
+
+def test_to_hf_round_trip():
+  configs = [llama.load_llama(FIXTURES / name)[0] for name in DECODERS]
+  small = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                num_attention_heads=2)
+  configs += [llama.LlamaConfig(**small),
+              llama.LlamaConfig(**small, attention_bias=True, mlp_bias=True, head_dim=8),
+              llama.LlamaConfig(**small, model_type='qwen2', qkv_bias=True, sliding_window=64),
+              llama.LlamaConfig(**small, model_type='mistral', num_key_value_heads=1,
+                                rope_type='linear', rope_factor=4.0)]
+  for config in configs:
+    assert llama.LlamaConfig.from_hf(llama.to_hf(config)) == config, config
+  written = llama.to_hf(configs[-2])
+  assert written['architectures'] == ['Qwen2ForCausalLM'] and written['use_sliding_window']
+  assert written['dtype'] == written['torch_dtype'] == 'float32'
+
+
+def test_from_hf_reads_transformers_4_configs_and_family_defaults():
+  hf = json.loads((FIXTURES / 'hf_llama3' / 'config.json').read_text())
+  rope = dict(hf.pop('rope_parameters'))
+  old_style = {**hf, 'rope_theta': rope.pop('rope_theta'), 'rope_scaling': rope}
+  assert llama.LlamaConfig.from_hf(old_style) == llama.load_llama(FIXTURES / 'hf_llama3')[0]
+  qwen2 = json.loads((FIXTURES / 'hf_qwen2' / 'config.json').read_text())
+  del qwen2['layer_types']
+  windowed = {**qwen2, 'use_sliding_window': True, 'sliding_window': 16}
+  # Qwen2 slides only from layer max_window_layers on: at 2 of 2 layers, no layer does.
+  assert llama.LlamaConfig.from_hf({**windowed, 'max_window_layers': 2}).sliding_window is None
+  assert llama.LlamaConfig.from_hf({**windowed, 'max_window_layers': 1}).sliding_window == 16
+  mistral = json.loads((FIXTURES / 'hf_mistral' / 'config.json').read_text())
+  del mistral['sliding_window']  # MistralConfig's default, 4096, applies
+  assert llama.LlamaConfig.from_hf(mistral).sliding_window == 4096
+
+
+def test_sequences_longer_than_the_window_are_refused():
+  config, params = llama.load_llama(FIXTURES / 'hf_mistral')
+  apply = lambda seq: jax.eval_shape(lambda: llama.LlamaForCausalLM(config).apply(
+      {'params': params}, jnp.zeros((1, seq), jnp.int32)))
+  assert apply(128).shape == (1, 128, config.vocab_size)  # as long as the window: equal
+  with pytest.raises(ValueError, match='a sequence of 129 tokens is longer than sliding_window '
+                                       '128: this model attends to the whole causal context'):
+    apply(129)
+
+
+def test_to_hf_refuses_what_the_family_cannot_hold():
+  small = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+               num_attention_heads=2)
+  with pytest.raises(ValueError, match="model_type 'qwen2' has biases on exactly q, k, v; this "
+                                       "config has biases on q, k, v, the MLP: write it as "
+                                       "'llama'"):
+    llama.to_hf(llama.LlamaConfig(**small, model_type='qwen2', qkv_bias=True, mlp_bias=True))
+  with pytest.raises(ValueError, match="'mistral' has biases on exactly nothing; this config has "
+                                       "biases on q, k, v, o_proj: write it as 'llama'"):
+    llama.to_hf(llama.LlamaConfig(**small, model_type='mistral', attention_bias=True))
+  with pytest.raises(ValueError, match="biases on q, k, v: write it as 'qwen2'"):
+    llama.to_hf(llama.LlamaConfig(**small, model_type='mistral', qkv_bias=True))
+  with pytest.raises(ValueError, match="model_type 'llama' has no sliding window"):
+    llama.to_hf(llama.LlamaConfig(**small, sliding_window=8))
+
+
+def test_config_refuses_rope_fields_its_type_does_not_read():
+  with pytest.raises(ValueError, match="rope type 'default' does not read \\['rope_factor'\\]"):
+    llama.LlamaConfig(rope_factor=8.0)
+  with pytest.raises(ValueError, match="rope type 'yarn' is unknown"):
+    llama.LlamaConfig(rope_type='yarn')
+  with pytest.raises(ValueError, match="model_type 'gemma' is unknown"):
+    llama.LlamaConfig(model_type='gemma')
 
 
 def test_partition_rules():
