@@ -1,5 +1,6 @@
-"""Tests for glora_jax.models.bert: real MiniLM against sentence-transformers (fixture by
-scripts/make_torch_fixtures.py), paths, fresh head, padding, dropout, bf16, sharding rules."""
+"""Tests for glora_jax.models.bert: real MiniLM against sentence-transformers and tiny HF BertModel
+and RobertaModel against transformers (fixtures by scripts/make_torch_fixtures.py), config.json
+both ways, paths, fresh head, padding, dropout, bf16, sharding rules."""
 import dataclasses
 import functools
 import pathlib
@@ -129,8 +130,9 @@ def test_bfloat16():
 
 
 def test_config_from_hf_refuses_other_architectures():
-  hf = {'model_type': 'roberta', 'vocab_size': 10}
-  with pytest.raises(ValueError, match="'model_type' is 'roberta'"):
+  hf = {'model_type': 'distilbert', 'vocab_size': 10}
+  with pytest.raises(ValueError, match="'model_type' is 'distilbert'; this importer supports "
+                                       "'bert' or 'roberta'"):
     bert.BertConfig.from_hf(hf)
   with pytest.raises(ValueError, match='missing BERT fields'):
     bert.BertConfig.from_hf({'model_type': 'bert', 'vocab_size': 10})
@@ -148,3 +150,105 @@ def test_partition_rules_cover_every_leaf(minilm):
   assert specs['encoder/layer_0/output/dense/bias'] == P()
   assert specs['embeddings/word_embeddings/embedding'] == P(None, 'model')
   assert specs['embeddings/LayerNorm/scale'] == P()
+
+
+# --------------------------------------------------------------------------- #
+# HF BertModel and RobertaModel written by transformers (scripts/make_torch_fixtures.py
+# --only encoders), against transformers' last_hidden_state
+# --------------------------------------------------------------------------- #
+
+ENCODERS = ('hf_bert', 'hf_roberta')
+ENCODER_LEN = 32  # the reference rows' padded length; RoBERTa's table has 2 rows more
+
+
+@pytest.fixture(scope='module')
+def encoder_reference():
+  return dict(np.load(FIXTURES / 'hf_encoders_reference.npz'))
+
+
+def reference_of(encoder_reference, name):
+  return {k.split('/', 1)[1]: v for k, v in encoder_reference.items() if k.startswith(name + '/')}
+
+
+@pytest.mark.parametrize('name', ENCODERS)
+def test_encoder_equals_transformers_last_hidden_state(name, encoder_reference):
+  ref = reference_of(encoder_reference, name)
+  config, params = bert.load_bert(FIXTURES / name)
+  assert 'head' not in params
+  model = bert.BertClassifier(config, 0)
+  hidden = jax.jit(lambda p, ids, mask, types: model.apply(
+      {'params': p}, ids, mask, token_type_ids=types))(
+          params, ref['input_ids'], ref['attention_mask'], ref.get('token_type_ids'))
+  if name == 'hf_bert':
+    assert ref['token_type_ids'].max() == 1  # sentence pairs
+  np.testing.assert_allclose(hidden, ref['last_hidden_state'], rtol=1e-5, atol=1e-5)
+
+
+def test_roberta_config_holds_its_differences():
+  config, _ = bert.load_bert(FIXTURES / 'hf_roberta')
+  assert (config.model_type, config.pad_token_id, config.positions_from_padding) == (
+      'roberta', 1, True)
+  assert (config.type_vocab_size, config.layer_norm_eps, config.max_tokens) == (
+      1, 1e-5, ENCODER_LEN)
+  minilm_config, _ = bert.load_minilm()
+  assert (minilm_config.model_type, minilm_config.positions_from_padding) == ('bert', False)
+
+
+def test_roberta_refuses_more_tokens_than_its_positions():
+  config, params = bert.load_bert(FIXTURES / 'hf_roberta')
+  ids = jnp.full((1, ENCODER_LEN + 1), 5)
+  with pytest.raises(ValueError, match=r'33 tokens; expected at most 32 '
+                                       r'\(max_position_embeddings=34 less the 2 rows'):
+    jax.eval_shape(lambda: bert.BertClassifier(config, 0).apply({'params': params}, ids, ids))
+
+
+@pytest.mark.parametrize('name', ENCODERS)
+def test_our_tokenisation_gives_transformers_ids(name, encoder_reference):
+  from glora_jax.data import text
+  ref = reference_of(encoder_reference, name)
+  rows = len(ref['texts'])
+  try:
+    ours = text.tokenize([str(t) for t in ref['texts']], max_len=ENCODER_LEN,
+                         tokenizer_path=FIXTURES / name / 'tokenizer.json')
+  except ValueError as e:
+    if 'no pad token' not in str(e):
+      raise
+    pytest.skip(f'glora_jax.data.text finds no pad token in {name}/tokenizer.json: {e}')
+  # Pads included: RoBERTa's positions depend on where pad_token_id is.
+  np.testing.assert_array_equal(ours['input_ids'], ref['input_ids'][:rows])
+  np.testing.assert_array_equal(ours['attention_mask'], ref['attention_mask'][:rows])
+
+
+@pytest.mark.parametrize('name', ENCODERS)
+def test_to_hf_reads_back_and_matches_transformers(name):
+  hf = importers.read_json(FIXTURES / name / 'config.json')
+  config = bert.BertConfig.from_hf(hf)
+  written = bert.to_hf(config)
+  assert bert.BertConfig.from_hf(written) == config
+  assert {k: v for k, v in written.items() if k in hf} == {k: hf[k] for k in written if k in hf}
+  assert bert.to_hf(config, jnp.bfloat16)['torch_dtype'] == 'bfloat16'
+  assert bert.BertConfig.from_hf(bert.to_hf(TINY)) == TINY
+
+
+def test_to_hf_refuses_positions_its_family_does_not_compute():
+  with pytest.raises(ValueError, match='expected positions_from_padding=True'):
+    bert.to_hf(dataclasses.replace(TINY, model_type='roberta'))
+
+
+@pytest.mark.parametrize('key, value', [('hidden_act', 'gelu_new'),
+                                        ('position_embedding_type', 'relative_key'),
+                                        ('is_decoder', True), ('add_cross_attention', True)])
+def test_from_hf_refuses_unsupported_options(key, value):
+  hf = {**importers.read_json(FIXTURES / 'hf_roberta' / 'config.json'), key: value}
+  with pytest.raises(ValueError, match=re.escape(f"'{key}' is {value!r}")):
+    bert.BertConfig.from_hf(hf)
+
+
+def test_convert_hf_reads_task_model_checkpoints():
+  """'roberta.' / 'bert.' prefixes (RobertaForMaskedLM, BertForPreTraining) and their heads."""
+  config, params = bert.load_bert(FIXTURES / 'hf_roberta')
+  state = importers.read_safetensors(FIXTURES / 'hf_roberta')
+  masked_lm = {**{f'roberta.{k}': v for k, v in state.items()}, 'lm_head.bias': np.zeros(3)}
+  jax.tree.map(np.testing.assert_array_equal, bert.convert_hf(masked_lm, config), params)
+  with pytest.raises(ValueError, match="unexpected key 'classifier.weight'"):
+    bert.convert_hf({**masked_lm, 'classifier.weight': np.zeros(3)}, config)

@@ -1,9 +1,12 @@
-"""BERT encoder (MiniLM) with masked-mean pooling and a fresh head, and its HF/MiniLM importer.
-Every linear layer is a plain 2-D nn.Dense at an HF-like path ('encoder/layer_3/attention/query')."""
+"""BERT-family encoders (HF BertModel, RobertaModel; MiniLM bundled), as the last hidden state or
+with masked-mean pooling and a fresh head, and their HF importer. The families differ only in
+config fields. Every linear layer is a plain 2-D nn.Dense at an HF-like path
+('encoder/layer_3/attention/query')."""
 from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -20,6 +23,28 @@ DEFAULT_TARGETS = r'.*/(query|key|value|dense)/kernel'
 
 
 @dataclasses.dataclass(frozen=True)
+class HFType:
+  """What a HF encoder family fixes in its code rather than in config.json."""
+  name: str  # for messages
+  architecture: str  # config.json 'architectures'
+  prefix: str  # key prefix in its task models' checkpoints ('bert.encoder...')
+  positions_from_padding: bool
+  pad_token_id: int  # transformers' default when config.json has none
+
+
+HF_TYPES = {
+    'bert': HFType('BERT', 'BertModel', 'bert.', positions_from_padding=False, pad_token_id=0),
+    'roberta': HFType('RoBERTa', 'RobertaModel', 'roberta.', positions_from_padding=True,
+                      pad_token_id=1),
+}
+# HF options of which this module implements one value: (key, that value); others are refused.
+_SUPPORTED_OPTIONS = (('hidden_act', 'gelu'), ('position_embedding_type', 'absolute'),
+                      ('is_decoder', False), ('add_cross_attention', False))
+# Our fields that config.json does not hold.
+_NOT_IN_HF = ('dtype', 'remat', 'positions_from_padding')
+
+
+@dataclasses.dataclass(frozen=True)
 class BertConfig:
   vocab_size: int = 30522
   hidden_size: int = 384
@@ -31,26 +56,71 @@ class BertConfig:
   hidden_dropout_prob: float = 0.1
   attention_probs_dropout_prob: float = 0.1
   layer_norm_eps: float = 1e-12
+  model_type: str = 'bert'  # the HF family config.json is written as (HF_TYPES); data only
+  pad_token_id: int = 0
+  # RoBERTa numbers tokens from pad_token_id + 1 and gives padding pad_token_id's position
+  # (transformers' create_position_ids_from_input_ids); BERT numbers 0, 1, ... regardless.
+  positions_from_padding: bool = False
   dtype: Any = jnp.float32  # activations; parameters keep their own dtype
   remat: str = 'none'  # per-layer remat policy, common.REMAT_POLICIES (not in HF's config)
 
   def __post_init__(self):
     common.check_choice('remat policy', self.remat, common.REMAT_POLICIES)
+    common.check_choice('model_type', self.model_type, HF_TYPES)
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f'hidden_size {self.hidden_size} is not divisible by '
                        f'num_attention_heads {self.num_attention_heads}')
+    if self.max_tokens < 1:
+      raise ValueError(f'max_position_embeddings {self.max_position_embeddings} leaves no '
+                       f'position for a token (positions start at {self.first_position})')
+
+  @property
+  def first_position(self) -> int:
+    """The position id of the first token: RoBERTa's table skips pad_token_id + 1 rows."""
+    return self.pad_token_id + 1 if self.positions_from_padding else 0
+
+  @property
+  def max_tokens(self) -> int:
+    """The longest input the position table covers (512 for roberta-base's 514 rows)."""
+    return self.max_position_embeddings - self.first_position
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], dtype=jnp.float32, source: str = 'config.json'):
-    """From a Hugging Face BERT config.json dict; other architectures are refused."""
-    importers.require(hf, 'model_type', 'bert', source)
-    importers.require(hf, 'hidden_act', 'gelu', source)
-    importers.require(hf, 'position_embedding_type', 'absolute', source)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in ('dtype', 'remat')]
-    missing = [n for n in names if n not in hf and n != 'layer_norm_eps']
+    """From a Hugging Face BERT or RoBERTa config.json dict (transformers 4.4x or 5);
+    other architectures and unsupported options are refused."""
+    model_type = hf.get('model_type')
+    if model_type not in HF_TYPES:
+      raise ValueError(f"{source}: 'model_type' is {model_type!r}; this importer supports "
+                       + ' or '.join(repr(k) for k in HF_TYPES))
+    for key, supported in _SUPPORTED_OPTIONS:
+      importers.require(hf, key, supported, source)
+    family = HF_TYPES[model_type]
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in _NOT_IN_HF]
+    optional = ('layer_norm_eps', 'pad_token_id', 'model_type')
+    missing = [n for n in names if n not in hf and n not in optional]
     if missing:
-      raise ValueError(f'{source}: missing BERT fields {missing}')
-    return cls(**{n: hf[n] for n in names if n in hf}, dtype=dtype)
+      raise ValueError(f'{source}: missing {family.name} fields {missing}')
+    fields = {'pad_token_id': family.pad_token_id,
+              **{n: hf[n] for n in names if hf.get(n) is not None}}
+    return cls(**fields, positions_from_padding=family.positions_from_padding, dtype=dtype)
+
+
+def to_hf(config: BertConfig, dtype=None) -> dict:
+  """The config.json of `config.model_type`'s HF model (BertModel, RobertaModel), which
+  transformers' AutoModel reads back as this model. `dtype`: the weights' dtype, written
+  as 'dtype' (transformers 5) and 'torch_dtype' (4.x); default the config's dtype."""
+  family = HF_TYPES[config.model_type]
+  if config.positions_from_padding != family.positions_from_padding:
+    raise ValueError(f"BertConfig has model_type '{config.model_type}' and positions_from_padding="
+                     f'{config.positions_from_padding}, which {family.architecture} does not '
+                     f'compute; expected positions_from_padding={family.positions_from_padding}')
+  dtype_name = jnp.dtype(config.dtype if dtype is None else dtype).name
+  fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.name not in _NOT_IN_HF}
+  # position_embedding_type as the hub's files write it: 4.x reads it, 5 (absolute only)
+  # keeps it as an unused attribute.
+  return {'architectures': [family.architecture], **dict(_SUPPORTED_OPTIONS), **fields,
+          'dtype': dtype_name, 'torch_dtype': dtype_name}
 
 
 class BertEmbeddings(nn.Module):
@@ -59,11 +129,19 @@ class BertEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids, *, deterministic: bool):
     cfg = self.config
-    if input_ids.shape[-1] > cfg.max_position_embeddings:
+    if input_ids.shape[-1] > cfg.max_tokens:
       # A gather past the table would silently clamp to the last position.
+      offset = (f' less the {cfg.first_position} rows before the first position'
+                if cfg.first_position else '')
       raise ValueError(f'input_ids have {input_ids.shape[-1]} tokens; expected at most '
-                       f'max_position_embeddings={cfg.max_position_embeddings}')
-    positions = jnp.arange(input_ids.shape[-1])[None, :]
+                       f'{cfg.max_tokens} (max_position_embeddings='
+                       f'{cfg.max_position_embeddings}{offset})')
+    if cfg.positions_from_padding:
+      # From the ids, not the attention mask, as transformers: pad tokens sit at pad_token_id.
+      counted = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+      positions = jnp.cumsum(counted, axis=-1) * counted + cfg.pad_token_id
+    else:
+      positions = jnp.arange(input_ids.shape[-1])[None, :]
     x = (nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, name='word_embeddings')(input_ids)
          + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=cfg.dtype,
                     name='position_embeddings')(positions)
@@ -147,18 +225,24 @@ class BertEncoder(nn.Module):
 
 
 class BertClassifier(nn.Module):
-  """Embeddings -> encoder -> masked mean pooling -> a fresh Dense head (no pooler)."""
+  """Embeddings -> encoder, then with num_classes > 0 masked mean pooling -> a fresh Dense
+  `head` (no pooler); with num_classes 0 the encoder alone (HF's last_hidden_state), no head."""
   config: BertConfig
   num_classes: int
 
   def setup(self):
+    if self.num_classes < 0:
+      raise ValueError(f'num_classes is {self.num_classes}; expected 0 (no head: the last '
+                       'hidden state) or a positive number of classes')
     self.embeddings = BertEmbeddings(self.config)
     self.encoder = BertEncoder(self.config)
-    self.head = nn.Dense(self.num_classes, dtype=self.config.dtype)
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes, dtype=self.config.dtype)
 
   def hidden_states(self, input_ids, attention_mask, token_type_ids=None, *,
                     deterministic: bool = True):
-    """(batch, tokens, hidden) output of the last layer."""
+    """(batch, tokens, hidden) output of the last layer; token types default to 0 (RoBERTa's
+    only type)."""
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     mask = jnp.asarray(attention_mask).astype(bool)
@@ -174,6 +258,10 @@ class BertClassifier(nn.Module):
     return summed / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
+    """Logits (batch, num_classes); with num_classes 0 the (batch, tokens, hidden) states."""
+    if not self.num_classes:
+      return self.hidden_states(input_ids, attention_mask, token_type_ids,
+                                deterministic=deterministic)
     pooled = self.sentence_embedding(input_ids, attention_mask, token_type_ids,
                                      deterministic=deterministic)
     return self.head(pooled.astype(self.config.dtype))
@@ -199,14 +287,13 @@ def add_head(backbone: Mapping[str, Any], config: BertConfig, num_classes: int, 
 
 
 def backbone_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
-  ids = jnp.zeros((1, 4), jnp.int32)
-  return importers.param_shapes(BertClassifier(config, 1), ids, ids,
-                                method=BertClassifier.sentence_embedding)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return importers.param_shapes(BertClassifier(config, 0), ids, ids)
 
 
 def import_rules(config: BertConfig) -> list[importers.Rule]:
-  """How each of our params is read from the HF BertModel checkpoint (interop.layouts
-  reads the same table backwards to export)."""
+  """How each of our params is read from the HF BertModel / RobertaModel checkpoint (one
+  layout; interop.layouts reads the same table backwards to export)."""
   R, T = importers.Rule, importers.transpose
   rules = [
       R('embeddings/word_embeddings/embedding', ('embeddings.word_embeddings.weight',)),
@@ -231,21 +318,30 @@ def import_rules(config: BertConfig) -> list[importers.Rule]:
   return rules
 
 
-# The pooler is not part of our model (mean pooling replaces it); position_ids is a buffer.
-_IGNORED = (r'pooler\..*', r'embeddings\.position_ids')
+# The pooler is not part of our model (mean pooling replaces it); position_ids and
+# token_type_ids are buffers older transformers saved.
+_IGNORED = (r'pooler\..*', r'embeddings\.(position_ids|token_type_ids)')
+# The pretraining heads of the hub's checkpoints (BertForPreTraining's cls.*,
+# RobertaForMaskedLM's lm_head.*), beside the 'bert.' / 'roberta.' encoder.
+_PRETRAINING_HEADS = re.compile(r'(cls|lm_head)\..*')
 
 
 def convert_hf(state: Mapping[str, np.ndarray], config: BertConfig, *,
                source: str = 'checkpoint') -> dict:
-  """HF BertModel tensors (torch names, (out, in) weights) -> backbone params."""
-  state = importers.strip_prefix(state, ('bert.',))
+  """HF BertModel / RobertaModel tensors (torch names, (out, in) weights) -> backbone params.
+  Keys may carry a task model's 'bert.' or 'roberta.' prefix; pretraining heads are dropped."""
+  prefixes = tuple(f.prefix for f in HF_TYPES.values())
+  if any(k.startswith(prefixes) for k in state):
+    state = {k: v for k, v in state.items() if not _PRETRAINING_HEADS.fullmatch(k)}
+  state = importers.strip_prefix(state, prefixes)
+  family = HF_TYPES[config.model_type].name
   return importers.convert(state, import_rules(config), backbone_shapes(config), source=source,
-                           model=f'BERT ({config.num_hidden_layers} layers, hidden '
+                           model=f'{family} ({config.num_hidden_layers} layers, hidden '
                            f'{config.hidden_size})', ignore=_IGNORED)
 
 
 def load_bert(path, dtype=jnp.float32) -> tuple[BertConfig, dict]:
-  """(config, backbone params) from a HF BERT directory (config.json + safetensors).
+  """(config, backbone params) from a HF BERT or RoBERTa directory (config.json + safetensors).
 
   `dtype` is both the parameter dtype and the activation dtype of the config."""
   path = pathlib.Path(path)
