@@ -1,7 +1,9 @@
 """Tests for glora_jax.models.vit against timm (fixtures by scripts/make_torch_fixtures.py):
-timm and Google-npz importers, position-embedding resizing, paths, stochastic depth."""
+timm and Google-npz importers, position-embedding resizing, paths, stochastic depth,
+timm's config.json both ways."""
 import dataclasses
 import functools
+import json
 import pathlib
 import re
 
@@ -149,3 +151,83 @@ def test_npz_problems_in_one_error():
   assert '2 problem(s)' in message
   assert "'blocks_1/attn/qkv/kernel' expected (32, 96), found (32, 80)" in message
   assert "'Transformer/posembed_input/pos_embedding' (1, 15, 32) cannot become 'pos_embed'" in message
+
+
+# ViTConfig fields that change how the model runs, not what it computes at eval.
+EXECUTION_DEFAULTS = dict(drop_path_rate=0.0, dropout_rate=0.0, attention_dropout_rate=0.0,
+                          dtype=jnp.float32, remat='none', attention='xla')
+
+
+def test_timm_loader_reads_our_export_and_so_do_we():
+  # timm.create_model('local-dir:vit_timm_export', pretrained=True) gave timm_logits
+  # (scripts/make_torch_fixtures.py --only vit_export); a 7-class head shows if dropped.
+  ref = np.load(FIXTURES / 'vit_timm_export_reference.npz')
+  export = FIXTURES / 'vit_timm_export'
+  config_json = json.loads((export / 'config.json').read_text())
+  config = vit.from_timm(config_json, source=str(export / 'config.json'))
+  assert config == dataclasses.replace(CONFIG, num_classes=7)
+  assert config_json == vit.to_timm(config), 'to_timm changed: rerun the fixture script'
+  params = vit.convert_timm(importers.read_safetensors(export), config, load_head=True,
+                            source=str(export))
+  logits = apply(vit.VisionTransformer(config), params, ref['images'], jax.random.key(0))
+  tolerance = 1e-5 * np.abs(ref['timm_logits']).max()
+  np.testing.assert_allclose(logits, ref['timm_logits'], rtol=0, atol=tolerance)
+  assert ref['max_abs_diff'] <= tolerance  # ours when the fixture was written
+
+
+@pytest.mark.parametrize('config', [
+    CONFIG,
+    vit.preset('B/16', num_classes=0, qkv_bias=False, in_channels=1, image_size=384),
+    vit.preset('L/14', drop_path_rate=0.1, dropout_rate=0.1, dtype=jnp.bfloat16, remat='full',
+               attention='dot_product'),
+])
+def test_timm_config_round_trip(config):
+  assert vit.from_timm(vit.to_timm(config)) == dataclasses.replace(config, **EXECUTION_DEFAULTS)
+
+
+def test_timm_config_names_the_nearest_registered_architecture():
+  assert vit.to_timm(vit.preset('B/16'))['architecture'] == 'vit_base_patch16_224'
+  assert vit.to_timm(vit.preset('S/16', image_size=384))['architecture'] == 'vit_small_patch16_384'
+  assert vit.to_timm(vit.preset('L/14'))['architecture'] == 'vit_large_patch14_224'
+  assert vit.to_timm(CONFIG)['architecture'] == 'vit_base_patch8_224'  # patch 8, any size
+  assert vit.to_timm(dataclasses.replace(CONFIG, patch_size=4))['architecture'] == \
+      'vit_base_patch16_224'  # no registered patch 4: a name only, model_args decide
+  assert vit.to_timm(CONFIG, jnp.bfloat16)['glora_jax'] == {'dtype': 'bfloat16'}
+
+
+def test_timm_config_reads_older_exports_and_timm_hub_configs():
+  older = {'architecture': 'vit_base_patch16_224', 'num_classes': 10, 'num_features': 32,
+           'global_pool': 'token',
+           'model_args': {'img_size': 32, 'patch_size': 8, 'in_chans': 3, 'embed_dim': 32,
+                          'depth': 2, 'num_heads': 4, 'mlp_ratio': 4.0, 'qkv_bias': True,
+                          'num_classes': 10},
+           'glora_jax': {'layer_norm_eps': 1e-6, 'dtype': 'float32'}}
+  assert vit.from_timm(older) == CONFIG
+  # timm's own hub config of a plain ViT: shapes from the name, image size from input_size.
+  hub = {'architecture': 'vit_base_patch16_384', 'num_classes': 1000, 'num_features': 768,
+         'global_pool': 'token', 'pretrained_cfg': {'input_size': [3, 384, 384],
+                                                    'num_classes': 1000, 'classifier': 'head'}}
+  assert vit.from_timm(hub) == vit.preset('B/16', image_size=384)
+
+
+def test_timm_config_refuses_what_we_cannot_build():
+  with pytest.raises(ValueError) as err:
+    vit.to_timm(dataclasses.replace(CONFIG, representation_size=32, layer_norm_eps=1e-5))
+  assert "representation_size 32: timm's VisionTransformer has no pre_logits" in str(err.value)
+  assert 'layer_norm_eps 1e-05' in str(err.value)
+  good = vit.to_timm(CONFIG)
+  args = {**good['model_args'], 'global_pool': 'avg', 'class_token': False,
+          'representation_size': 32, 'reg_tokens': 4, 'mystery': 1}
+  with pytest.raises(ValueError) as err:
+    vit.from_timm({**good, 'model_args': args, 'num_classes': 1000}, source='x/config.json')
+  message = str(err.value)
+  assert message.startswith('x/config.json describes a ViT we cannot build')
+  for part in ("global_pool='avg': our ViT needs 'token'", 'class_token=False: our ViT needs True',
+               'representation_size=32: our ViT needs None or 0 (a pre_logits layer',
+               'reg_tokens=4', "'mystery' is not a VisionTransformer argument",
+               'num_classes 1000 but model_args num_classes 10: timm would drop the head'):
+    assert part in message
+  with pytest.raises(ValueError, match="architecture 'vit_base_patch16_clip_224' is not a plain"):
+    vit.from_timm({**good, 'architecture': 'vit_base_patch16_clip_224'})
+  with pytest.raises(ValueError, match='not divisible by num_heads'):
+    vit.from_timm({**good, 'model_args': {**good['model_args'], 'num_heads': 5}})

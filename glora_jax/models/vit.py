@@ -380,6 +380,201 @@ def load_timm(path, config: ViTConfig, *, load_head: bool = False, resize: str =
                                      resize=resize, ignore=ignore, source=str(path)), dtype)
 
 
+# --------------------------------------------------------------------------- #
+# timm's config.json (hub format), both ways
+# --------------------------------------------------------------------------- #
+
+# (embed_dim, depth, num_heads, mlp_ratio) of timm's plain ViT sizes.
+_TIMM_SIZES = {
+    'base': (768, 12, 12, 4.0),
+    'small': (384, 12, 6, 4.0),
+    'tiny': (192, 12, 3, 4.0),
+    'large': (1024, 24, 16, 4.0),
+    'huge': (1280, 32, 16, 4.0),
+    'giant': (1408, 40, 16, 48 / 11),
+    'gigantic': (1664, 48, 16, 64 / 13),
+}
+# (patch, image) of each size's plain entrypoint 'vit_<size>_patch<P>_<I>' in timm 1.0.31.
+_TIMM_VARIANTS = {
+    'base': ((16, 224), (16, 384), (8, 224), (32, 224), (32, 384)),
+    'small': ((16, 224), (16, 384), (8, 224), (32, 224), (32, 384)),
+    'tiny': ((16, 224), (16, 384)),
+    'large': ((16, 224), (16, 384), (14, 224), (32, 224), (32, 384)),
+    'huge': ((14, 224),), 'giant': ((14, 224),), 'gigantic': ((14, 224),),
+}
+# timm's registered ViTs whose entrypoints set nothing but these shapes, so that
+# model_args (which override them) fully decide the model. scripts/make_torch_fixtures.py
+# ('vit_export') checks each against timm.
+TIMM_ARCHITECTURES = {
+    f'vit_{size}_patch{patch}_{image}': dict(
+        img_size=image, patch_size=patch, embed_dim=_TIMM_SIZES[size][0],
+        depth=_TIMM_SIZES[size][1], num_heads=_TIMM_SIZES[size][2],
+        mlp_ratio=_TIMM_SIZES[size][3])
+    for size, variants in _TIMM_VARIANTS.items() for patch, image in variants
+}
+# timm's ViT LayerNorm; a config.json cannot set another eps.
+TIMM_LAYER_NORM_EPS = 1e-6
+# The preprocessing of data/vtab.py (bicubic resize to the full size, ImageNet mean/std):
+# timm's data transforms read it from pretrained_cfg; no model reads it.
+_TIMM_INPUT = {'interpolation': 'bicubic', 'crop_pct': 1.0, 'crop_mode': 'squash',
+               'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}
+# model_args that we read into ViTConfig.
+_TIMM_READ_ARGS = ('img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth', 'num_heads',
+                   'mlp_ratio', 'qkv_bias', 'num_classes')
+# model_args of timm's VisionTransformer that we accept only at values giving our ViT.
+_TIMM_FIXED_ARGS = {
+    'class_token': (True,), 'global_pool': ('token',), 'representation_size': (None, 0),
+    'qk_norm': (False,), 'proj_bias': (True,), 'init_values': (None,), 'pos_embed': ('learn',),
+    'no_embed_class': (False,), 'reg_tokens': (0,), 'pre_norm': (False,), 'final_norm': (True,),
+    'fc_norm': (None, False), 'pool_include_prefix': (False,), 'scale_attn_norm': (False,),
+    'scale_mlp_norm': (False,), 'dynamic_img_pad': (False,), 'embed_norm_layer': (None,),
+    'norm_layer': (None, 'layernorm'), 'act_layer': (None, 'gelu'),
+}
+_TIMM_FIXED_WHY = {'class_token': 'the head reads the class token',
+                   'global_pool': 'the head reads the class token',
+                   'representation_size': 'a pre_logits layer has no timm layout'}
+# model_args that only change training, initialisation or other input sizes, not the
+# function at the model's own image size.
+_TIMM_IGNORED_ARGS = ('weight_init', 'fix_init', 'dynamic_img_size', 'strict_img_size')
+
+
+def _timm_architecture(config: ViTConfig) -> str:
+  """The registered plain timm ViT of config's patch size, preferring its image size and
+  then its width and depth; 'vit_base_patch16_224' when no name has the patch size."""
+  dims = (config.embed_dim, config.depth, config.num_heads, config.mlp_dim / config.embed_dim)
+
+  def match(name):
+    a = TIMM_ARCHITECTURES[name]
+    return (a['patch_size'] == config.patch_size, a['img_size'] == config.image_size,
+            (a['embed_dim'], a['depth'], a['num_heads'], a['mlp_ratio']) == dims)
+
+  best = max(TIMM_ARCHITECTURES, key=match)
+  return best if match(best)[0] else 'vit_base_patch16_224'
+
+
+def to_timm(config: ViTConfig, dtype=jnp.float32) -> dict:
+  """config.json in timm's hub format, for `timm.create_model('local-dir:<dir>',
+  pretrained=True)` with model.safetensors (timm's key names) beside it.
+
+  `model_args` carry every shape, so any size builds; `architecture` is the registered
+  plain ViT nearest in patch and image size, a name only (model_args override its
+  shapes). Top-level and pretrained_cfg num_classes equal model_args', so timm keeps the
+  head. pretrained_cfg records ImageNet mean/std (0.485, 0.456, 0.406) / (0.229, 0.224,
+  0.225), bicubic, crop_pct 1.0, as data/vtab.py preprocesses: timm's data transforms
+  read it; our model takes images the caller normalised and its logits do not depend on
+  it. 'glora_jax' (ignored by timm) records the weights' `dtype`. A config timm cannot
+  build the same is a ValueError naming the field."""
+  problems = []
+  if config.representation_size:
+    problems.append(f'representation_size {config.representation_size}: timm\'s '
+                    'VisionTransformer has no pre_logits layer; expected None')
+  if config.layer_norm_eps != TIMM_LAYER_NORM_EPS:
+    problems.append(f"layer_norm_eps {config.layer_norm_eps}: timm's ViT LayerNorm has eps "
+                    f'{TIMM_LAYER_NORM_EPS} and config.json cannot set another')
+  mlp_ratio = config.mlp_dim / config.embed_dim
+  if int(config.embed_dim * mlp_ratio) != config.mlp_dim:
+    problems.append(f'mlp_dim {config.mlp_dim}: timm builds int(embed_dim * mlp_ratio) = '
+                    f'{int(config.embed_dim * mlp_ratio)}')
+  if problems:
+    raise ValueError(f'{_describe(config)} has no timm config: ' + '; '.join(problems))
+  size = config.image_size
+  return {
+      'architecture': _timm_architecture(config),
+      'num_classes': config.num_classes,
+      'num_features': config.embed_dim,
+      'global_pool': 'token',
+      'model_args': {
+          'img_size': size, 'patch_size': config.patch_size, 'in_chans': config.in_channels,
+          'embed_dim': config.embed_dim, 'depth': config.depth, 'num_heads': config.num_heads,
+          'mlp_ratio': mlp_ratio, 'qkv_bias': config.qkv_bias,
+          'num_classes': config.num_classes, 'global_pool': 'token', 'class_token': True,
+      },
+      'pretrained_cfg': {
+          'custom_load': False, 'input_size': [config.in_channels, size, size],
+          'fixed_input_size': True, **_TIMM_INPUT, 'num_classes': config.num_classes,
+          'pool_size': None, 'first_conv': 'patch_embed.proj', 'classifier': 'head',
+      },
+      'glora_jax': {'dtype': jnp.dtype(dtype).name},
+  }
+
+
+def _square(value, field: str, problems: list[str]) -> int | None:
+  """An int, or a (h, w) pair with h == w, as timm writes img_size and patch_size."""
+  if isinstance(value, (list, tuple)):
+    if len(value) != 2 or value[0] != value[1]:
+      problems.append(f'{field} {list(value)}: our ViT is square; expected an int or [n, n]')
+      return None
+    value = value[0]
+  return int(value)
+
+
+def _timm_args_problems(args: Mapping[str, Any]) -> list[str]:
+  """What in timm's model_args builds a ViT other than ours."""
+  problems = []
+  for key, value in args.items():
+    if key in _TIMM_FIXED_ARGS and value not in _TIMM_FIXED_ARGS[key]:
+      allowed = ' or '.join(repr(v) for v in _TIMM_FIXED_ARGS[key])
+      why = f' ({_TIMM_FIXED_WHY[key]})' if key in _TIMM_FIXED_WHY else ''
+      problems.append(f'model_args {key}={value!r}: our ViT needs {allowed}{why}')
+    elif key not in (*_TIMM_READ_ARGS, *_TIMM_FIXED_ARGS, *_TIMM_IGNORED_ARGS) \
+        and not key.endswith('drop_rate'):
+      problems.append(f"model_args '{key}' is not a VisionTransformer argument we read; we "
+                      f'read {", ".join(_TIMM_READ_ARGS + tuple(_TIMM_FIXED_ARGS))}')
+  return problems
+
+
+def from_timm(config_json: Mapping[str, Any], source: str = 'config.json') -> ViTConfig:
+  """The ViTConfig of a timm config.json: `to_timm`'s, our older exports' (model_args
+  without pretrained_cfg) or timm's own for a plain ViT (shapes from the architecture
+  name, image size from pretrained_cfg, where model_args do not give them).
+
+  Execution fields (dtype, remat, attention, dropout rates) keep their defaults. What we
+  cannot build (another architecture, pre_logits, global_pool other than 'token', no
+  class token, ...) is one ValueError naming each field."""
+  arch = str(config_json.get('architecture', ''))
+  defaults = TIMM_ARCHITECTURES.get(arch.partition('.')[0])  # a '.tag' names weights only
+  if defaults is None:
+    raise ValueError(f"{source}: architecture '{arch}' is not a plain timm ViT; expected "
+                     "'vit_<size>_patch<P>_<I>' with size tiny, small, base, large, huge, "
+                     "giant or gigantic, e.g. 'vit_base_patch16_224'")
+  args = dict(config_json.get('model_args') or {})
+  # timm's older hub format keeps the pretrained_cfg fields at the top level.
+  pretrained = config_json.get('pretrained_cfg', config_json)
+  problems = _timm_args_problems(args)
+  pool = config_json.get('global_pool', 'token')
+  if pool != 'token' and 'global_pool' not in args:
+    problems.append(f"global_pool {pool!r}: our ViT classifies the class token; expected 'token'")
+  input_size = pretrained.get('input_size') or [3, defaults['img_size'], defaults['img_size']]
+  if 'img_size' not in args and input_size[1] != input_size[2]:
+    problems.append(f'pretrained_cfg input_size {list(input_size)}: our ViT is square')
+  image = _square(args.get('img_size', input_size[1]), 'img_size', problems)
+  patch = _square(args.get('patch_size', defaults['patch_size']), 'patch_size', problems)
+  dim = int(args.get('embed_dim', defaults['embed_dim']))
+  # timm drops the checkpoint's head when the classes it records differ from the model's.
+  recorded = config_json.get('num_classes', pretrained.get('num_classes'))
+  classes = args.get('num_classes', 1000 if recorded is None else recorded)
+  recorded = classes if recorded is None else recorded
+  if recorded != classes:
+    problems.append(f'num_classes {recorded} but model_args num_classes {classes}: timm '
+                    'would drop the head')
+  if config_json.get('num_features', dim) != dim:
+    problems.append(f"num_features {config_json['num_features']} but embed_dim {dim}: the "
+                    'features of a ViT are its embed_dim')
+  if problems:
+    raise ValueError(f'{source} describes a ViT we cannot build: ' + '; '.join(problems))
+  try:
+    return ViTConfig(
+        image_size=image, patch_size=patch, in_channels=int(args.get('in_chans', input_size[0])),
+        embed_dim=dim, depth=int(args.get('depth', defaults['depth'])),
+        num_heads=int(args.get('num_heads', defaults['num_heads'])),
+        mlp_dim=int(dim * float(args.get('mlp_ratio', defaults['mlp_ratio']))),  # timm's rule
+        qkv_bias=bool(args.get('qkv_bias', True)), num_classes=int(classes),
+        layer_norm_eps=float(config_json.get('glora_jax', {}).get('layer_norm_eps',
+                                                                  TIMM_LAYER_NORM_EPS)))
+  except ValueError as e:
+    raise ValueError(f'{source} describes a ViT we cannot build: {e}') from None
+
+
 def partition_rules() -> list[tuple[str, P]]:
   """(path regex, PartitionSpec) over a ('data', 'model') mesh, first match wins."""
   return [
