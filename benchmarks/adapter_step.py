@@ -20,8 +20,8 @@ import numpy as np
 
 from glora_jax import peft
 from glora_jax.adapters import glora, lora
-from glora_jax.models import bert
-from glora_jax.train import steps
+from glora_jax.models import bert, registry
+from glora_jax.train import steps, tasks
 
 
 def median_step_ms(step_fn, state, frozen, batch, n_steps: int, warmup: int = 2) -> float:
@@ -74,14 +74,8 @@ def main():
            'mask': jnp.ones((args.batch,), jnp.float32)}
   params = model.init(jax.random.key(0), batch['input_ids'][:1], batch['attention_mask'][:1])['params']
 
-  def forward(params, adapters, subnet, batch, train, rng):
-    kw = {'deterministic': not train, 'rngs': {'dropout': rng}} if train else {'deterministic': True}
-    args_ = (batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
-    if adapters is None:
-      return model.apply({'params': params}, *args_, **kw)
-    return peft.forward(model, params, adapters, subnet, *args_, **kw)
-
-  task = steps.ForwardLoss(forward, steps.classification_loss)
+  task = steps.ForwardLoss(tasks.make_forward(registry.of_model(model), model),
+                          steps.classification_loss)
   # The frozen backbone's forward + backward alone: only the head and the first
   # layer's query bias train, so the backward pass runs through every layer
   # (activation gradients) but computes no weight gradients for the stack.

@@ -32,9 +32,9 @@ sys.path.insert(0, 'benchmarks')
 from adapter_step import build_step  # noqa: E402
 from glora_jax import peft, subnet  # noqa: E402
 from glora_jax.adapters import glora, lora, structured  # noqa: E402
-from glora_jax.models import bert  # noqa: E402
+from glora_jax.models import bert, registry  # noqa: E402
 from glora_jax.search import fitness  # noqa: E402
-from glora_jax.train import sharding, steps  # noqa: E402
+from glora_jax.train import sharding, steps, tasks  # noqa: E402
 
 
 def timed(fn, *args, repeats=5, warmup=2):
@@ -58,12 +58,7 @@ def minilm_setup(batch, tokens):
        'token_type_ids': jnp.zeros((batch, tokens), jnp.int32),
        'label': jnp.asarray(rng.integers(0, 5, batch), jnp.int32), 'mask': jnp.ones((batch,), jnp.float32)}
 
-  def forward(params, adapters, sub, batch, train, key):
-    kw = {'deterministic': not train, 'rngs': {'dropout': key}} if train else {'deterministic': True}
-    a = (batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
-    return model.apply({'params': params}, *a, **kw) if adapters is None else \
-        peft.forward(model, params, adapters, sub, *a, **kw)
-
+  forward = tasks.make_forward(registry.of_model(model), model)
   return model, params, b, steps.ForwardLoss(forward, steps.classification_loss)
 
 

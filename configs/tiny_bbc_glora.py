@@ -7,7 +7,7 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.method = parse_arg(arg, __file__, method='glora').method
   c.model.name = 'minilm'
-  c.model.layers = 2
+  c.model.keep_layers = 2  # of MiniLM's 6 pretrained layers
   c.data.max_len = 32
   c.data.limit = 64
   c.batch_size = 16

@@ -18,6 +18,7 @@ import numpy as np
 
 from glora_jax.adapter_spec import (  # noqa: F401 (part of peft's API)
     AdapterSpec, Adapters, LayerSpec, Report, attach, check_subnet, chosen_option_costs, report)
+from glora_jax.models import plain
 from glora_jax.paths import (  # noqa: F401 (part of peft's API)
     combine, examples, flatten, match_paths, natural_key, partition, rewrap, unflatten, unwrap)
 
@@ -92,8 +93,21 @@ def merge(params: Params, adapters: Adapters, subnet=None) -> Params:
   """Folds a subnet into plain parameters: same structure, shapes and dtypes.
 
   A layer without bias gains one when the subnet gives it a bias term (GLoRA's
-  C, E): the plain model must then be built with biases on that layer."""
+  C, E): the plain model must then be built with biases on that layer, and Flax
+  ignores the bias without a word when it is not. `merge_model` returns the model
+  that reads the merged params; use it unless you build that model yourself."""
   return _fold(params, adapters, subnet, modes=('weight', 'activation'), cast_back=True)
+
+
+def merge_model(model: nn.Module, params: Params, adapters: Adapters,
+                subnet=None) -> tuple[nn.Module, Params]:
+  """(plain model, merged params): `merge`, and the model of the registered family
+  that reads every merged leaf (`models.plain.plain_model`: a bias GLoRA's C or E
+  gave a bias-less layer switches its family's bias flag on, e.g. Llama's
+  attention_bias), so `plain.apply({'params': merged}, ...)` gives the adapted
+  outputs. Raises ExportError when no model of the family can hold the params."""
+  inner, _ = unwrap(params)
+  return plain.plain_model(model, merge(inner, adapters, subnet))
 
 
 def _dense(module: nn.Dense, x, kernel, bias):

@@ -1,17 +1,20 @@
 """End to end for the image-classification and causal-LM tasks on bundled data: train a
 tiny supernet, search, merge, and rebuild the plain model from the exported files alone."""
 import json
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import llama_glora, tiny_mnist_vit_glora
-from glora_jax import peft
+from glora_jax import interop, peft
 from glora_jax import subnet as subnet_lib
+from glora_jax.models import registry
 from glora_jax.search import driver, evolution, export
 from glora_jax.train import loop, setup
 
+FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 TINY_SEARCH = evolution.SearchConfig(population=4, generations=2, parents=2, mutations=2,
                                      crossovers=2, param_limit=1e9, seed=0)
 
@@ -101,3 +104,34 @@ def test_llama_search_and_plain_model_with_gained_biases_from_files(tmp_path):
   ignored = run.model_data.model.apply({'params': export.merged_params(
       run.model_data.params, trainable, run.spec, chosen)}, batch['input_ids'], batch['attention_mask'])
   assert np.abs(ignored - adapted).max() > 1e-3
+
+
+@pytest.mark.parametrize('directory, family', [('hf_llama3', 'llama'), ('hf_qwen2', 'qwen2')])
+def test_a_checkpoint_trains_searches_and_reloads_in_its_library_layout(directory, family, tmp_path):
+  """A tiny checkpoint that transformers wrote (Llama 3 rope, GQA; Qwen2's q/k/v biases)
+  fine-tuned on text its own tokenizer.json tokenises, searched, merged and exported;
+  the export read back by interop.load_pretrained gives the adapted logits."""
+  config = llama_glora.get_config('tiny')
+  config.model.name = family
+  config.model.checkpoint = str(FIXTURES / directory)
+  workdir = train(config, tmp_path / 'train')
+  out = tmp_path / 'search'
+  summary = driver.search_and_export(workdir, TINY_SEARCH, out=out, chunk=4, eval_batch_size=16,
+                                     log=lambda s: None)
+  assert abs(summary['test_loss'] - summary['test_loss_merged']) < 1e-4
+
+  run, trainable = setup.load_trained(workdir)
+  test = run.model_data.splits['test']
+  # The checkpoint's tokenizer, not MiniLM's: every id is inside its 400-token vocabulary.
+  vocab = run.model_data.model.config.vocab_size
+  assert vocab == 400 and 0 < test['input_ids'].max() < vocab
+  chosen = subnet_lib.loads(run.spec, (out / 'best_subnet.json').read_text())
+  model, params = interop.load_pretrained(out / 'hf')
+  assert registry.of_model(model).name in (family, 'llama')  # llama: it gained o/MLP biases
+  assert (out / 'hf' / 'tokenizer.json').is_file()
+  batch = {k: jnp.asarray(v[:8]) for k, v in test.items()}
+  plain = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'])
+  adapted = peft.forward(run.model_data.model, peft.combine(run.frozen, trainable['model']),
+                         peft.Adapters(params=trainable['adapters'], spec=run.spec), chosen,
+                         batch['input_ids'], batch['attention_mask'])
+  np.testing.assert_allclose(plain, adapted, rtol=1e-4, atol=1e-4)

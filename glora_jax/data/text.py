@@ -1,10 +1,12 @@
-"""Tokenisation for the text tasks: MiniLM's tokenizer.json through `tokenizers`, fixed-length int32 arrays.
+"""Tokenisation for the text tasks: a checkpoint's tokenizer.json (by default the bundled
+MiniLM's) through `tokenizers`, fixed-length int32 arrays.
 
 Truncates to max_len (special tokens included, so a long text still ends in [SEP]) and pads right.
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pathlib
 from typing import Sequence
@@ -18,19 +20,32 @@ DEFAULT_MAX_LEN = 128  # The accuracy protocol's length.
 FIELDS = ('input_ids', 'attention_mask', 'token_type_ids')
 
 
+def _pad_token(tokenizer: tokenizers.Tokenizer, path: str) -> str:
+  """The pad token: the file's own padding settings, else tokenizer_config.json's
+  pad_token (transformers writes it beside tokenizer.json), else BERT's '[PAD]', else
+  the eos token (decoders without a pad token, as Llama 3: padded positions are
+  masked out by attention_mask, so any id serves)."""
+  if tokenizer.padding:
+    return tokenizer.padding['pad_token']
+  config_path = pathlib.Path(path).with_name('tokenizer_config.json')
+  config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+  token = lambda name: (config.get(name) or {}).get('content') if isinstance(
+      config.get(name), dict) else config.get(name)
+  for candidate in (token('pad_token'), '[PAD]', token('eos_token')):
+    if candidate and tokenizer.token_to_id(candidate) is not None:
+      return candidate
+  raise ValueError(f'tokenizer {path} names no pad token: no padding settings, no pad_token or '
+                   "eos_token in tokenizer_config.json beside it, and no '[PAD]' in its vocabulary")
+
+
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer(path: str, max_len: int) -> tokenizers.Tokenizer:
   tokenizer = tokenizers.Tokenizer.from_file(path)
-  # The file's own padding settings name the pad token; fall back to BERT's '[PAD]'.
-  padding = tokenizer.padding or {}
-  pad_token = padding.get('pad_token', '[PAD]')
-  pad_id = tokenizer.token_to_id(pad_token)
-  if pad_id is None:
-    raise ValueError(f"tokenizer {path} has no pad token '{pad_token}' in its vocabulary; expected a "
-                     'BERT-style vocabulary with [PAD]')
+  pad_token = _pad_token(tokenizer, path)
+  pad_type_id = (tokenizer.padding or {}).get('pad_type_id', 0)
   tokenizer.enable_truncation(max_length=max_len)
-  tokenizer.enable_padding(length=max_len, pad_id=pad_id, pad_token=pad_token,
-                           pad_type_id=padding.get('pad_type_id', 0))
+  tokenizer.enable_padding(length=max_len, pad_id=tokenizer.token_to_id(pad_token),
+                           pad_token=pad_token, pad_type_id=pad_type_id)
   return tokenizer
 
 

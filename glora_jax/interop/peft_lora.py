@@ -31,7 +31,7 @@ from safetensors import numpy as st_numpy
 from glora_jax import errors, peft
 from glora_jax.adapters import lora
 from glora_jax.interop import layouts
-from glora_jax.models import importers
+from glora_jax.models import importers, registry
 from glora_jax.paths import flatten, natural_key, unflatten
 
 ADAPTER_CONFIG = 'adapter_config.json'
@@ -196,7 +196,7 @@ def load_peft_adapter(path, model: nn.Module, params: Mapping[str, Any], *,
     absent = [r.target for r in rules if r.target not in flat]
     if absent:
       raise errors.ExportError(f'{file} saves {_examples(absent)} (modules_to_save), which '
-                               'params lack; add the head first (e.g. bert.add_head)')
+                               "params lack; add the head first (its family's init_head)")
     shapes = {r.target: tuple(np.shape(flat[r.target])) for r in rules}
     try:
       module_params = importers.convert(rest, rules, shapes, source=str(file),
@@ -234,7 +234,6 @@ def save_trained_run(ckpt, out=None, *, base_model_name_or_path: str | None = No
   <ckpt>/peft): its adapters and its trained head (modules_to_save). The base model
   recorded is `base_model_name_or_path`, or the directory the run's pretrained model
   came from."""
-  from glora_jax.search import driver
   from glora_jax.train import setup
   ckpt = pathlib.Path(ckpt)
   config = setup.load_config(ckpt)
@@ -244,7 +243,7 @@ def save_trained_run(ckpt, out=None, *, base_model_name_or_path: str | None = No
   run, trainable = setup.load_trained(ckpt, config)
   adapters = peft.Adapters(params=trainable['adapters'], spec=run.spec)
   if base_model_name_or_path is None:
-    source = driver.source_model_dir(config)
+    source = registry.checkpoint_dir(config.model)
     base_model_name_or_path = str(source) if source else None
   return save_peft_adapter(pathlib.Path(out) if out else ckpt / 'peft', run.model_data.model,
                            adapters, head=trainable['model'] or None,

@@ -13,6 +13,7 @@ import numpy as np
 
 from glora_jax import errors, peft
 from glora_jax import subnet as subnet_lib
+from glora_jax.models import registry
 from glora_jax.search import evolution, export, fitness as fitness_lib
 from glora_jax.train import loop, metrics, setup, sharding, steps
 
@@ -43,94 +44,102 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   evolution.check_budget(run.spec, cfg)  # fail before any expensive work
   out.mkdir(parents=True, exist_ok=True)
   _, trainable = setup.load_trained(ckpt, run=run)
+  fit, archive, search_s = _search(run, trainable, cfg, out, chunk, eval_batch_size,
+                                   stop_after_generations, log)
+  if stop_after_generations is not None and stop_after_generations < cfg.generations + 1:
+    return {'stopped_after_generations': stop_after_generations}
+  best = int(archive.top(1)[0])
+  best_subnet = archive.cands[best]
+  if retrain_epochs:
+    trainable = _retrain(run, ckpt, out, retrain_epochs, log)
+    fit.trainable = trainable  # the val fitness reported below is the retrained one
+  val = float(fit(best_subnet[None])[0][0]) if retrain_epochs else float(archive.accuracy[best])
+  summary = {
+      'subnet_file': str(out / 'best_subnet.json'),
+      'adapter_params': int(subnet_lib.count_params(run.spec, best_subnet)),
+      'head_params': int(sum(np.size(x) for x in jax.tree.leaves(trainable['model']))),
+      'val_metric': run.model_data.metric,
+      f'val_{run.model_data.metric}': val,
+      **_test_and_export(run, trainable, best_subnet, out, export_formats, eval_batch_size),
+      'candidates_evaluated': int(archive.size), 'pareto_points': int(len(archive.front())),
+      'search_seconds': search_s, 'candidates_per_second': fit.evaluated / max(search_s, 1e-9),
+      'eval_chunk': fit.chunk, 'chunk_probe_seconds_per_candidate': fit.probe,
+      'candidate_batch_evaluations': fit.batch_evaluations,
+      'retrain_epochs': retrain_epochs, 'search_config': dataclasses.asdict(cfg),
+  }
+  metrics.write_json(out / 'summary.json', summary)
+  return summary
+
+
+def _search(run: setup.BuiltRun, trainable, cfg: evolution.SearchConfig, out: pathlib.Path,
+            chunk, eval_batch_size: int, stop_after_generations, log):
+  """(fitness, archive, seconds): the evolution on the eval split, its best subnet,
+  Pareto front and plot written under `out`."""
   frozen_sh = sharding.tree_shardings(run.frozen, run.model_data.partition_rules, run.mesh)
   frozen = jax.device_put(run.frozen, frozen_sh)
-
-  fit = fitness_lib.Fitness(run.model_data.forward_loss, run.spec, run.mesh, trainable, frozen, frozen_sh,
-                            run.model_data.splits['eval'], chunk=chunk, batch_size=eval_batch_size,
-                            race=cfg.race, rank_by=cfg.rank_by, log=log)
+  fit = fitness_lib.Fitness(run.model_data.forward_loss, run.spec, run.mesh, trainable, frozen,
+                            frozen_sh, run.model_data.splits['eval'], chunk=chunk,
+                            batch_size=eval_batch_size, race=cfg.race, rank_by=cfg.rank_by, log=log)
   t0 = time.perf_counter()
   initial = None
   if cfg.start == 'anchor':  # the subnet the supernet trained in every step
-    initial = steps.anchor_subnet(run.spec, steps.supernet_options(config, steps_per_epoch=1))[None]
+    initial = steps.anchor_subnet(run.spec, steps.supernet_options(run.config, steps_per_epoch=1))[None]
   archive = evolution.run(run.spec, fit, cfg, out, log=log,
                           stop_after_generations=stop_after_generations, initial=initial)
   search_s = time.perf_counter() - t0
-  n = archive.size
-  if n == 0:
+  if archive.size == 0:
     raise errors.BudgetError(
         f'no candidate within the parameter budget [{cfg.min_param_limit:,.0f}, '
         f'{cfg.param_limit:,.0f}] was found by random sampling; widen the budget')
   front = archive.front()
-  best = int(archive.top(1)[0])
-  best_subnet = archive.cands[best]
-  (out / 'best_subnet.json').write_text(subnet_lib.dumps(run.spec, best_subnet))
+  (out / 'best_subnet.json').write_text(subnet_lib.dumps(run.spec, archive.cands[int(archive.top(1)[0])]))
   metrics.write_json(out / 'pareto.json', [
       {'params': int(archive.params[i]), f'val_{run.model_data.metric}': float(archive.accuracy[i]),
        'val_loss': None if np.isnan(archive.loss[i]) else float(archive.loss[i]),
        'generation': int(archive.generation[i]), 'subnet': subnet_lib.to_dict(run.spec, archive.cands[i])}
       for i in front])
   metrics.plot_search(archive, front, out / 'search.png')
-  if stop_after_generations is not None and stop_after_generations < cfg.generations + 1:
-    return {'stopped_after_generations': stop_after_generations}
+  return fit, archive, search_s
 
-  if retrain_epochs:
-    retrain_config = ml_collections.ConfigDict(config.to_dict())
-    retrain_config.subnet = str(out / 'best_subnet.json')
-    retrain_config.init_from = str(ckpt)
-    retrain_config.num_epochs = retrain_epochs
-    log(f'retraining the chosen subnet for {retrain_epochs} epochs in {out / "retrain"}')
-    loop.train_and_evaluate(retrain_config, out / 'retrain')
-    _, trainable = setup.load_trained(out / 'retrain', run=run)
-    fit.trainable = trainable  # the val fitness reported below is the retrained one
 
-  # The test split, measured once on the task's own sums (loss, count, correct): the
-  # adapted supernet with the chosen subnet, and the merged plain model, which
-  # `plain_model` checks holds exactly the parameters it reads, before anything is written.
+def _retrain(run: setup.BuiltRun, ckpt: pathlib.Path, out: pathlib.Path, epochs: int, log) -> dict:
+  """The chosen subnet (out/best_subnet.json) trained on from the supernet's weights for
+  `epochs` in out/retrain; its trainable params."""
+  retrain_config = ml_collections.ConfigDict(run.config.to_dict())
+  retrain_config.subnet = str(out / 'best_subnet.json')
+  retrain_config.init_from = str(ckpt)
+  retrain_config.num_epochs = epochs
+  log(f'retraining the chosen subnet for {epochs} epochs in {out / "retrain"}')
+  loop.train_and_evaluate(retrain_config, out / 'retrain')
+  return setup.load_trained(out / 'retrain', run=run)[1]
+
+
+def _test_and_export(run: setup.BuiltRun, trainable, subnet, out: pathlib.Path, formats,
+                     batch_size: int) -> dict:
+  """The test split measured once on the task's own sums (loss, count, correct): the
+  adapted supernet with `subnet`, and the merged plain model, which `plain_model`
+  checks holds exactly the parameters it reads before anything is written; then the
+  export. Returns the summary's test and export entries."""
   model_data, test = run.model_data, run.model_data.splits['test']
   fl = model_data.forward_loss
   adapters = peft.Adapters(params=trainable['adapters'], spec=run.spec)
   sums_adapted, preds_adapted = export.evaluate(
       fl.forward, fl.loss, model_data.predictions, peft.combine(run.frozen, trainable['model']),
-      adapters, jax.numpy.asarray(best_subnet), test, eval_batch_size)
+      adapters, jax.numpy.asarray(subnet), test, batch_size)
   plain_model, merged = export.plain_model(
-      model_data.model, export.merged_params(model_data.params, trainable, run.spec, best_subnet))
+      model_data.model, export.merged_params(model_data.params, trainable, run.spec, subnet))
   sums_merged, preds_merged = export.evaluate(
-      model_data.forward_with(plain_model), fl.loss, model_data.predictions, merged, None, None, test,
-      eval_batch_size)
-  val = float(fit(best_subnet[None])[0][0]) if retrain_epochs else float(archive.accuracy[best])
-  files = export.save_merged(out, plain_model, merged, export_formats,
-                             copy_files_from=source_model_dir(config))
+      model_data.forward_with(plain_model), fl.loss, model_data.predictions, merged, None, None,
+      test, batch_size)
+  files = export.save_merged(out, plain_model, merged, formats,
+                             copy_files_from=registry.checkpoint_dir(run.config.model))
   metric = model_data.metric
-  summary = {
-      'subnet_file': str(out / 'best_subnet.json'),
-      'adapter_params': int(subnet_lib.count_params(run.spec, best_subnet)),
-      'head_params': int(sum(np.size(x) for x in jax.tree.leaves(trainable['model']))),
-      'val_metric': metric,
-      f'val_{metric}': val,
-      f'test_{metric}': _ratio(sums_adapted, 2),
-      f'test_{metric}_merged': _ratio(sums_merged, 2),
+  return {
+      f'test_{metric}': _ratio(sums_adapted, 2), f'test_{metric}_merged': _ratio(sums_merged, 2),
       'test_loss': _ratio(sums_adapted, 0), 'test_loss_merged': _ratio(sums_merged, 0),
       'merged_prediction_agreement': float((preds_adapted == preds_merged).mean()),
-      'candidates_evaluated': int(n), 'pareto_points': int(len(front)),
-      'search_seconds': search_s, 'candidates_per_second': fit.evaluated / max(search_s, 1e-9),
-      'eval_chunk': fit.chunk, 'chunk_probe_seconds_per_candidate': fit.probe,
-      'candidate_batch_evaluations': fit.batch_evaluations,
-      'retrain_epochs': retrain_epochs, 'search_config': dataclasses.asdict(cfg),
       'exports': files,
   }
-  metrics.write_json(out / 'summary.json', summary)
-  return summary
-
-
-def source_model_dir(config) -> pathlib.Path | None:
-  """The directory the pretrained model came from (its tokenizer files go along with a
-  PyTorch export): the bundled MiniLM, or model.checkpoint when it is a directory."""
-  if config.model.get('name') == 'minilm':
-    from glora_jax import bundled
-    return bundled.minilm_dir()
-  checkpoint = config.model.get('checkpoint', '')
-  return pathlib.Path(checkpoint) if checkpoint and pathlib.Path(checkpoint).is_dir() else None
 
 
 def _ratio(sums, i: int) -> float:

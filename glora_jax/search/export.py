@@ -18,41 +18,21 @@ import orbax.checkpoint as ocp
 from safetensors import numpy as st_numpy
 
 from glora_jax import data, errors, interop, peft
-from glora_jax.models import bert, llama, vit
+from glora_jax.models import registry
+from glora_jax.models.plain import check_fits, expected_leaves, family_of, plain_model  # noqa: F401 (export API)
 from glora_jax.paths import natural_key
 
 MODEL_CONFIG = 'model_config.json'
 ORBAX_DIR = 'merged_params'
 SAFETENSORS = 'merged_params.safetensors'
 # 'flax': the three files above; 'torch': the model's PyTorch layout in a folder named
-# after its library, <out>/hf (BERT, LLaMA: transformers) or <out>/timm (ViT).
+# after its family's library, <out>/hf (transformers) or <out>/timm.
 FORMATS = ('flax', 'torch')
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelKind:
-  """A plain model an export can describe and rebuild. `bias_flags`: config field ->
-  regex of the Dense layer paths whose bias that field switches on."""
-  module: type[nn.Module]
-  config: type
-  example_inputs: Callable[[Any], tuple]  # config -> inputs of `init` (only their shapes matter)
-  bias_flags: Mapping[str, str]
-
-
-MODEL_KINDS = {
-    'bert': ModelKind(bert.BertClassifier, bert.BertConfig,
-                      lambda c: (jnp.zeros((1, 4), jnp.int32),) * 2, {}),
-    'vit': ModelKind(vit.VisionTransformer, vit.ViTConfig,
-                     lambda c: (jnp.zeros((1, c.image_size, c.image_size, c.in_channels)),),
-                     {'qkv_bias': r'blocks_\d+/attn/qkv'}),
-    'llama': ModelKind(llama.LlamaForCausalLM, llama.LlamaConfig,
-                       lambda c: (jnp.zeros((1, 4), jnp.int32),),
-                       {'attention_bias': r'layers_\d+/self_attn/(q|k|v|o)_proj',
-                        'mlp_bias': r'layers_\d+/mlp/(gate|up|down)_proj'}),
-}
 # How a model computes, not what: outputs are the same with any value, so they are
 # left out of model_config.json and a rebuilt model takes the defaults.
-EXECUTION_FIELDS = ('remat', 'attention', 'attention_chunk')
+EXECUTION_FIELDS = registry.EXECUTION_FIELDS
 
 
 def merged_params(base_params: dict, trainable: dict, spec: peft.AdapterSpec | None, subnet) -> dict:
@@ -74,18 +54,10 @@ def merged_params(base_params: dict, trainable: dict, spec: peft.AdapterSpec | N
 # --------------------------------------------------------------------------- #
 
 
-def _kind(model: nn.Module) -> tuple[str, ModelKind]:
-  for name, kind in MODEL_KINDS.items():
-    if type(model) is kind.module:
-      return name, kind
-  raise errors.ExportError(f'{type(model).__name__} cannot be exported; exportable models: '
-                           f'{[k.module.__name__ for k in MODEL_KINDS.values()]}')
-
-
 def describe(model: nn.Module) -> dict:
-  """{'model': kind, 'config': the config fields that define parameters and outputs
+  """{'model': family, 'config': the config fields that define parameters and outputs
   (dtype as a string), and the module's other fields, e.g. num_classes}."""
-  name, _ = _kind(model)
+  name = family_of(model).name
   config = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(model.config)
             if f.name not in EXECUTION_FIELDS}
   config['dtype'] = jnp.dtype(config['dtype']).name
@@ -96,87 +68,17 @@ def describe(model: nn.Module) -> dict:
 
 def build_model(description: Mapping[str, Any], source: str = MODEL_CONFIG) -> nn.Module:
   """Inverse of `describe`."""
-  kind = MODEL_KINDS.get(description.get('model'))
-  if kind is None:
+  family = registry.FAMILIES.get(description.get('model'))
+  if family is None:
     raise errors.ExportError(f"{source} names model '{description.get('model')}'; known: "
-                             f'{sorted(MODEL_KINDS)}')
+                             f'{sorted(registry.FAMILIES)}')
   config = dict(description.get('config', {}))
   extra = {k: v for k, v in description.items() if k not in ('model', 'config')}
   try:
     config['dtype'] = jnp.dtype(config.get('dtype', 'float32'))
-    return kind.module(kind.config(**config), **extra)
+    return family.module(family.config_cls(**config), **extra)
   except (TypeError, ValueError) as e:
-    raise errors.ExportError(f'{source} does not describe a {kind.module.__name__}: {e}') from None
-
-
-def expected_leaves(model: nn.Module) -> dict[str, jax.ShapeDtypeStruct]:
-  """{path: shape and dtype} of every parameter `model` reads (by jax.eval_shape)."""
-  _, kind = _kind(model)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *kind.example_inputs(model.config)))
-  return peft.flatten(shapes['params'])
-
-
-def _short(model: nn.Module) -> str:
-  _, kind = _kind(model)
-  flags = ', '.join(f'{f}={getattr(model.config, f)}' for f in kind.bias_flags)
-  return f"{type(model).__name__}{f' ({flags})' if flags else ''}"
-
-
-def check_fits(model: nn.Module, params) -> None:
-  """Raises ExportError unless `params` holds exactly the leaves, with the shapes,
-  that `model` reads: Flax ignores an extra leaf without a word."""
-  expected = expected_leaves(model)
-  flat = peft.flatten(params)
-  extra = sorted(set(flat) - set(expected), key=natural_key)
-  missing = sorted(set(expected) - set(flat), key=natural_key)
-  shapes = [f"'{p}' {tuple(np.shape(flat[p]))} (expected {tuple(expected[p].shape)})"
-            for p in sorted(set(flat) & set(expected), key=natural_key)
-            if tuple(np.shape(flat[p])) != tuple(expected[p].shape)]
-  listed = lambda paths: f'{paths[:6]}' + (f' ({len(paths)} in all)' if len(paths) > 6 else '')
-  problems = []
-  if extra:
-    problems.append(f'not in the model: {listed(extra)}')
-    if any(p.endswith('/bias') for p in extra):
-      problems.append("a merged bias on a layer built without one comes from GLoRA's C or E; "
-                      'leave that layer out of the adapter targets or choose C and E none there')
-  if missing:
-    problems.append(f'missing: {listed(missing)}')
-  if shapes:
-    problems.append(f"wrong shape: {', '.join(shapes[:6])}")
-  if problems:
-    raise errors.ExportError(f'params do not fit the plain {_short(model)}: ' + '; '.join(problems))
-
-
-def plain_model(model: nn.Module, params) -> tuple[nn.Module, dict]:
-  """(the plain model that reads `params` exactly, its params), checked by `check_fits`.
-
-  A merge gives a bias-less layer a bias (GLoRA's C, E). A bias that is zero
-  everywhere (C and E none in that layer) is dropped: the layer stays as it was.
-  Otherwise the config flag of its group is switched on (LLaMA's attention_bias
-  or mlp_bias) and the group's other layers get explicit zero biases."""
-  _, kind = _kind(model)
-  expected = expected_leaves(model)
-  flat = dict(peft.flatten(params))
-  for path in [p for p in flat if p.endswith('/bias') and p not in expected]:
-    if not np.any(np.asarray(jax.device_get(flat[path]))):
-      del flat[path]
-  switched = {}
-  for field, pattern in kind.bias_flags.items():
-    if getattr(model.config, field):
-      continue
-    layers = [p[:-len('/kernel')] for p in flat
-              if p.endswith('/kernel') and re.fullmatch(pattern, p[:-len('/kernel')])]
-    if not any(f'{layer}/bias' in flat for layer in layers):
-      continue
-    switched[field] = True
-    for layer in layers:
-      kernel = flat[f'{layer}/kernel']
-      flat.setdefault(f'{layer}/bias', jnp.zeros(kernel.shape[-1:], kernel.dtype))
-  if switched:
-    model = model.clone(config=dataclasses.replace(model.config, **switched))
-  params = peft.unflatten(flat)
-  check_fits(model, params)
-  return model, params
+    raise errors.ExportError(f'{source} does not describe a {family.module.__name__}: {e}') from None
 
 
 # --------------------------------------------------------------------------- #
@@ -208,7 +110,7 @@ def save_merged(out, model: nn.Module, params, formats=FORMATS, *,
   out = pathlib.Path(out)
   files = {}
   if 'torch' in formats:  # first: it refuses params its layout cannot hold before writing
-    torch_dir = out / interop.layout(model).library
+    torch_dir = out / family_of(model).library
     interop.save_pretrained(torch_dir, model, params, copy_files_from=copy_files_from)
     files[torch_dir.name] = str(torch_dir)
   if 'flax' in formats:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glora_jax import peft
+from glora_jax.models import importers, registry
 from glora_jax.train import steps
 
 KNOWN_TASKS = ('text_classification', 'image_classification', 'causal_lm')
@@ -29,6 +30,7 @@ class ModelAndData:
   forward_loss.forward for another model of the same inputs (the merged plain model)."""
   model: Any
   params: dict  # full model params: pretrained backbone + fresh head
+  family: registry.Family
   forward_loss: steps.ForwardLoss
   forward_with: Callable[[Any], Callable[..., Any]]
   predictions: Callable[[Any, dict], tuple[jax.Array, jax.Array]]  # (outputs, batch) -> (preds, weights)
@@ -56,69 +58,101 @@ def classification_predictions(logits, batch):
   return jnp.argmax(logits, -1), batch.get('mask', jnp.ones(logits.shape[0], jnp.float32))
 
 
-def _bert_forward(model):
+def make_forward(family: registry.Family, model):
+  """forward(params, adapters, subnet, batch, train, rng) -> model outputs, for any
+  family: its `inputs` pick the module's inputs from the batch; adapters (None: the
+  plain model) enter through peft's interception point; rng feeds dropout."""
   def forward(params, adapters, subnet, batch, train, rng):
-    kwargs = dict(deterministic=not train)
+    args, kwargs = family.inputs(batch)
+    kwargs = dict(kwargs, deterministic=not train)
     if train and rng is not None:
       kwargs['rngs'] = {'dropout': rng}
-    args = (batch['input_ids'], batch['attention_mask'], batch.get('token_type_ids'))
     if adapters is None:
       return model.apply({'params': params}, *args, **kwargs)
     return peft.forward(model, params, adapters, subnet, *args, **kwargs)
   return forward
 
 
-def text_classification(config) -> ModelAndData:
-  from glora_jax import bundled, data
-  from glora_jax.models import bert
-
-  mc, dc = config.model, config.data
-  if mc.name == 'minilm':
-    bert_config, backbone = bert.load_minilm(dtype=_dtype(mc.get('param_dtype', 'float32')))
-    if mc.get('layers', 0):  # keep the first `layers` pretrained layers (small test models)
-      bert_config = dataclasses.replace(bert_config, num_hidden_layers=mc.layers)
-      backbone = dict(backbone, encoder={f'layer_{i}': backbone['encoder'][f'layer_{i}']
-                                         for i in range(mc.layers)})
-    if mc.get('dropout', None) is not None:
-      bert_config = dataclasses.replace(bert_config, hidden_dropout_prob=mc.dropout,
-                                        attention_probs_dropout_prob=mc.dropout)
-  elif mc.name == 'bert_random':  # a small randomly initialised BERT for tests
-    bert_config = bert.BertConfig(hidden_size=mc.hidden, num_hidden_layers=mc.layers,
-                                  num_attention_heads=mc.heads, intermediate_size=4 * mc.hidden,
-                                  max_position_embeddings=max(512, dc.max_len))
-    backbone = None
+def build_model(config, num_classes: int) -> tuple[registry.Family, Any, dict]:
+  """(family, module, params) of a run's config.model: a checkpoint (model.checkpoint,
+  or a bundled one named by model.name) or a random init of the family model.name
+  names. A classifier gets a fresh head of `num_classes` (a checkpoint's own head is
+  not kept). config.model options: keep_layers (a checkpoint's first blocks), dropout,
+  and the execution fields (remat, attention, attention_chunk) of families that have them."""
+  mc = config.model
+  dtype = _dtype(mc.get('param_dtype', 'float32'))
+  directory = registry.checkpoint_dir(mc)
+  if directory is not None:
+    model, params = registry.load(directory, dtype)
+    family = registry.of_model(model)
+    if mc.name not in ('', family.name, *registry.BUNDLED):
+      raise ValueError(f"model.name is '{mc.name}' but {directory} holds a {family.name} model")
+    params = {k: v for k, v in params.items() if k != 'head'}
+    if mc.get('keep_layers', 0):
+      model, params = registry.keep_layers(family, model, params, mc.keep_layers)
   else:
-    raise ValueError(f"unknown text model '{mc.name}'; known: minilm, bert_random")
+    family = registry.get(mc.name)
+    model = family.with_classes(dataclasses.replace(
+        family.new_config(mc, config.data.get('max_len', 0)), dtype=dtype), 0)
+    params = None
+    if mc.get('checkpoint', ''):  # a weights file, not a directory (family.load_file)
+      params = registry.load_file(family, mc.checkpoint, model.config, dtype)
+  options = {f: mc[f] for f in registry.EXECUTION_FIELDS if f in mc
+             and f in {x.name for x in dataclasses.fields(model.config)}}
+  if mc.get('dropout', None) is not None:
+    options.update({f: mc.dropout for f in family.dropout_fields})
+  model = family.with_classes(dataclasses.replace(model.config, **options), num_classes)
+  if params is None:
+    params = importers.cast(registry.init_params(model, config.seed), dtype)
+  elif num_classes:
+    params = {**params, 'head': family.init_head(model, jax.random.key(config.seed))}
+  if family.task != config.task:
+    raise ValueError(f"model family '{family.name}' serves {family.task}; task is {config.task}")
+  return family, model, params
 
-  data.splits(dc.name)  # an unknown dataset fails here, before anything is loaded
+
+def _tokenized_splits(config, family, fields: tuple[str, ...]):
+  """() -> {role: arrays} of a text dataset, tokenised by the checkpoint's tokenizer."""
+  from glora_jax import data
+  dc = config.data
+  tokenizer = registry.tokenizer_path(config.model)
 
   def load_splits():
     splits = {}
     for role in ('train', 'eval', 'test'):
       split = dc.get(f'{role}_split', '')
       if split:
-        arrays, _ = data.load_text_classification(
-            dc.name, split, tokenizer_path=bundled.minilm_tokenizer_path(), max_len=dc.max_len,
-            data_dir=dc.get('data_dir') or None)
+        arrays, _ = data.load_text_classification(dc.name, split, tokenizer_path=tokenizer,
+                                                  max_len=dc.max_len,
+                                                  data_dir=dc.get('data_dir') or None)
+        arrays = {k: arrays[k] for k in fields}
         limit = dc.get('limit', 0)
         splits[role] = {k: v[:limit] for k, v in arrays.items()} if limit else arrays
     return splits
+  return load_splits
 
-  num_classes = data.num_classes(dc.name)
-  bert_config = dataclasses.replace(bert_config, remat=mc.get('remat', 'none'))
-  model = bert.BertClassifier(bert_config, num_classes)
-  key = jax.random.key(config.seed)
-  if backbone is None:
-    ids = jnp.zeros((1, dc.max_len), jnp.int32)
-    params = model.init(key, ids, ids)['params']
-  else:
-    params = bert.add_head(backbone, bert_config, num_classes, key)
-  return ModelAndData(model=model, params=params,
-                      forward_loss=steps.ForwardLoss(_bert_forward(model), steps.classification_loss),
-                      forward_with=_bert_forward, predictions=classification_predictions,
-                      metric='accuracy', partition_rules=bert.partition_rules(), load_splits=load_splits,
-                      default_targets=bert.DEFAULT_TARGETS, head_pattern=r'head/.*',
-                      metadata={'num_classes': num_classes})
+
+def _model_and_data(config, family, model, params, loss, predictions, metric, load_splits,
+                    head_pattern, metadata) -> ModelAndData:
+  return ModelAndData(model=model, params=params, family=family,
+                      forward_loss=steps.ForwardLoss(make_forward(family, model), loss),
+                      forward_with=functools.partial(make_forward, family),
+                      predictions=predictions, metric=metric,
+                      partition_rules=family.partition_rules(), load_splits=load_splits,
+                      default_targets=family.default_targets, head_pattern=head_pattern,
+                      metadata=metadata)
+
+
+def text_classification(config) -> ModelAndData:
+  from glora_jax import data
+  data.splits(config.data.name)  # an unknown dataset fails here, before anything is loaded
+  num_classes = data.num_classes(config.data.name)
+  family, model, params = build_model(config, num_classes)
+  load_splits = _tokenized_splits(config, family,
+                                  ('input_ids', 'attention_mask', 'token_type_ids', 'label'))
+  return _model_and_data(config, family, model, params, steps.classification_loss,
+                         classification_predictions, 'accuracy', load_splits, r'head/.*',
+                         {'num_classes': num_classes})
 
 
 def _image_splits(dc) -> dict:
@@ -142,53 +176,16 @@ def _image_splits(dc) -> dict:
   return splits
 
 
-def _vit_forward(model):
-  def forward(params, adapters, subnet, batch, train, rng):
-    images = batch['image']
-    if images.dtype == jnp.uint8:  # bundled digits: scale to [0, 1] and standardise
-      images = (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
-    kwargs = dict(deterministic=not train)
-    if train and rng is not None:
-      kwargs['rngs'] = {'dropout': rng}
-    if adapters is None:
-      return model.apply({'params': params}, images, **kwargs)
-    return peft.forward(model, params, adapters, subnet, images, **kwargs)
-  return forward
-
-
 def image_classification(config) -> ModelAndData:
-  from glora_jax.models import vit
-
   from glora_jax import data
-
-  mc, dc = config.model, config.data
-  num_classes = data.num_classes(dc.name)  # an unknown dataset fails here
+  num_classes = data.num_classes(config.data.name)  # an unknown dataset fails here
   # Sources are random-access and lazy, so open them now: an unprepared VTAB
   # data_dir fails before the (slow) model initialisation.
-  splits = _image_splits(dc)
-  # model.depth (0: the preset's) shortens a randomly initialised ViT for tests;
-  # a checkpoint must have that many blocks.
-  depth = {'depth': mc.depth} if mc.get('depth', 0) else {}
-  cfg = vit.preset(mc.preset, image_size=mc.image_size, num_classes=num_classes,
-                   in_channels=mc.get('in_channels', 3), drop_path_rate=mc.get('drop_path', 0.0),
-                   representation_size=mc.get('representation_size', 0) or None,
-                   remat=mc.get('remat', 'none'), attention=mc.get('attention', 'xla'), **depth)
-  model = vit.VisionTransformer(cfg)
-  if mc.get('checkpoint', ''):
-    path = str(mc.checkpoint)
-    load = vit.load_npz if path.endswith('.npz') else vit.load_timm
-    ignore = [] if cfg.representation_size else ['pre_logits/.*']
-    params = vit.add_head(load(path, cfg, ignore=ignore), cfg)
-  else:  # random init (tests, or training from scratch)
-    params = model.init(jax.random.key(config.seed),
-                        jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.in_channels)))['params']
-
-  return ModelAndData(model=model, params=params,
-                      forward_loss=steps.ForwardLoss(_vit_forward(model), steps.classification_loss),
-                      forward_with=_vit_forward, predictions=classification_predictions,
-                      metric='accuracy', partition_rules=vit.partition_rules(), load_splits=lambda: splits,
-                      default_targets=vit.DEFAULT_TARGETS, head_pattern=r'head/.*',
-                      metadata={'num_classes': num_classes})
+  splits = _image_splits(config.data)
+  family, model, params = build_model(config, num_classes)
+  return _model_and_data(config, family, model, params, steps.classification_loss,
+                         classification_predictions, 'accuracy', lambda: splits, r'head/.*',
+                         {'num_classes': num_classes})
 
 
 def lm_predictions(logits, batch):
@@ -212,58 +209,17 @@ def lm_loss(logits, batch):
   return jnp.sum(nll * weights), jnp.sum(weights), jnp.sum(correct * weights)
 
 
-def _llama_forward(model):
-  def forward(params, adapters, subnet, batch, train, rng):
-    del train, rng  # no dropout in this decoder
-    args = (batch['input_ids'], batch['attention_mask'])
-    if adapters is None:
-      return model.apply({'params': params}, *args)
-    return peft.forward(model, params, adapters, subnet, *args)
-  return forward
-
-
 def causal_lm(config) -> ModelAndData:
-  """A LLaMA decoder trained with the causal-LM loss. Without a checkpoint, a
-  small random LLaMA on the bundled BBC News texts (MiniLM's tokenizer)."""
-  from glora_jax import bundled, data
-  from glora_jax.models import llama
-
-  mc, dc = config.model, config.data
-  if mc.get('checkpoint', ''):
-    cfg, params = llama.load_llama(mc.checkpoint, dtype=_dtype(mc.get('param_dtype', 'float32')))
-    tokenizer = pathlib.Path(mc.checkpoint) / 'tokenizer.json'
-  else:
-    tokenizer = bundled.minilm_tokenizer_path()
-    cfg = llama.LlamaConfig(vocab_size=30522, hidden_size=mc.hidden, intermediate_size=mc.intermediate,
-                            num_hidden_layers=mc.layers, num_attention_heads=mc.heads,
-                            num_key_value_heads=mc.kv_heads, max_position_embeddings=max(512, dc.max_len))
-    params = None
-  cfg = dataclasses.replace(cfg, remat=mc.get('remat', 'none'), attention=mc.get('attention', 'xla'))
-  model = llama.LlamaForCausalLM(cfg)
-  if params is None:
-    params = model.init(jax.random.key(config.seed), jnp.zeros((1, 8), jnp.int32))['params']
-  data.splits(dc.name)
-
-  def load_splits():
-    splits = {}
-    for role in ('train', 'eval', 'test'):
-      split = dc.get(f'{role}_split', '')
-      if split:
-        arrays, _ = data.load_text_classification(dc.name, split, tokenizer_path=tokenizer,
-                                                  max_len=dc.max_len, data_dir=dc.get('data_dir') or None)
-        arrays = {k: arrays[k] for k in ('input_ids', 'attention_mask')}
-        limit = dc.get('limit', 0)
-        splits[role] = {k: v[:limit] for k, v in arrays.items()} if limit else arrays
-    return splits
-
-  # Every parameter but the adapters is frozen for LLaMA (no task head).
-  return ModelAndData(model=model, params=params,
-                      forward_loss=steps.ForwardLoss(_llama_forward(model), lm_loss),
-                      forward_with=_llama_forward, predictions=lm_predictions,
-                      metric='next_token_accuracy', partition_rules=llama.partition_rules(),
-                      load_splits=load_splits,
-                      default_targets=llama.DEFAULT_TARGETS, head_pattern=None,
-                      metadata={'vocab_size': cfg.vocab_size})
+  """A decoder trained with the causal-LM loss: a checkpoint with its own tokenizer, or a
+  small random one on the bundled BBC News texts (MiniLM's tokenizer)."""
+  from glora_jax import data
+  data.splits(config.data.name)
+  family, model, params = build_model(config, 0)
+  load_splits = _tokenized_splits(config, family, ('input_ids', 'attention_mask'))
+  # Every parameter but the adapters is frozen (no task head).
+  return _model_and_data(config, family, model, params, lm_loss, lm_predictions,
+                         'next_token_accuracy', load_splits, None,
+                         {'vocab_size': model.config.vocab_size})
 
 
 BUILDERS = {'text_classification': text_classification,
