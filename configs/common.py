@@ -70,7 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = 'glora'  # glora | lora | surm | full | linear_probe
 
   c.model = ml_collections.ConfigDict()
+  # A model family (glora_jax/models/registry.py: a random init) or a bundled checkpoint
+  # ('minilm'). model.checkpoint: a directory transformers' or timm's save_pretrained
+  # wrote, whose config.json names the family (or a ViT weights file: .npz, safetensors).
   c.model.name = 'minilm'
+  c.model.checkpoint = ''
+  c.model.keep_layers = 0  # > 0 keeps a checkpoint's first N blocks (small test models)
   c.model.param_dtype = 'float32'
   c.model.frozen_dtype = 'float32'  # 'bfloat16' keeps the frozen backbone in bf16
   c.model.remat = 'none'  # per-layer remat: none | full | dots (models/common.py)

@@ -1,7 +1,8 @@
-"""GLoRA on a LLaMA decoder with the causal-LM loss. Without --config.model.checkpoint
-(a Hugging Face LLaMA directory: config.json, safetensors, tokenizer.json) a small
-random LLaMA is trained on the bundled BBC News texts with MiniLM's tokenizer.
-`:tiny` shrinks it for tests."""
+"""GLoRA on a decoder (Llama 1-3.x, Qwen2, Mistral) with the causal-LM loss. With
+--config.model.checkpoint=<dir> (a directory transformers' save_pretrained wrote:
+config.json, safetensors, tokenizer.json; its config.json names the family) the text is
+tokenised by its own tokenizer; without one a small random Llama trains on the bundled
+BBC News texts with MiniLM's tokenizer. `:tiny` shrinks it for tests."""
 from configs.common import base_config, parse_arg
 
 

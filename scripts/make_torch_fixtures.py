@@ -11,6 +11,20 @@ transformers and peft; the JAX side runs in this repo's .venv (or $GLORA_PYTHON)
 
     /tmp/torchenv/bin/python scripts/make_torch_fixtures.py --only peft
 
+The HF encoders the same way (the JAX side checks bert.to_hf): `--only encoders`.
+
+Only our ViT export read by timm's own loader, the same way, from a Python with torch,
+timm, numpy and safetensors:
+
+    /tmp/timmenv/bin/python scripts/make_torch_fixtures.py --only vit_export
+
+Every family's merged GLoRA export read by its real library: `--only exports`, from a
+Python with transformers (the HF families) and again from one with timm (ViT); each run
+replaces the record of the families whose library it has and keeps the others':
+
+    /tmp/torchenv/bin/python scripts/make_torch_fixtures.py --only exports
+    /tmp/timmenv/bin/python scripts/make_torch_fixtures.py --only exports
+
 It needs no network: MiniLM comes from `glora_jax.bundled.minilm_dir()`, the other
 models are small random float32 ones (seeded, so reruns give the same files on the
 same library versions). Written with torch 2.14.1, transformers 5.23.0,
@@ -24,9 +38,43 @@ sentence-transformers 6.2.0, timm 1.0.31.
                            pre_logits layer, like ImageNet-21k ViT-B_16.npz), loaded into
                            timm with timm's own npz loader at image 32 and at image 48
                            (timm resizes the position embedding bilinearly); logits stored
+  vit_timm_export/         (`--only vit_export`; torch 2.14.1, timm 1.0.31) our ViT from
+                           vit_timm.safetensors with a seeded random 7-class head (a head
+                           timm dropped would show), written by interop.to_state_dict
+                           (model.safetensors) and vit.to_timm (config.json, timm's hub
+                           format), then loaded by timm.create_model('local-dir:<dir>',
+                           pretrained=True). The script also checks that every name in
+                           vit.TIMM_ARCHITECTURES builds timm's plain VisionTransformer
+  vit_timm_export_reference.npz  images (NHWC), our logits, timm's logits of that load,
+                           max_abs_diff, versions
   llama_untied_sharded/    HF LlamaForCausalLM (GQA 4/2 heads), untied, sharded safetensors
   llama_tied_bias/         the same with tied embeddings, attention_bias and mlp_bias
   llama_reference.npz      input ids, mask, logits and masked loss of both
+  hf_llama3/ hf_llama32/ hf_llama_linear/ hf_qwen2/ hf_mistral/  (`--only decoders`; torch
+                           2.13.0, transformers 5.25.0, tokenizers 0.23.3) tiny random
+                           decoders written by save_pretrained (hidden 32, 2 layers, GQA 4/2,
+                           eager attention), each with a byte-level BPE tokenizer (vocab 400,
+                           the family's special tokens) that transformers wrote: Llama with
+                           rope llama3 reaching all three branches, untied; Llama 3.2 style
+                           (tied, head_dim 16, llama3 factor 32); Llama with rope linear x2;
+                           Qwen2 (tied, bias on q, k, v); Mistral (sliding_window 128 = max
+                           positions). The script also checks that transformers' window
+                           equals full attention for seq <= window, and that our
+                           llama.to_hf config.json gives the same model and logits
+  hf_decoders_reference.npz  per directory '<dir>/input_ids', '/attention_mask' (right
+                           padded), '/logits' (transformers'), '/inv_freq'; 'texts', 'versions'
+  hf_bert/ hf_roberta/     (`--only encoders`; torch 2.13.0, transformers 5.25.0, tokenizers
+                           0.23.3) a tiny random BertModel (pooler included, type_vocab_size
+                           2) and RobertaModel (pad_token_id 1, type_vocab_size 1, 34 position
+                           rows for 32 tokens), hidden 32, 2 layers, 4 heads, written by
+                           save_pretrained with a tokenizer transformers wrote: WordPiece
+                           BertTokenizerFast (vocab 203), byte-level BPE RobertaTokenizerFast
+                           (vocab 500). The script also checks that our bert.to_hf
+                           config.json gives transformers the same model and outputs
+  hf_encoders_reference.npz  per directory '<dir>/input_ids', '/attention_mask' (right padded
+                           to 32), '/last_hidden_state' (transformers'), '/texts'; hf_bert
+                           also '/token_type_ids' and '/pairs' (its last two rows are
+                           sentence pairs); 'versions'
   peft_minilm_lora/        a real PEFT LoRA adapter (r 2, alpha 6, target_modules query, key,
                            value, dense: all 36 Linear layers, random nonzero lora_A and
                            lora_B) with modules_to_save ['head'], on MiniLM with our head
@@ -39,6 +87,21 @@ sentence-transformers 6.2.0, timm 1.0.31.
                            PEFT's files, per LoRA mode; export_max_abs_diff: PEFT reading ours)
                            A rerun writes the same tensors; PEFT writes target_modules from a
                            set, so their order in adapter_config.json may change.
+  merged_exports_reference.npz  (`--only exports`; torch 2.13.0, transformers 5.25.0,
+                           tokenizers 0.23.3; ViT torch 2.14.1, timm 1.0.31) for hf_bert,
+                           hf_roberta, hf_llama3, hf_llama32, hf_qwen2, hf_mistral and
+                           vit_timm_export: `merged_export` (GLoRA ranks (2,), seeded values
+                           0.05 N(0, 1), all five supports on in every layer, so C and E give
+                           bias-less layers biases; Qwen2 and Mistral become Llamas) written
+                           by interop.save_pretrained, then loaded by AutoModel (encoders:
+                           last_hidden_state) / AutoModelForCausalLM (eager) with the copied
+                           AutoTokenizer, or timm's local-dir loader. Per directory '/ours'
+                           (our merged outputs on export_inputs), '/library' (the library's),
+                           '/library_vs_ours', '/library_vs_adapted' (max abs differences;
+                           adapted: peft.forward), '/built' (the class the library built),
+                           '/written' (config.json's class), '/seed', '/versions'; 'ranks',
+                           'scale', 'subnet'. tests/test_interop_exports.py rebuilds each
+                           merge and checks today's outputs against both
 """
 from __future__ import annotations
 
@@ -48,7 +111,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -75,7 +137,8 @@ def _randomize(module, seed: int, scale: float = 0.1) -> None:
     for name, p in module.named_parameters():
       noise = torch.randn(p.shape, generator=gen) * scale
       p.copy_(1.0 + noise if name.endswith(('norm1.weight', 'norm2.weight', 'norm.weight',
-                                              'layernorm.weight')) else noise * 3)
+                                              'layernorm.weight', 'LayerNorm.weight'))
+              else noise * 3)
 
 
 def make_minilm() -> None:
@@ -172,6 +235,92 @@ def make_vit() -> None:
            npz_logits32=logits[32], npz_logits48=logits[48])
 
 
+# --------------------------------------------------------------------------- #
+# Our ViT export, read by timm's own loader. The torch side runs here; the JAX side
+# (`_jax_vit_export`) in a Python with glora_jax, as a subprocess.
+# --------------------------------------------------------------------------- #
+
+# Neither vit_timm.safetensors' 10 nor timm's default 1000: a head timm drops shows.
+VIT_EXPORT_CLASSES = 7
+
+
+def make_vit_export() -> None:
+  import timm
+  import torch
+  from safetensors.numpy import load_file
+
+  export_dir = OUT / 'vit_timm_export'
+  images = np.random.default_rng(10).standard_normal((3, 32, 32, 3)).astype(np.float32)  # NHWC
+  with tempfile.TemporaryDirectory() as tmp:
+    np.save(pathlib.Path(tmp) / 'images.npy', images)
+    subprocess.run([_jax_python(), str(pathlib.Path(__file__).resolve()), '--jax_vit_export', tmp],
+                   cwd=ROOT, check=True)
+    ours = np.load(pathlib.Path(tmp) / 'ours.npy')
+    architectures = json.loads((pathlib.Path(tmp) / 'architectures.json').read_text())
+  _check_timm_architectures(architectures)
+
+  model = timm.create_model(f'local-dir:{export_dir}', pretrained=True).eval()
+  # timm drops a checkpoint's head without a word when class counts disagree.
+  head = load_file(str(export_dir / 'model.safetensors'))['head.weight']
+  assert model.num_classes == VIT_EXPORT_CLASSES, model.num_classes
+  assert np.array_equal(model.head.weight.detach().numpy(), head), 'timm dropped the head'
+  with torch.no_grad():
+    timm_logits = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+  diff = float(np.abs(ours - timm_logits).max())
+  versions = f'torch {torch.__version__}, timm {timm.__version__}'
+  np.savez(OUT / 'vit_timm_export_reference.npz', images=images, our_logits=ours,
+           timm_logits=timm_logits, max_abs_diff=np.float64(diff), versions=np.asarray(versions))
+  print(f'ViT export ({versions}): timm logits vs ours, max abs diff {diff:.3g}')
+
+
+def _check_timm_architectures(architectures: dict[str, dict]) -> None:
+  """Each name vit.TIMM_ARCHITECTURES lists builds, in timm, the plain VisionTransformer
+  of its shapes: same modules (repr: layers, norms, eps) and pooling. Built on the meta
+  device, so the giant ones cost nothing."""
+  import timm
+  import torch
+  from timm.models.vision_transformer import VisionTransformer
+
+  for name, shapes in architectures.items():
+    with torch.device('meta'):
+      # num_classes given: the registry's default tag may be a headless one (dino: 0).
+      built = timm.create_model(name, num_classes=10)
+      plain = VisionTransformer(**shapes, num_classes=10)
+    same = lambda m: (repr(m), m.global_pool, m.num_prefix_tokens, tuple(m.pos_embed.shape))
+    assert same(built) == same(plain), f'timm {name} is not the plain ViT of {shapes}'
+
+
+def _jax_vit_export(tmp: str) -> None:
+  """The JAX side of make_vit_export (runs in a Python with glora_jax, not torch):
+  writes vit_timm_export/ (our ViT, a seeded random head) and our logits."""
+  import jax.numpy as jnp
+  from safetensors import numpy as st_numpy
+
+  from glora_jax import interop
+  from glora_jax.models import vit
+
+  tmp = pathlib.Path(tmp)
+  config = vit.ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                         mlp_dim=128, num_classes=VIT_EXPORT_CLASSES)
+  rng = np.random.default_rng(11)
+  head = {'kernel': 0.3 * rng.standard_normal((32, VIT_EXPORT_CLASSES)),
+          'bias': 0.3 * rng.standard_normal(VIT_EXPORT_CLASSES)}
+  params = {**vit.load_timm(OUT / 'vit_timm.safetensors', config),
+            'head': {k: jnp.asarray(v, jnp.float32) for k, v in head.items()}}
+  model = vit.VisionTransformer(config)
+  export_dir = OUT / 'vit_timm_export'
+  shutil.rmtree(export_dir, ignore_errors=True)
+  export_dir.mkdir(parents=True)
+  state = interop.to_state_dict(model, params)
+  st_numpy.save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
+                     str(export_dir / 'model.safetensors'), metadata={'format': 'pt'})
+  (export_dir / 'config.json').write_text(json.dumps(vit.to_timm(config, jnp.float32), indent=2)
+                                          + '\n')
+  logits = model.apply({'params': params}, jnp.asarray(np.load(tmp / 'images.npy')))
+  np.save(tmp / 'ours.npy', np.asarray(logits, np.float32))
+  (tmp / 'architectures.json').write_text(json.dumps(vit.TIMM_ARCHITECTURES))
+
+
 def _save_llama(name: str, seed: int, max_shard_size: str | None, **overrides):
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
@@ -211,6 +360,325 @@ def make_llama() -> None:
     out[f'{name}_logits'] = res.logits.numpy().astype(np.float32)
     out[f'{name}_loss'] = np.float32(res.loss.item())
   np.savez(OUT / 'llama_reference.npz', **out)
+
+
+# --------------------------------------------------------------------------- #
+# HF decoders: tiny random Llama 3 / 3.2 (rope llama3), Llama (rope linear), Qwen2 and
+# Mistral, each with a byte-level BPE tokenizer that transformers wrote, and
+# transformers' logits on a right-padded batch.
+# --------------------------------------------------------------------------- #
+
+DECODER_LINES = SENTENCES + [
+    'The quick brown fox jumps over the lazy dog.',
+    'Markets rallied while bonds slipped as traders weighed the central bank minutes.',
+    'Rain delayed the cricket match, so fans queued for tea and sandwiches instead.',
+]
+DECODER_TEXTS = SENTENCES[:3]  # 'Hello world!' is padded; 3 rows keep the logits ~130 KB each
+DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, attn_implementation='eager')
+# Special tokens as each family's tokenizer has them (bos None: none is added); the pad
+# token is what fine-tuning scripts set, since the families define none (Llama 3.1's
+# reserved <|finetune_right_pad_id|> aside).
+DECODER_TOKENS = {
+    'llama3': dict(bos='<|begin_of_text|>', eos='<|end_of_text|>', pad='<|finetune_right_pad_id|>'),
+    'qwen2': dict(bos=None, eos='<|endoftext|>', pad='<|endoftext|>',
+                  more=['<|im_start|>', '<|im_end|>']),
+    'mistral': dict(bos='<s>', eos='</s>', pad='</s>', unk='<unk>'),
+}
+# Scaled rope with head_dim 8 (16): wavelengths 2 pi 10^(k/2) reach every llama3 branch for
+# original_max_position_embeddings 1024 (high-frequency below 256, low above 1024,
+# smoothed between; checked below), so that DECODER_TEXTS' few positions feel each one.
+LLAMA3_ROPE = dict(rope_type='llama3', rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=1024)
+DECODERS = {  # directory: (model class, tokens, seed, config)
+    'hf_llama3': ('LlamaForCausalLM', 'llama3', 20,
+                  dict(tie_word_embeddings=False, max_position_embeddings=2048,
+                       rope_parameters=LLAMA3_ROPE)),
+    'hf_llama32': ('LlamaForCausalLM', 'llama3', 21,
+                   dict(tie_word_embeddings=True, head_dim=16, rms_norm_eps=1e-5,
+                        max_position_embeddings=2048,
+                        rope_parameters={**LLAMA3_ROPE, 'factor': 32.0})),
+    'hf_llama_linear': ('LlamaForCausalLM', 'llama3', 22,
+                        dict(rope_parameters={'rope_type': 'linear', 'rope_theta': 10000.0,
+                                              'factor': 2.0})),
+    'hf_qwen2': ('Qwen2ForCausalLM', 'qwen2', 23,
+                 dict(tie_word_embeddings=True, rope_parameters={'rope_type': 'default',
+                                                                 'rope_theta': 1000000.0})),
+    'hf_mistral': ('MistralForCausalLM', 'mistral', 24,
+                   dict(sliding_window=128, rope_parameters={'rope_type': 'default',
+                                                             'rope_theta': 1000000.0})),
+}
+
+
+def _decoder_tokenizer(bos: str | None, eos: str, pad: str, unk: str | None = None,
+                       more: tuple[str, ...] = ()):
+  """A byte-level BPE PreTrainedTokenizerFast trained on DECODER_LINES, the family's
+  special tokens first; bos (when the family has one) added in front of every text."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  specials = list(dict.fromkeys(t for t in (unk, bos, eos, pad, *more) if t))
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(DECODER_LINES, trainers.BpeTrainer(
+      vocab_size=400, special_tokens=specials,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  if bos:
+    tok.post_processor = processors.TemplateProcessing(
+        single=f'{bos} $A', pair=f'{bos} $A {bos} $B', special_tokens=[(bos, tok.token_to_id(bos))])
+  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                 pad_token=pad, unk_token=unk, padding_side='right')
+
+
+def _check_llama3_branches(rope: dict, head_dim: int) -> None:
+  """Every branch of transformers' _compute_llama3_parameters occurs for this head_dim."""
+  inv_freq = 1.0 / rope['rope_theta'] ** (np.arange(0, head_dim, 2) / head_dim)
+  wavelen, old = 2 * np.pi / inv_freq, rope['original_max_position_embeddings']
+  high, low = wavelen < old / rope['high_freq_factor'], wavelen > old / rope['low_freq_factor']
+  assert high.any() and low.any() and (~high & ~low).any(), f'a llama3 branch is missing: {wavelen}'
+
+
+def _check_sliding_window_boundary() -> None:
+  """transformers' Mistral window equals full causal attention for seq <= window, and
+  not beyond: the bound LlamaForCausalLM refuses at."""
+  import torch
+  from transformers import MistralConfig, MistralForCausalLM
+
+  window, logits = 5, {}
+  for sliding in (window, None):
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=50, sliding_window=sliding,
+                                             **DECODER)).eval()
+    _randomize(model, seed=1)
+    with torch.no_grad():
+      logits[sliding] = model(torch.arange(window + 1)[None] % 50).logits[0]
+  assert torch.equal(logits[window][:window], logits[None][:window]), 'differs within the window'
+  assert not torch.allclose(logits[window][window], logits[None][window]), 'no window at seq + 1'
+
+
+def make_decoders() -> None:
+  import tokenizers
+  import torch
+  import transformers
+  from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+  _check_sliding_window_boundary()
+  out = {}
+  for name, (cls_name, tokens, seed, overrides) in DECODERS.items():
+    tokenizer = _decoder_tokenizer(**DECODER_TOKENS[tokens])
+    ids = {f'{k}_token_id': tokenizer.convert_tokens_to_ids(t) if t else None
+           for k, t in DECODER_TOKENS[tokens].items() if k in ('bos', 'eos', 'pad')}
+    config = AutoConfig.for_model(cls_name.replace('ForCausalLM', '').lower(),
+                                  vocab_size=len(tokenizer), **ids, **{**DECODER, **overrides})
+    if config.rope_parameters['rope_type'] == 'llama3':
+      _check_llama3_branches(config.rope_parameters, config.head_dim)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(config).eval()
+    _randomize(model, seed=seed + 100)
+    path = OUT / name
+    shutil.rmtree(path, ignore_errors=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    # What transformers reads back from the directory, not the objects that wrote it.
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation='eager').eval()
+    assert type(model).__name__ == cls_name, type(model).__name__
+    enc = tokenizer(DECODER_TEXTS, padding=True, return_tensors='np')
+    assert enc['attention_mask'].min() == 0, 'no padding in the reference rows'
+    with torch.no_grad():
+      logits = model(input_ids=torch.from_numpy(enc['input_ids']),
+                     attention_mask=torch.from_numpy(enc['attention_mask'])).logits
+    out[f'{name}/input_ids'] = enc['input_ids'].astype(np.int32)
+    out[f'{name}/attention_mask'] = enc['attention_mask'].astype(np.int32)
+    out[f'{name}/logits'] = logits.numpy().astype(np.float32)
+    out[f'{name}/inv_freq'] = model.model.rotary_emb.inv_freq.numpy().astype(np.float32)
+    _check_decoder_to_hf(path, model, enc, logits)
+  out['texts'] = np.asarray(DECODER_TEXTS)
+  versions = (f'torch {torch.__version__}, transformers {transformers.__version__}, '
+              f'tokenizers {tokenizers.__version__}')
+  np.savez(OUT / 'hf_decoders_reference.npz', **out, versions=np.asarray(versions))
+  print(f'decoder fixtures ({versions})')
+
+
+def _check_decoder_to_hf(path: pathlib.Path, model, enc, logits) -> None:
+  """transformers reads our llama.to_hf config.json (written by the JAX Python) as the
+  same model: same class, same config values, the same logits."""
+  import torch
+  from transformers import AutoModelForCausalLM
+  config = json.loads(subprocess.check_output(
+      [_jax_python(), '-c', 'import json, sys; from glora_jax.models import llama; '
+       'print(json.dumps(llama.to_hf(llama.load_llama(sys.argv[1])[0])))', str(path)],
+      cwd=ROOT, text=True))
+  with tempfile.TemporaryDirectory() as tmp:
+    shutil.copy(path / 'model.safetensors', tmp)
+    pathlib.Path(tmp, 'config.json').write_text(json.dumps(config))
+    ours = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation='eager').eval()
+  assert type(ours) is type(model), f'to_hf gave {type(ours).__name__}, not {type(model).__name__}'
+  ignored = ('bos_token_id', 'eos_token_id', 'pad_token_id', '_name_or_path', 'architectures')
+  theirs = {k: v for k, v in model.config.to_dict().items() if k not in ignored}
+  mine = {k: v for k, v in ours.config.to_dict().items() if k not in ignored}
+  assert mine == theirs, {k: (mine.get(k), theirs.get(k)) for k in set(mine) | set(theirs)
+                          if mine.get(k) != theirs.get(k)}
+  with torch.no_grad():
+    again = ours(input_ids=torch.from_numpy(enc['input_ids']),
+                 attention_mask=torch.from_numpy(enc['attention_mask'])).logits
+  assert torch.equal(again, logits), 'to_hf config gives other logits'
+
+
+# --------------------------------------------------------------------------- #
+# HF encoders: tiny random BertModel and RobertaModel, each with a tokenizer that
+# transformers wrote, and transformers' last_hidden_state on padded batches.
+# --------------------------------------------------------------------------- #
+
+ENCODER_LINES = SENTENCES + [
+    'Markets rallied while bonds slipped as traders weighed the central bank minutes.',
+    'The quick brown fox jumps over the lazy dog.',
+    'Scientists said the new telescope would photograph distant galaxies next year.',
+    'Rain delayed the cricket match, so fans queued for tea and sandwiches instead.',
+    'Engineers expect electric cars to outsell petrol models within a decade.',
+    'The orchestra performed a symphony by Mahler before an audience of thousands.',
+    'Doctors warned that winter flu cases could overwhelm several hospitals.',
+    'Farmers harvested apples early because the summer had been unusually warm and dry.',
+    'Voters queued outside polling stations from seven in the morning.',
+]
+# Words the vocabularies never saw (split into pieces) and a character BERT's lacks ([UNK]).
+ENCODER_TEXTS = SENTENCES[:3] + ['Zebras jogged \u2603 quietly.']
+ENCODER_PAIRS = [(SENTENCES[0], SENTENCES[1]), ('Hello world!', 'Broadband prices fell.')]
+ENCODER_LEN = 32  # reference inputs are padded to this; RoBERTa's table has 2 rows more
+ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               attn_implementation='eager')
+
+
+def _bert_tokenizer():
+  """A WordPiece BertTokenizerFast: BERT's normaliser, pre-tokenizer and template.
+
+  The vocabulary is every word, character and '##'-character of ENCODER_LINES as BERT's
+  pre-tokenizer splits them, plus a few suffixes: tokenizers' WordPieceTrainer breaks
+  ties in hash order, so a trained vocabulary changes from run to run."""
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+  from transformers import BertTokenizerFast
+
+  normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+  words = sorted({w for line in ENCODER_LINES
+                  for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(line))})
+  chars = sorted({c for w in words for c in w})
+  tokens = (['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + chars + [f'##{c}' for c in chars]
+            + ['##s', '##ed', '##ing', '##ly', '##er'] + words)
+  vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+  tok = Tokenizer(models.WordPiece(vocab, unk_token='[UNK]'))
+  tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
+  tok.post_processor = processors.TemplateProcessing(
+      single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
+      special_tokens=[('[CLS]', vocab['[CLS]']), ('[SEP]', vocab['[SEP]'])])
+  return BertTokenizerFast(tokenizer_object=tok)
+
+
+def _roberta_tokenizer():
+  """A byte-level BPE RobertaTokenizerFast trained on ENCODER_LINES, RoBERTa's special
+  tokens at RoBERTa's ids (<s> 0, <pad> 1, </s> 2, <unk> 3) and <mask>."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  from transformers import RobertaTokenizerFast
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(ENCODER_LINES, trainers.BpeTrainer(
+      vocab_size=500, special_tokens=['<s>', '<pad>', '</s>', '<unk>', '<mask>'],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  tok.post_processor = processors.RobertaProcessing(('</s>', 2), ('<s>', 0), add_prefix_space=False)
+  return RobertaTokenizerFast(tokenizer_object=tok)
+
+
+def _save_encoder(name: str, model_cls, config, tokenizer, seed: int) -> pathlib.Path:
+  import torch
+  torch.manual_seed(seed)
+  model = model_cls(config).eval()
+  _randomize(model, seed=seed + 100)
+  path = OUT / name
+  shutil.rmtree(path, ignore_errors=True)
+  model.save_pretrained(str(path), safe_serialization=True)
+  tokenizer.save_pretrained(str(path))
+  return path
+
+
+def _encoder_inputs(tokenizer, texts, pairs=()) -> dict[str, np.ndarray]:
+  """Right-padded to ENCODER_LEN: the texts' rows, then the pairs'."""
+  rows = [(t,) for t in texts] + [tuple(p) for p in pairs]
+  out = {}
+  for batch in ([r for r in rows if len(r) == 1], [r for r in rows if len(r) == 2]):
+    if not batch:
+      continue
+    columns = [list(c) for c in zip(*batch)]
+    longest = max(len(ids) for ids in tokenizer(*columns)['input_ids'])
+    assert longest <= ENCODER_LEN, f'a reference row has {longest} tokens, over {ENCODER_LEN}'
+    enc = tokenizer(*columns, padding='max_length', max_length=ENCODER_LEN, return_tensors='np')
+    for k, v in enc.items():
+      out[k] = np.concatenate([out[k], v]) if k in out else v
+  return {k: v.astype(np.int32) for k, v in out.items()}
+
+
+def _last_hidden_state(model, inputs) -> np.ndarray:
+  import torch
+  with torch.no_grad():
+    out = model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in inputs.items()})
+  return out.last_hidden_state.numpy().astype(np.float32)
+
+
+def make_encoders() -> None:
+  import tokenizers
+  import torch
+  import transformers
+  from transformers import (AutoModel, AutoTokenizer, BertConfig, BertModel, RobertaConfig,
+                            RobertaModel)
+
+  bert_tok, roberta_tok = _bert_tokenizer(), _roberta_tokenizer()
+  _save_encoder('hf_bert', BertModel, BertConfig(vocab_size=len(bert_tok), type_vocab_size=2,
+                                                 max_position_embeddings=ENCODER_LEN, **ENCODER),
+                bert_tok, seed=10)
+  _save_encoder('hf_roberta', RobertaModel, RobertaConfig(
+      vocab_size=len(roberta_tok), type_vocab_size=1, pad_token_id=1, bos_token_id=0,
+      eos_token_id=2, layer_norm_eps=1e-5, max_position_embeddings=ENCODER_LEN + 2, **ENCODER),
+                roberta_tok, seed=11)
+  out = {}
+  for name, texts, pairs in (('hf_bert', ENCODER_TEXTS, ENCODER_PAIRS),
+                             ('hf_roberta', ENCODER_TEXTS, ())):
+    # What transformers reads back from the directory, not the objects that wrote it.
+    path = OUT / name
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModel.from_pretrained(str(path), attn_implementation='eager').eval()
+    inputs = _encoder_inputs(tokenizer, texts, pairs)
+    assert inputs['attention_mask'].min() == 0, 'no padding in the reference rows'
+    hidden = _last_hidden_state(model, inputs)
+    _check_to_hf(path, model, inputs, hidden)
+    out.update({f'{name}/{k}': v for k, v in inputs.items()})
+    out[f'{name}/texts'] = np.asarray(texts)
+    if pairs:
+      out[f'{name}/pairs'] = np.asarray(pairs)
+    out[f'{name}/last_hidden_state'] = hidden
+  versions = (f'torch {torch.__version__}, transformers {transformers.__version__}, '
+              f'tokenizers {tokenizers.__version__}')
+  np.savez(OUT / 'hf_encoders_reference.npz', **out, versions=np.asarray(versions))
+  print(f'encoder fixtures ({versions})')
+
+
+def _check_to_hf(path: pathlib.Path, model, inputs, hidden) -> None:
+  """transformers reads our bert.to_hf config.json (written by the JAX Python) as the same model."""
+  from transformers import AutoModel
+  config = json.loads(subprocess.check_output(
+      [_jax_python(), '-c', 'import json, sys; from glora_jax.models import bert; '
+       'print(json.dumps(bert.to_hf(bert.load_bert(sys.argv[1])[0])))', str(path)],
+      cwd=ROOT, text=True))
+  with tempfile.TemporaryDirectory() as tmp:
+    shutil.copy(path / 'model.safetensors', tmp)
+    pathlib.Path(tmp, 'config.json').write_text(json.dumps(config))
+    ours = AutoModel.from_pretrained(tmp, attn_implementation='eager').eval()
+  assert type(ours) is type(model), f'to_hf gave {type(ours).__name__}, not {type(model).__name__}'
+  # transformers 5 keeps the position_embedding_type that to_hf writes for 4.x, unused.
+  theirs = {k: v for k, v in ours.config.to_diff_dict().items() if k != 'position_embedding_type'}
+  assert theirs == model.config.to_diff_dict(), (
+      f'to_hf config differs: {theirs} != {model.config.to_diff_dict()}')
+  np.testing.assert_array_equal(_last_hidden_state(ours, inputs), hidden)
 
 
 # --------------------------------------------------------------------------- #
@@ -367,17 +835,212 @@ def _jax_peft(tmp: str) -> None:
   np.savez(tmp / 'ours.npz', **out)
 
 
+# --------------------------------------------------------------------------- #
+# Merged GLoRA exports, read by the real libraries. `merged_export` (JAX only: the
+# tests import it from this file, so this module imports no torch at its top) builds
+# and writes one family's merge; make_exports loads each in transformers or timm.
+# --------------------------------------------------------------------------- #
+
+# Fixture directory (a model the real library wrote): seed of its GLoRA values.
+EXPORT_SEEDS = {'hf_bert': 30, 'hf_roberta': 31, 'hf_llama3': 32, 'hf_llama32': 33,
+                'hf_qwen2': 34, 'hf_mistral': 35, 'vit_timm_export': 36}
+EXPORT_ENCODERS = ('hf_bert', 'hf_roberta')
+EXPORT_RANKS = (2,)
+EXPORT_SCALE = 0.05
+# Every support on in every layer. C and E give bias-less layers biases, the case that
+# changes the written layout (Llama's bias flags switch on; Qwen2 and Mistral, whose
+# configs cannot hold o_proj or MLP biases, are written as Llamas); A and B change the
+# kernels, D the biases that exist.
+EXPORT_SUBNET = {'A': 'lora_2', 'B': 'lora_2', 'C': 'lora_2', 'D': 'vector', 'E': 'vector'}
+
+
+def export_inputs(directory: str) -> tuple[tuple, dict]:
+  """(args, kwargs) as numpy: the inputs the fixture's own reference outputs were
+  recorded on (BERT: token_type_ids too, its last rows are sentence pairs)."""
+  if directory in DECODERS:
+    ref = np.load(OUT / 'hf_decoders_reference.npz')
+    return (ref[f'{directory}/input_ids'], ref[f'{directory}/attention_mask']), {}
+  if directory in EXPORT_ENCODERS:
+    ref = np.load(OUT / 'hf_encoders_reference.npz')
+    kwargs = ({'token_type_ids': ref[f'{directory}/token_type_ids']}
+              if f'{directory}/token_type_ids' in ref.files else {})
+    return (ref[f'{directory}/input_ids'], ref[f'{directory}/attention_mask']), kwargs
+  return (np.load(OUT / 'vit_timm_export_reference.npz')['images'],), {}
+
+
+def merged_export(directory: str, out=None, adapted: bool = True) -> dict:
+  """One family's merge, built in JAX from the fixture `directory`: GLoRA of
+  EXPORT_RANKS on the family's default targets, every value EXPORT_SCALE * N(0, 1)
+  from EXPORT_SEEDS[directory], EXPORT_SUBNET in every layer, folded by
+  peft.merge_model. Returns {'model': the merged module, 'ours': its outputs on
+  export_inputs, 'adapted': peft.forward's (unless adapted=False)}; `out`: where
+  interop.save_pretrained writes it, the fixture's tokenizer files along."""
+  import jax
+  import jax.numpy as jnp
+
+  from glora_jax import interop, peft
+  from glora_jax.adapters import glora
+  from glora_jax.models import registry
+
+  model, params = interop.load_pretrained(OUT / directory)
+  adapters = peft.attach(params, glora.family(ranks=EXPORT_RANKS),
+                         targets=registry.of_model(model).default_targets)
+  rng = np.random.default_rng(EXPORT_SEEDS[directory])
+  adapters = adapters.replace(params=jax.tree.map(
+      lambda x: jnp.asarray(EXPORT_SCALE * rng.standard_normal(x.shape), x.dtype),
+      adapters.params))
+  names, family = adapters.spec.support_names[0], adapters.spec.layers[0].family
+  subnet = np.zeros(adapters.spec.num_options.shape, np.int32)
+  for support, option in EXPORT_SUBNET.items():
+    subnet[:, names.index(support)] = family.options(support).index(option)
+  merged_model, merged = peft.merge_model(model, params, adapters, subnet)
+  args, kwargs = export_inputs(directory)
+  result = {'model': merged_model, 'ours': np.asarray(jax.jit(
+      lambda p: merged_model.apply({'params': p}, *args, **kwargs))(merged), np.float32)}
+  if adapted:
+    result['adapted'] = np.asarray(jax.jit(
+        lambda p, a: peft.forward(model, p, a, subnet, *args, **kwargs))(params, adapters),
+                                   np.float32)
+  if out is not None:
+    interop.save_pretrained(out, merged_model, merged, copy_files_from=OUT / directory)
+  return result
+
+
+def written_class(path) -> str:
+  """The class a written config.json names: HF 'architectures', timm 'architecture'."""
+  config = json.loads((pathlib.Path(path) / 'config.json').read_text())
+  return config['architectures'][0] if 'architectures' in config else config['architecture']
+
+
+def make_exports() -> None:
+  """Each family's merge (merged_export), loaded by its real library from the files we
+  wrote; the record (merged_exports_reference.npz) keeps both sides' outputs. A family
+  whose library this Python lacks (timm for ViT, transformers for the rest) keeps the
+  record it has."""
+  import importlib.util
+
+  has = {lib: importlib.util.find_spec(lib) is not None for lib in ('transformers', 'timm')}
+  directories = [d for d in EXPORT_SEEDS
+                 if has['timm' if d == 'vit_timm_export' else 'transformers']]
+  if not directories:
+    raise SystemExit('--only exports needs transformers (HF families) or timm (ViT) in this '
+                     'Python')
+  path = OUT / 'merged_exports_reference.npz'
+  record = dict(np.load(path)) if path.exists() else {}
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = pathlib.Path(tmp)
+    (tmp / 'directories.json').write_text(json.dumps(directories))
+    subprocess.run([_jax_python(), str(pathlib.Path(__file__).resolve()), '--jax_exports',
+                    str(tmp)], cwd=ROOT, check=True)
+    ours = dict(np.load(tmp / 'ours.npz'))
+    for d in directories:
+      load = _timm_export_outputs if d == 'vit_timm_export' else _hf_export_outputs
+      theirs, built, versions = load(d, tmp / d)
+      record = {k: v for k, v in record.items() if not k.startswith(f'{d}/')}
+      record.update({
+          f'{d}/ours': ours[f'{d}/ours'], f'{d}/library': theirs,
+          f'{d}/library_vs_ours': np.float64(np.abs(theirs - ours[f'{d}/ours']).max()),
+          f'{d}/library_vs_adapted': np.float64(np.abs(theirs - ours[f'{d}/adapted']).max()),
+          f'{d}/built': np.asarray(built), f'{d}/written': np.asarray(written_class(tmp / d)),
+          f'{d}/seed': np.int64(EXPORT_SEEDS[d]), f'{d}/versions': np.asarray(versions)})
+      print(f"{d}: {built} (config.json {written_class(tmp / d)}), max |library - ours| "
+            f"{record[f'{d}/library_vs_ours']:.3g}, max |library - adapted| "
+            f"{record[f'{d}/library_vs_adapted']:.3g} ({versions})")
+  record.update(ranks=np.asarray(EXPORT_RANKS), scale=np.float64(EXPORT_SCALE),
+                subnet=np.asarray(json.dumps(EXPORT_SUBNET)))
+  np.savez(path, **record)
+
+
+def _hf_export_outputs(directory: str, path: pathlib.Path) -> tuple[np.ndarray, str, str]:
+  """(outputs, the class transformers built, versions) of our files: an encoder's
+  last_hidden_state by AutoModel, a decoder's logits by AutoModelForCausalLM (eager
+  attention). Every weight we wrote must be read (a bias it dropped would not show in
+  any shape), and the tokenizer we copied must encode the reference texts to the ids."""
+  import tokenizers
+  import torch
+  import transformers
+  from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+  encoder = directory in EXPORT_ENCODERS
+  auto = AutoModel if encoder else AutoModelForCausalLM
+  model, info = auto.from_pretrained(str(path), attn_implementation='eager',
+                                     output_loading_info=True)
+  model.eval()
+  assert not info['unexpected_keys'] and not info['mismatched_keys'], info
+  # Our encoders keep no pooler (mean pooling); last_hidden_state does not read it.
+  assert all(k.startswith('pooler.') for k in info['missing_keys']), info
+  built = type(model).__name__
+  assert built == written_class(path), f'config.json names {written_class(path)}, built {built}'
+  args, kwargs = export_inputs(directory)
+  inputs = {'input_ids': args[0], 'attention_mask': args[1], **kwargs}
+  tokenizer = AutoTokenizer.from_pretrained(str(path))
+  if encoder:
+    ref = np.load(OUT / 'hf_encoders_reference.npz')
+    pairs = ref[f'{directory}/pairs'] if f'{directory}/pairs' in ref.files else ()
+    encoded = _encoder_inputs(tokenizer, list(ref[f'{directory}/texts']), pairs)
+  else:
+    encoded = tokenizer(DECODER_TEXTS, padding=True, return_tensors='np')
+  for k, v in inputs.items():
+    np.testing.assert_array_equal(encoded[k], v, err_msg=f'{directory} tokenizer: {k}')
+  with torch.no_grad():
+    out = model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in inputs.items()})
+  outputs = out.last_hidden_state if encoder else out.logits
+  versions = (f'torch {torch.__version__}, transformers {transformers.__version__}, '
+              f'tokenizers {tokenizers.__version__}')
+  return outputs.numpy().astype(np.float32), built, versions
+
+
+def _timm_export_outputs(directory: str, path: pathlib.Path) -> tuple[np.ndarray, str, str]:
+  """(logits, the class timm built, versions) of our files, read by
+  timm.create_model('local-dir:<path>', pretrained=True) (strict: every weight read)."""
+  import timm
+  import torch
+  from safetensors.numpy import load_file
+
+  model = timm.create_model(f'local-dir:{path}', pretrained=True).eval()
+  head = load_file(str(path / 'model.safetensors'))['head.weight']
+  assert np.array_equal(model.head.weight.detach().numpy(), head), 'timm dropped the head'
+  (images,), _ = export_inputs(directory)
+  with torch.no_grad():
+    logits = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+  return logits.astype(np.float32), type(model).__name__, (f'torch {torch.__version__}, '
+                                                           f'timm {timm.__version__}')
+
+
+def _jax_exports(tmp: str) -> None:
+  """The JAX side of make_exports (runs in a Python with glora_jax, not torch):
+  writes tmp/<directory>/ and our merged and adapted outputs."""
+  tmp = pathlib.Path(tmp)
+  out = {}
+  for directory in json.loads((tmp / 'directories.json').read_text()):
+    built = merged_export(directory, tmp / directory)
+    out[f'{directory}/ours'], out[f'{directory}/adapted'] = built['ours'], built['adapted']
+  np.savez(tmp / 'ours.npz', **out)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--only', choices=('minilm', 'vit', 'llama', 'peft'), action='append',
+  parser.add_argument('--only', action='append',
+                      choices=('minilm', 'vit', 'vit_export', 'llama', 'peft', 'encoders',
+                               'decoders', 'exports'),
                       help='write only these fixtures (repeatable); default: all')
   parser.add_argument('--jax_peft', metavar='DIR', help=argparse.SUPPRESS)
+  parser.add_argument('--jax_vit_export', metavar='DIR', help=argparse.SUPPRESS)
+  parser.add_argument('--jax_exports', metavar='DIR', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.jax_peft:
     _jax_peft(args.jax_peft)
     return
+  if args.jax_vit_export:
+    _jax_vit_export(args.jax_vit_export)
+    return
+  if args.jax_exports:
+    _jax_exports(args.jax_exports)
+    return
   OUT.mkdir(parents=True, exist_ok=True)
-  makers = {'minilm': make_minilm, 'vit': make_vit, 'llama': make_llama, 'peft': make_peft}
+  makers = {'minilm': make_minilm, 'vit': make_vit, 'vit_export': make_vit_export,
+            'llama': make_llama, 'peft': make_peft, 'encoders': make_encoders,
+            'decoders': make_decoders, 'exports': make_exports}
   for name in args.only or makers:
     makers[name]()
   total = sum(p.stat().st_size for p in OUT.rglob('*') if p.is_file())

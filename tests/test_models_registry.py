@@ -4,7 +4,6 @@ that library's outputs; exports read back to the same model; lookups name what e
 a merge into a bias-less model comes with the model that reads it."""
 import functools
 import json
-import pathlib
 
 import chex
 import jax
@@ -12,16 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import family_parity
+from benchmarks.family_parity import FAMILY_OF, FIXTURES, reference
 from glora_jax import errors, interop, peft
 from glora_jax.adapters import glora
 from glora_jax.models import importers, plain, registry
-
-FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
-FAMILY_OF = {'hf_llama3': 'llama', 'hf_llama32': 'llama', 'hf_llama_linear': 'llama',
-             'hf_qwen2': 'qwen2', 'hf_mistral': 'mistral', 'hf_bert': 'bert',
-             'hf_roberta': 'roberta', 'vit_timm_export': 'vit'}
-DECODERS = ('hf_llama3', 'hf_llama32', 'hf_llama_linear', 'hf_qwen2', 'hf_mistral')
-ENCODERS = ('hf_bert', 'hf_roberta')
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -29,30 +23,12 @@ def apply(model, params, args, kwargs):
   return model.apply({'params': params}, *args, **kwargs)
 
 
-def reference(directory: str) -> tuple[tuple, dict, np.ndarray]:
-  """(model inputs, keyword inputs, the real library's outputs) of a fixture: logits
-  of a decoder or a ViT, an encoder's last hidden state (BERT: sentence pairs too)."""
-  if directory in DECODERS:
-    ref = np.load(FIXTURES / 'hf_decoders_reference.npz')
-    args = (ref[f'{directory}/input_ids'], ref[f'{directory}/attention_mask'])
-    return args, {}, ref[f'{directory}/logits']
-  if directory in ENCODERS:
-    ref = np.load(FIXTURES / 'hf_encoders_reference.npz')
-    args = (ref[f'{directory}/input_ids'], ref[f'{directory}/attention_mask'])
-    kwargs = ({'token_type_ids': ref['hf_bert/token_type_ids']} if directory == 'hf_bert' else {})
-    return args, kwargs, ref[f'{directory}/last_hidden_state']
-  ref = np.load(FIXTURES / 'vit_timm_export_reference.npz')
-  return (ref['images'],), {}, ref['timm_logits']
-
-
 @pytest.mark.parametrize('directory', sorted(FAMILY_OF))
 def test_load_pretrained_gives_the_real_librarys_outputs(directory):
-  args, kwargs, expected = reference(directory)
-  model, params = interop.load_pretrained(FIXTURES / directory)
+  model, _ = interop.load_pretrained(FIXTURES / directory)
   assert registry.of_model(model).name == FAMILY_OF[directory]
-  out = np.asarray(apply(model, params, args, kwargs))
-  # Relative to the outputs' scale: float32 sums in another order (float64 on both
-  # sides agree to 1e-13; tests/test_llama.py, test_bert.py).
+  out, expected = family_parity.outputs(directory)
+  # Relative to the outputs' scale: float32 sums in another order.
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 

@@ -1,3 +1,5 @@
 """Backbones as linen modules over plain {'params': ...} dicts, unaware of adapters:
-bert, vit, llama (each with importers and partition_rules), importers, common (remat, attention)."""
-from glora_jax.models import bert, common, importers, llama, vit
+registry (the model families by name), bert (BERT, RoBERTa), llama (Llama, Qwen2,
+Mistral), vit, plain (the plain model that reads merged params), importers, common
+(remat, attention)."""
+from glora_jax.models import bert, common, importers, llama, plain, registry, vit

@@ -96,8 +96,7 @@ def plain_model(model: nn.Module, params) -> tuple[nn.Module, dict]:
     unheld = set(flat) - set(expected_leaves(model))
     if not unheld or family.bias_fallback is None:
       break
-    model = model.clone(config=dataclasses.replace(model.config,
-                                                   model_type=family.bias_fallback))
+    model = model.clone(config=family.bias_fallback(model.config))
   params = unflatten(flat)
   check_fits(model, params)
   return model, params

@@ -45,9 +45,9 @@ class Family:
   `importers.invert`. inputs: a batch -> the module's positional and keyword inputs.
   new_config: a run's config.model fields -> the config of a randomly initialised
   model (tests, training from scratch). bias_flags: config field -> regex of the Dense
-  layer paths whose bias that field switches on; bias_fallback: the family of the same
-  module whose layout holds the biases this one cannot (the config's model_type is
-  switched to it). layer_path: regex whose group 1 is a repeated block's index."""
+  layer paths whose bias that field switches on; bias_fallback: config -> the config of
+  a family of the same module whose layout holds the biases this one cannot.
+  layer_path: regex whose group 1 is a repeated block's index."""
   name: str
   task: str  # the task its outputs serve
   library: str  # 'hf' (transformers) or 'timm': the export's folder name
@@ -69,7 +69,7 @@ class Family:
   depth_field: str
   dropout_fields: tuple[str, ...] = ()
   bias_flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
-  bias_fallback: str | None = None
+  bias_fallback: Callable[[Any], Any] | None = None
   export_files: tuple[str, ...] = ()
   optional: tuple[str, ...] = ()  # our paths an export may lack (a head not yet added)
   # (path, config, dtype) -> params of a weights file that is not a model directory
@@ -163,7 +163,18 @@ def _decoder_inputs(batch):
   return (batch['input_ids'], batch['attention_mask']), {}
 
 
-def _decoder(name: str, bias_flags: Mapping[str, str], bias_fallback: str | None) -> Family:
+def _as_llama(config: llama.LlamaConfig) -> llama.LlamaConfig:
+  """A Qwen2 or Mistral config as Llama's, whose flags hold o_proj and MLP biases. Llama
+  has no sliding window: one at least max_position_embeddings long cuts no sequence
+  within the model's positions and is dropped; a shorter one stays, and Llama's layout
+  refuses it with the reason."""
+  window = config.sliding_window
+  if window is not None and window >= config.max_position_embeddings:
+    window = None
+  return dataclasses.replace(config, model_type='llama', sliding_window=window)
+
+
+def _decoder(name: str, bias_flags: Mapping[str, str], bias_fallback) -> Family:
   def new_config(mc, max_len):
     # The bundled MiniLM tokenizer's vocabulary: a random decoder trains on its ids.
     return llama.LlamaConfig(
@@ -259,7 +270,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     _decoder('llama', _LLAMA_BIAS_FLAGS, None),
     # Qwen2 always has q/k/v biases and no flag for others; Mistral has no bias flag.
     # A merged layer's extra bias switches the written config to Llama's layout.
-    _decoder('qwen2', {}, 'llama'), _decoder('mistral', {}, 'llama'),
+    _decoder('qwen2', {}, _as_llama), _decoder('mistral', {}, _as_llama),
     _VIT)}
 # Checkpoints that ship with the install, by name: (family, directory).
 BUNDLED: dict[str, tuple[str, Callable[[], pathlib.Path]]] = {

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import pathlib
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,6 @@ from safetensors import numpy as st_numpy
 from glora_jax import data, errors, interop, peft
 from glora_jax.models import registry
 from glora_jax.models.plain import check_fits, expected_leaves, family_of, plain_model  # noqa: F401 (export API)
-from glora_jax.paths import natural_key
 
 MODEL_CONFIG = 'model_config.json'
 ORBAX_DIR = 'merged_params'

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
 from typing import Any, Callable
 
 import jax
@@ -74,9 +73,9 @@ def make_forward(family: registry.Family, model):
 
 
 def build_model(config, num_classes: int) -> tuple[registry.Family, Any, dict]:
-  """(family, module, params) of a run's config.model: a checkpoint (model.checkpoint,
-  or a bundled one named by model.name) or a random init of the family model.name
-  names. A classifier gets a fresh head of `num_classes` (a checkpoint's own head is
+  """(family, module, params) of a run's config.model: a checkpoint directory
+  (model.checkpoint, or a bundled one named by model.name), whose config.json names its
+  family, or a random init of the family model.name names. A classifier gets a fresh head of `num_classes` (a checkpoint's own head is
   not kept). config.model options: keep_layers (a checkpoint's first blocks), dropout,
   and the execution fields (remat, attention, attention_chunk) of families that have them."""
   mc = config.model
@@ -84,9 +83,7 @@ def build_model(config, num_classes: int) -> tuple[registry.Family, Any, dict]:
   directory = registry.checkpoint_dir(mc)
   if directory is not None:
     model, params = registry.load(directory, dtype)
-    family = registry.of_model(model)
-    if mc.name not in ('', family.name, *registry.BUNDLED):
-      raise ValueError(f"model.name is '{mc.name}' but {directory} holds a {family.name} model")
+    family = registry.of_model(model)  # the checkpoint's config.json names it, not model.name
     params = {k: v for k, v in params.items() if k != 'head'}
     if mc.get('keep_layers', 0):
       model, params = registry.keep_layers(family, model, params, mc.keep_layers)
