@@ -1,7 +1,10 @@
-"""Each model family against its real library: our outputs for the committed fixtures
-(tiny random checkpoints and the outputs transformers 5.25 / timm 1.0.31 recorded, by
-scripts/make_torch_fixtures.py), read through interop.load_pretrained. Prints the
-largest absolute difference and the outputs' scale per fixture; no torch needed.
+"""Each model family against its real library, both ways, from the committed fixtures
+(scripts/make_torch_fixtures.py; no torch needed here): (1) our outputs for the tiny
+checkpoints transformers 5.25 / timm 1.0.31 wrote, read through interop.load_pretrained,
+against the outputs the library recorded; (2) the record of `--only exports`: each
+family's merged GLoRA export (C and E on in every layer) read by the real library,
+against our merged and adapted outputs (tests/test_interop_exports.py checks that
+today's code still computes what was recorded).
 
     python benchmarks/family_parity.py
 """
@@ -50,6 +53,15 @@ def main() -> None:
     ours, expected = outputs(directory)
     print(f'| {directory} | {family} | {np.abs(ours - expected).max():.2g} | '
           f'{np.abs(expected).max():.3g} |')
+  record = np.load(FIXTURES / 'merged_exports_reference.npz')
+  print('\nMerged GLoRA exports read by the real library (the record of --only exports):\n')
+  print('| fixture | written as | built by the library | max abs library - merged | '
+        'max abs library - adapted | max abs output |')
+  print('|---|---|---|---:|---:|---:|')
+  for directory in sorted({k.split('/')[0] for k in record.files if '/' in k}):
+    r = lambda key: record[f'{directory}/{key}']
+    print(f"| {directory} | {r('written')} | {r('built')} | {float(r('library_vs_ours')):.2g} | "
+          f"{float(r('library_vs_adapted')):.2g} | {np.abs(r('library')).max():.3g} |")
 
 
 if __name__ == '__main__':
