@@ -84,3 +84,46 @@ def test_search_flags_are_searchconfig_fields_with_its_defaults():
               for f in dataclasses.fields(SearchConfig)}
   assert got['defaults'] == expected
   assert set(expected) <= set(got['own'])
+
+
+def _checkpoint(tmp_path, name, **config_changes):
+  """A copy of a fixture checkpoint with config.json fields replaced (None: removed)."""
+  src = ROOT / 'tests' / 'fixtures' / name
+  out = tmp_path / f'ckpt_{name}'
+  out.mkdir()
+  for file in src.iterdir():
+    (out / file.name).write_bytes(file.read_bytes())
+  config = json.loads((src / 'config.json').read_text())
+  config.update(config_changes)
+  (out / 'config.json').write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+  return out
+
+
+def _without(directory, name):
+  (directory / name).unlink()
+  return directory
+
+
+@pytest.mark.parametrize('config_file, make, expected', [
+    ('tiny_bbc_glora', lambda tmp: tmp / 'nothing_here',
+     'error: config: checkpoint {ckpt} does not exist'),
+    ('tiny_bbc_glora', lambda tmp: _checkpoint(tmp, 'hf_bert', model_type='gpt2'),
+     "error: config: {ckpt}/config.json: model_type 'gpt2' is not a known model family; known: "
+     "HF model_type ['bert', 'llama', 'mistral', 'qwen2', 'roberta']"),
+    ('tiny_bbc_glora', lambda tmp: _checkpoint(tmp, 'hf_qwen2'),
+     "error: config: model family 'qwen2' serves causal_lm; task is text_classification"),
+    ('llama_glora', lambda tmp: _checkpoint(tmp, 'hf_llama3', rope_parameters={
+        'rope_type': 'yarn', 'factor': 4.0, 'rope_theta': 10000.0}),
+     "error: config: {ckpt}/config.json: rope type 'yarn' is not supported; supported: "
+     "['default', 'linear', 'llama3']"),
+    ('llama_glora', lambda tmp: _without(_checkpoint(tmp, 'hf_llama3'), 'tokenizer.json'),
+     'error: config: {ckpt} has no tokenizer.json'),
+])
+def test_a_checkpoint_that_cannot_be_read_is_one_line(tmp_path, config_file, make, expected):
+  ckpt = make(tmp_path)
+  code, out, err = run('train.py', '--config', f'configs/{config_file}.py:tiny'
+                       if config_file == 'llama_glora' else f'configs/{config_file}.py',
+                       f'--config.model.checkpoint={ckpt}', '--workdir', str(tmp_path / 'run'))
+  assert code == 2 and out == ''
+  assert len(err) == 1 and err[0].startswith(expected.format(ckpt=ckpt)), err
+  assert not (tmp_path / 'run').exists()

@@ -357,8 +357,6 @@ def load(path, dtype=None) -> tuple[nn.Module, dict]:
 def load_file(family: Family, path, config, dtype) -> dict:
   """Params of a weights file (not a model directory) for a config built from the run's
   fields; only families with such files (ViT's .npz) have a reader."""
-  if not pathlib.Path(path).exists():
-    raise ValueError(f'checkpoint {path} does not exist')
   if family.load_file is None:
     raise ValueError(f"checkpoint {path} is a file; a {family.name} checkpoint is a directory "
                      "that transformers' save_pretrained wrote (config.json, *.safetensors)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
 from typing import Any, Callable
 
 import jax
@@ -75,11 +76,13 @@ def make_forward(family: registry.Family, model):
 def build_model(config, num_classes: int) -> tuple[registry.Family, Any, dict]:
   """(family, module, params) of a run's config.model: a checkpoint directory
   (model.checkpoint, or a bundled one named by model.name), whose config.json names its
-  family, or a random init of the family model.name names. A classifier gets a fresh head of `num_classes` (a checkpoint's own head is
-  not kept). config.model options: keep_layers (a checkpoint's first blocks), dropout,
+  family, or a random init of the family model.name names. A classifier gets a fresh
+  head of `num_classes` (a checkpoint's own head is not kept). config.model options: keep_layers (a checkpoint's first blocks), dropout,
   and the execution fields (remat, attention, attention_chunk) of families that have them."""
   mc = config.model
   dtype = _dtype(mc.get('param_dtype', 'float32'))
+  if mc.get('checkpoint', '') and not pathlib.Path(mc.checkpoint).exists():
+    raise ValueError(f'checkpoint {mc.checkpoint} does not exist')
   directory = registry.checkpoint_dir(mc)
   if directory is not None:
     model, params = registry.load(directory, dtype)
@@ -94,6 +97,8 @@ def build_model(config, num_classes: int) -> tuple[registry.Family, Any, dict]:
     params = None
     if mc.get('checkpoint', ''):  # a weights file, not a directory (family.load_file)
       params = registry.load_file(family, mc.checkpoint, model.config, dtype)
+  if family.task != config.task:
+    raise ValueError(f"model family '{family.name}' serves {family.task}; task is {config.task}")
   options = {f: mc[f] for f in registry.EXECUTION_FIELDS if f in mc
              and f in {x.name for x in dataclasses.fields(model.config)}}
   if mc.get('dropout', None) is not None:
@@ -103,8 +108,6 @@ def build_model(config, num_classes: int) -> tuple[registry.Family, Any, dict]:
     params = importers.cast(registry.init_params(model, config.seed), dtype)
   elif num_classes:
     params = {**params, 'head': family.init_head(model, jax.random.key(config.seed))}
-  if family.task != config.task:
-    raise ValueError(f"model family '{family.name}' serves {family.task}; task is {config.task}")
   return family, model, params
 
 
