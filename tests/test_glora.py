@@ -3,6 +3,8 @@ in test_lora.py."""
 import itertools
 import re
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,10 +78,9 @@ def all_choices(fam):
   return list(itertools.product(*[range(len(fam.options(s))) for s in fam.supports]))
 
 
-@pytest.mark.parametrize('d_in,d_out,share', [(16, 16, True), (16, 48, True), (48, 16, True),
-                                              (16, 48, False), (48, 16, False)])
-@pytest.mark.parametrize('with_bias', [True, False])
-def test_every_option_matches_numpy_reference(d_in, d_out, share, with_bias):
+def check_every_option(variant, d_in, d_out, share, with_bias):
+  """`variant(fam.delta)` against ref_glora for 60 random choices of the 900 and
+  every option of every support."""
   fam = glora.family(ranks=(2, 4), share_vectors=share)
   key = jax.random.key(0)
   p = random_params(fam, key, d_in, d_out)
@@ -87,7 +88,7 @@ def test_every_option_matches_numpy_reference(d_in, d_out, share, with_bias):
   b0 = np.asarray(jax.random.normal(jax.random.key(2), (d_out,)), np.float64) if with_bias else None
   kernel = jnp.asarray(w0.T, jnp.float32)
   bias = None if b0 is None else jnp.asarray(b0, jnp.float32)
-  delta = jax.jit(fam.delta)
+  delta = variant(fam.delta)
   np_p = jax.tree.map(lambda x: np.asarray(x, np.float64), p)
   choices = all_choices(fam)
   assert len(choices) == 5 * 5 * 4 * 3 * 3
@@ -107,6 +108,28 @@ def test_every_option_matches_numpy_reference(d_in, d_out, share, with_bias):
     np.testing.assert_allclose(np.asarray(kernel + dk).T, w_ref, rtol=1e-5, atol=1e-4, err_msg=str(named))
     b_got = np.asarray(db) + (0 if b0 is None else b0)
     np.testing.assert_allclose(b_got, b_ref, rtol=1e-5, atol=1e-4, err_msg=str(named))
+
+
+# (d_in, d_out, share_vectors, with_bias); eager calls cost ~30 ms each on CPU, so two
+# small layers also run op by op and the rest compiled only.
+LAYERS = [(16, 16, True), (16, 48, True), (48, 16, True), (16, 48, False), (48, 16, False)]
+CASES = [(*layer, with_bias) for with_bias in (True, False) for layer in LAYERS]
+EAGER_CASES = [(16, 48, True, True), (48, 16, False, False)]
+
+
+class EveryOptionTest(chex.TestCase):
+  """delta against the numpy reference, compiled and op by op: a pure function gives the
+  same answer under jit."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*EAGER_CASES)
+  def test_every_option_matches_numpy_reference(self, d_in, d_out, share, with_bias):
+    check_every_option(self.variant, d_in, d_out, share, with_bias)
+
+  @chex.variants(with_jit=True)
+  @parameterized.parameters(*[c for c in CASES if c not in EAGER_CASES])
+  def test_every_option_matches_numpy_reference_compiled(self, d_in, d_out, share, with_bias):
+    check_every_option(self.variant, d_in, d_out, share, with_bias)
 
 
 def test_default_space_has_432_choices_and_reference_counts():
@@ -167,7 +190,7 @@ def test_unshared_vectors_keep_costs_and_the_fingerprinted_repr():
   assert shared.option_costs((16, 48)) == own.option_costs((16, 48))
   assert repr(shared) == repr(own) and shared != own  # trainable shapes differ instead
   p = own.init(jax.random.key(0), (16, 48))
-  assert p['Cv'].shape == (16,) and p['Bv'].shape == (48,) and p['Ec'].shape == (1,)
+  chex.assert_shape([p['Cv'], p['Bv'], p['Ec']], [(16,), (48,), (1,)])
 
 
 def test_xavier_bounds_of_up_projections():
@@ -177,7 +200,7 @@ def test_xavier_bounds_of_up_projections():
   assert float(jnp.abs(p['Au']).max()) <= np.sqrt(6 / (4 + 300))
   assert float(jnp.abs(p['Au']).max()) > 0.9 * np.sqrt(6 / (4 + 300))
   assert float(jnp.abs(p['Cu']).max()) <= np.sqrt(6 / (4 + 1))
-  assert p['Au'].shape == (4, 300) and p['Ad'].shape == (200, 4) and p['Cd'].shape == (300, 4)
+  chex.assert_shape([p['Au'], p['Ad'], p['Cd']], [(4, 300), (200, 4), (300, 4)])
 
 
 @pytest.mark.parametrize('make', [lambda: glora.family(ranks=(0,)), lambda: glora.family(ranks=())])
@@ -222,6 +245,7 @@ def test_activation_gradients_equal_those_of_the_merged_layer(with_bias, share):
       choice = jnp.asarray([a] + [int(rng.integers(len(fam.options(s)))) for s in 'BCDE'], jnp.int32)
       (got, got_grads), (want, want_grads) = got_fn(p, x, kernel, choice), want_fn(p, x, kernel, choice)
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)  # a sum of 300 terms
+      chex.assert_tree_all_finite(want_grads)  # allclose passes NaN against NaN
       # float32 error grows with a leaf's largest entries (sums over terms of
       # that size, reordered by XLA per CPU), so atol scales with them.
       jax.tree.map(lambda g, w: np.testing.assert_allclose(

@@ -2,6 +2,8 @@
 modes agreeing, PEFT's initialisation, and rank checks."""
 import math
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,45 +32,51 @@ def test_lora_delta_matches_reference_and_activation_mode():
   assert fam.fixed_cost((16, 48)) == 4 * 64
 
 
-@pytest.mark.parametrize('rank,alpha,d_in,d_out', [(1, 1.0, 5, 7), (3, 16.0, 12, 6), (8, 8.0, 8, 8)])
-def test_weight_and_activation_modes_equal_the_numpy_layer(rank, alpha, d_in, d_out):
-  """y = x (W0 + (alpha / r) B A)^T + b0 with W0 (out, in), A (r, in), B (out, r)."""
-  w0, b0 = normal((d_out, d_in), 0), normal((d_out,), 1)
-  p = {'A': normal((rank, d_in), 2), 'B': normal((d_out, rank), 3)}
-  x = normal((2, 3, d_in), 4)
-  w = w0.astype(np.float64) + (alpha / rank) * (p['B'].astype(np.float64) @ p['A'])
-  want = x.astype(np.float64) @ w.T + b0
+class AgainstNumpyTest(chex.TestCase):
+  """The family's pure functions, compiled and run op by op: jit must not change the answer."""
 
-  kernel, bias = jnp.asarray(w0.T), jnp.asarray(b0)
-  weight = lora.family(rank=rank, alpha=alpha, mode='weight')
-  dk, db = weight.delta(p, None, kernel, bias)
-  assert db is None and dk.shape == (d_in, d_out)
-  got_weight = x @ (kernel + dk) + bias
-  activation = lora.family(rank=rank, alpha=alpha, mode='activation')
-  got_activation = activation.activation(p, None, jnp.asarray(x), x @ kernel + bias, kernel, bias)
-  for got in (got_weight, got_activation):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-  np.testing.assert_allclose(got_weight, got_activation, rtol=1e-5, atol=1e-5)
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters((1, 1.0, 5, 7), (3, 16.0, 12, 6), (8, 8.0, 8, 8))
+  def test_weight_and_activation_modes_equal_the_numpy_layer(self, rank, alpha, d_in, d_out):
+    """y = x (W0 + (alpha / r) B A)^T + b0 with W0 (out, in), A (r, in), B (out, r)."""
+    w0, b0 = normal((d_out, d_in), 0), normal((d_out,), 1)
+    p = {'A': normal((rank, d_in), 2), 'B': normal((d_out, rank), 3)}
+    x = normal((2, 3, d_in), 4)
+    w = w0.astype(np.float64) + (alpha / rank) * (p['B'].astype(np.float64) @ p['A'])
+    want = x.astype(np.float64) @ w.T + b0
 
+    kernel, bias = jnp.asarray(w0.T), jnp.asarray(b0)
+    weight = lora.family(rank=rank, alpha=alpha, mode='weight')
+    dk, db = self.variant(weight.delta)(p, None, kernel, bias)
+    assert db is None
+    chex.assert_shape(dk, (d_in, d_out))
+    got_weight = x @ (kernel + dk) + bias
+    activation = lora.family(rank=rank, alpha=alpha, mode='activation')
+    got_activation = self.variant(activation.activation)(p, None, jnp.asarray(x), x @ kernel + bias,
+                                                         kernel, bias)
+    chex.assert_trees_all_close((got_weight, got_activation), (want, want),
+                                rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(got_weight, got_activation, rtol=1e-5, atol=1e-5)
 
-def test_init_is_peft_kaiming_uniform_a_and_zero_b():
-  d_in, d_out, rank = 400, 30, 16
-  fam = lora.family(rank=rank)
-  p = fam.init(jax.random.key(0), (d_in, d_out))
-  assert p['A'].shape == (rank, d_in) and p['B'].shape == (d_out, rank)
-  assert not np.any(p['B'])  # the model starts at the pretrained one
-  # torch.nn.init.kaiming_uniform_(A, a=sqrt(5)): gain sqrt(2 / (1 + a^2)), fan_in = in,
-  # bound = sqrt(3) * gain / sqrt(fan_in).
-  bound = math.sqrt(3.0) * math.sqrt(2.0 / (1.0 + 5.0)) / math.sqrt(d_in)
-  a = np.asarray(p['A'], np.float64)
-  assert np.abs(a).max() <= bound
-  assert np.abs(a).max() > 0.99 * bound
-  # Uniform on [-bound, bound]: mean 0, variance bound^2 / 3 (6,400 draws: within a few %).
-  assert abs(a.mean()) < 0.05 * bound
-  assert abs(a.var() / (bound ** 2 / 3) - 1) < 0.05
-  dk, _ = fam.delta(p, None, jnp.zeros((d_in, d_out)), None)
-  assert not np.any(dk)
-  assert fam.fixed_cost((d_in, d_out)) == sum(np.size(v) for v in p.values())
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_init_is_peft_kaiming_uniform_a_and_zero_b(self):
+    d_in, d_out, rank = 400, 30, 16
+    fam = lora.family(rank=rank)
+    p = self.variant(fam.init, static_argnums=1)(jax.random.key(0), (d_in, d_out))
+    chex.assert_shape([p['A'], p['B']], [(rank, d_in), (d_out, rank)])
+    assert not np.any(p['B'])  # the model starts at the pretrained one
+    # torch.nn.init.kaiming_uniform_(A, a=sqrt(5)): gain sqrt(2 / (1 + a^2)), fan_in = in,
+    # bound = sqrt(3) * gain / sqrt(fan_in).
+    bound = math.sqrt(3.0) * math.sqrt(2.0 / (1.0 + 5.0)) / math.sqrt(d_in)
+    a = np.asarray(p['A'], np.float64)
+    assert np.abs(a).max() <= bound
+    assert np.abs(a).max() > 0.99 * bound
+    # Uniform on [-bound, bound]: mean 0, variance bound^2 / 3 (6,400 draws: within a few %).
+    assert abs(a.mean()) < 0.05 * bound
+    assert abs(a.var() / (bound ** 2 / 3) - 1) < 0.05
+    dk, _ = self.variant(fam.delta)(p, None, jnp.zeros((d_in, d_out)), None)
+    assert not np.any(dk)
+    assert fam.fixed_cost((d_in, d_out)) == sum(np.size(v) for v in p.values())
 
 
 def test_rank_above_layer_width_names_the_layer():

@@ -1,4 +1,5 @@
 """peft: attach / apply / merge / partition as pytree transforms."""
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -90,8 +91,7 @@ def test_merged_equals_adapted_for_random_subnets(which):
     subnet = subnet_lib.sample(jax.random.key(100 + i), adapters)
     merged = peft.merge(params, adapters, subnet)
     flat, flat_merged = peft.flatten(params), peft.flatten(merged)
-    assert all(flat_merged[k].dtype == v.dtype and flat_merged[k].shape == v.shape
-               for k, v in flat.items())
+    chex.assert_trees_all_equal_shapes_and_dtypes({k: flat_merged[k] for k in flat}, flat)
     np.testing.assert_allclose(plain.apply({'params': merged}, x), fwd(adapters, subnet),
                                rtol=1e-5, atol=1e-5)
 
@@ -123,7 +123,7 @@ def test_merge_keeps_bf16_dtypes():
   model, params, x, adapters = mlp_setup()
   params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
   merged = peft.merge(params16, perturbed(adapters), subnet_lib.sample(jax.random.key(0), adapters))
-  assert all(l.dtype == jnp.bfloat16 for l in jax.tree.leaves(merged))
+  chex.assert_type(jax.tree.leaves(merged), jnp.bfloat16)
 
 
 def test_lora_weight_and_activation_modes_agree_and_merge():
@@ -150,10 +150,10 @@ def test_gradients_reach_adapter_leaves_only():
   g_frozen, g_adapters = jax.grad(loss, argnums=(0, 1))(params, adapters.params)
   # The optimizer only ever sees adapter gradients; the frozen tree is a separate
   # argument, so asking only for argnums=1 computes nothing for it.
-  assert jax.tree.structure(g_adapters) == jax.tree.structure(adapters.params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(g_adapters, adapters.params)
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_adapters))
   only = jax.grad(loss, argnums=1)(params, adapters.params)
-  assert jax.tree.structure(only) == jax.tree.structure(adapters.params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(only, adapters.params)
   del g_frozen
   trainable, frozen = peft.partition(params, [r'head/.*'])
   assert set(trainable) == {'head'} and 'head' not in frozen

@@ -1,5 +1,6 @@
 """structured: FFT products and dense matrices against numpy loops written here from
 the definitions, gradients against autodiff, and GLoRA's structured option names."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,8 +186,8 @@ def test_fft_gradients_match_autodiff_through_dense(st):
   dense_loss = lambda p, x: jnp.sum(w * jnp.tanh(x @ jnp_dense(st, p).T))
   both = lambda p, x: (jax.grad(fft_loss, (0, 1))(p, x), jax.grad(dense_loss, (0, 1))(p, x))
   got, want = jax.jit(both)(p, x)
-  for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert_close(g, v, 2e-5)
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+  jax.tree.map(lambda g, v: assert_close(g, v, 2e-5), got, want)  # atol per leaf: see assert_close
 
 
 def test_dense_and_fft_products_agree_and_auto_picks_by_size():
@@ -220,7 +221,8 @@ def test_structured_options_start_at_zero_and_count_their_params(name):
     assert (structured.structured_num_params(name, d_out, d_in)
             == sum(np.size(v) for v in p.values()))
     m = structured_dense(name, p, d_out, d_in)
-    assert m.shape == (d_out, d_in) and m.dtype == jnp.float32
+    chex.assert_shape(m, (d_out, d_in))
+    chex.assert_type(m, jnp.float32)
     assert not np.any(m)
     st = structured.structure_for(name, d_out, d_in)
     q = random_params(st)

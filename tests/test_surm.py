@@ -3,6 +3,7 @@ structured B options on a model, and bad input (the matrices: test_structured.py
 import dataclasses
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,18 +15,33 @@ from glora_jax.adapters import glora, structured, surm
 from test_structured import normal, np_circulant, random_params
 
 
-def test_bf16_inputs_are_computed_in_float32_and_returned_in_bf16():
-  st = structured.Structure('circulant', 15, 15)
-  p = random_params(st)
-  x = jnp.asarray(normal((4, 15), 100), jnp.bfloat16)
-  fam = surm.family('circulant')
-  y = jnp.zeros((4, 15), jnp.bfloat16)
-  out = fam.activation({'a': p['c'], 'b': jnp.ones(15)}, None, x, y,
-                       jnp.zeros((15, 15), jnp.bfloat16), None)
-  assert out.dtype == jnp.bfloat16
-  want = np.asarray(x, np.float64) @ np_circulant(np.asarray(p['c']), 15, 15).T
-  err = np.linalg.norm(np.asarray(out, np.float64) - want) / np.linalg.norm(want)
-  assert err < 1e-2
+class AgainstNumpyTest(chex.TestCase):
+  """The family's pure functions, compiled and run op by op: jit must not change the answer."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bf16_inputs_are_computed_in_float32_and_returned_in_bf16(self):
+    st = structured.Structure('circulant', 15, 15)
+    p = random_params(st)
+    x = jnp.asarray(normal((4, 15), 100), jnp.bfloat16)
+    fam = surm.family('circulant')
+    y = jnp.zeros((4, 15), jnp.bfloat16)
+    out = self.variant(fam.activation)({'a': p['c'], 'b': jnp.ones(15)}, None, x, y,
+                                       jnp.zeros((15, 15), jnp.bfloat16), None)
+    assert out.dtype == jnp.bfloat16
+    want = np.asarray(x, np.float64) @ np_circulant(np.asarray(p['c']), 15, 15).T
+    err = np.linalg.norm(np.asarray(out, np.float64) - want) / np.linalg.norm(want)
+    assert err < 1e-2
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_kronecker_scale_is_scale_over_rank(self):
+    fam = surm.family('kronecker', rank=4, scale=2.0)
+    p = self.variant(fam.init, static_argnums=1)(jax.random.key(0), (16, 8))
+    p['B'] = jnp.ones_like(p['B'])
+    dk, db = self.variant(fam.delta)(p, None, jnp.zeros((16, 8)), None)
+    assert db is None
+    chex.assert_shape(dk, (16, 8))
+    want = 0.5 * np.kron(np.asarray(p['B']), np.asarray(p['A'])).T
+    np.testing.assert_allclose(dk, want, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- #
@@ -173,15 +189,6 @@ def test_costs_count_trainable_parameters():
     assert adapters.spec.fixed_costs[0] == want, kind
     if form == 'lora':
       assert sum(np.size(v) for v in adapters.params['fc1'].values()) == want
-
-
-def test_kronecker_scale_is_scale_over_rank():
-  fam = surm.family('kronecker', rank=4, scale=2.0)
-  p = fam.init(jax.random.key(0), (16, 8))
-  p['B'] = jnp.ones_like(p['B'])
-  dk, db = fam.delta(p, None, jnp.zeros((16, 8)), None)
-  assert db is None and dk.shape == (16, 8)
-  np.testing.assert_allclose(dk, 0.5 * np.kron(np.asarray(p['B']), np.asarray(p['A'])).T, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- #
