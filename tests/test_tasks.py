@@ -1,10 +1,20 @@
 """Tests for glora_jax.train.tasks: the causal-LM loss against a numpy reference
-(padding, masked rows) and the predictions its accuracy counts."""
+(padding, masked rows) and the predictions its accuracy counts; a checkpoint directory
+of any encoder family fine-tuned on its own tokenizer's ids."""
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from glora_jax.train import tasks
+import helpers
+from glora_jax import data
+from glora_jax.data import text
+from glora_jax.train import loop, setup, tasks
+
+FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 
 
 def test_lm_loss_equals_numpy_reference_with_padding_and_masked_rows():
@@ -36,3 +46,23 @@ def test_lm_loss_equals_numpy_reference_with_padding_and_masked_rows():
   without_row_mask = {k: v for k, v in batch.items() if k != 'mask'}
   _, count_all, _ = tasks.lm_loss(jnp.asarray(logits), without_row_mask)
   assert count_all == attention[:, 1:].sum()  # every row counts when the batch has no 'mask'
+
+
+@pytest.mark.parametrize('directory, family', [('hf_roberta', 'roberta'), ('hf_bert', 'bert')])
+def test_an_encoder_checkpoint_fine_tunes_on_its_own_tokenizers_ids(directory, family, tmp_path):
+  """model.checkpoint=<a directory transformers wrote>: the family comes from its
+  config.json (the config's model.name is MiniLM's), the text from its tokenizer.json,
+  and a classifier head of the task's classes trains on top."""
+  config = helpers.tiny_config(**{'model.checkpoint': str(FIXTURES / directory),
+                                  'mesh.num_devices': 1, 'num_epochs': 1})
+  run = setup.build(config)
+  assert run.model_data.family.name == family
+  train = run.model_data.splits['train']
+  texts = data.load_arrays('bbc_news', 'train')['text'][:2]
+  expected = text.tokenize(texts, FIXTURES / directory / 'tokenizer.json', config.data.max_len)
+  np.testing.assert_array_equal(train['input_ids'][:2], expected['input_ids'])
+  assert train['input_ids'].max() < run.model_data.model.config.vocab_size
+  assert run.model_data.params['head']['kernel'].shape == (32, 5)
+  loop.train_and_evaluate(config, tmp_path, progress=False)
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert summary['finished'] and np.isfinite(summary['val_loss'])
