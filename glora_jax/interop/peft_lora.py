@@ -160,11 +160,17 @@ def load_peft_adapter(path, model: nn.Module, params: Mapping[str, Any], *,
   outside = [k for k in state if not k.startswith(PREFIX)]
   if outside:
     raise errors.ExportError(f"{file}: keys {_examples(outside)} do not start with '{PREFIX}'")
-  state = {k[len(PREFIX):]: v for k, v in state.items()}
   lay = layouts.layout(model)
-  ours = {torch: path_ for path_, torch in _linear_modules(lay).items()}
+  factors, rest = _lora_factors({k[len(PREFIX):]: v for k, v in state.items()}, lay, file)
+  if rest:
+    params = _with_saved_modules(params, rest, config, lay, file)
+  return params, _attach_factors(params, factors, config, mode, lay, file)
 
-  rank = int(config['r'])
+
+def _lora_factors(state, lay: layouts.Layout, file) -> tuple[dict, dict]:
+  """({our layer path: {'A': lora_A, 'B': lora_B}}, the other tensors) of a PEFT state
+  dict, each LoRA pair on a Linear of the layout."""
+  ours = {torch: path_ for path_, torch in _linear_modules(lay).items()}
   factors: dict[str, dict[str, np.ndarray]] = {}
   rest = {}
   for key, value in state.items():
@@ -183,31 +189,36 @@ def load_peft_adapter(path, model: nn.Module, params: Mapping[str, Any], *,
   if unpaired:
     raise errors.ExportError(f'{file}: layers with only one of lora_A / lora_B: '
                              f'{_examples(unpaired)}')
+  return factors, rest
 
-  params = dict(params)
-  if rest:
-    saved = set(config.get('modules_to_save') or [])
-    stray = [k for k in rest if k.rsplit('.', 1)[0] not in saved]
-    if stray:
-      raise errors.ExportError(f'{file}: keys {_examples(stray)} are neither LoRA weights nor '
-                               f'in modules_to_save {sorted(saved)}')
-    rules = [r for r in lay.rules if r.sources[0] in rest]
-    flat = flatten(params)
-    absent = [r.target for r in rules if r.target not in flat]
-    if absent:
-      raise errors.ExportError(f'{file} saves {_examples(absent)} (modules_to_save), which '
-                               "params lack; add the head first (its family's init_head)")
-    shapes = {r.target: tuple(np.shape(flat[r.target])) for r in rules}
-    try:
-      module_params = importers.convert(rest, rules, shapes, source=str(file),
-                                        model=f'the modules_to_save of {lay.description}')
-    except ValueError as e:
-      raise errors.ExportError(str(e)) from None
-    flat = dict(flat)
-    for k, v in flatten(module_params).items():
-      flat[k] = jnp.asarray(v, flat[k].dtype if k in flat else v.dtype)
-    params = unflatten(flat)
 
+def _with_saved_modules(params, rest, config, lay: layouts.Layout, file) -> dict:
+  """`params` with the modules_to_save tensors `rest` read in by the layout's rules."""
+  saved = set(config.get('modules_to_save') or [])
+  stray = [k for k in rest if k.rsplit('.', 1)[0] not in saved]
+  if stray:
+    raise errors.ExportError(f'{file}: keys {_examples(stray)} are neither LoRA weights nor '
+                             f'in modules_to_save {sorted(saved)}')
+  rules = [r for r in lay.rules if r.sources[0] in rest]
+  flat = dict(flatten(params))
+  absent = [r.target for r in rules if r.target not in flat]
+  if absent:
+    raise errors.ExportError(f'{file} saves {_examples(absent)} (modules_to_save), which '
+                             "params lack; add the head first (its family's init_head)")
+  shapes = {r.target: tuple(np.shape(flat[r.target])) for r in rules}
+  try:
+    module_params = importers.convert(rest, rules, shapes, source=str(file),
+                                      model=f'the modules_to_save of {lay.description}')
+  except ValueError as e:
+    raise errors.ExportError(str(e)) from None
+  for k, v in flatten(module_params).items():
+    flat[k] = jnp.asarray(v, flat[k].dtype)
+  return unflatten(flat)
+
+
+def _attach_factors(params, factors, config, mode, lay: layouts.Layout, file) -> peft.Adapters:
+  """LoRA adapters of PEFT's rank and scaling on the layers of `factors`, holding them."""
+  rank = int(config['r'])
   alpha = config['lora_alpha'] * (math.sqrt(rank) if config.get('use_rslora') else 1)
   family = lora.family(rank=rank, alpha=alpha, **({'mode': mode} if mode else {}))
   targets = '|'.join(re.escape(p + '/kernel') for p in sorted(factors))
@@ -226,7 +237,7 @@ def load_peft_adapter(path, model: nn.Module, params: Mapping[str, Any], *,
           f'{tuple(a.shape)} and {tuple(b.shape)}')
     init = adapters.params[layer.path]
     loaded[layer.path] = {'A': jnp.asarray(a, init['A'].dtype), 'B': jnp.asarray(b, init['B'].dtype)}
-  return params, adapters.replace(params=loaded)
+  return adapters.replace(params=loaded)
 
 
 def save_trained_run(ckpt, out=None, *, base_model_name_or_path: str | None = None) -> dict[str, str]:
