@@ -1,20 +1,22 @@
 """Memory and FLOPs of one training step at the users' scale, proven by compiling
 the real step ahead of time for the real shapes: nothing is allocated.
 
-For LLaMA-2-7B shapes (hidden 4096, MLP 11008, 32 heads, vocab 32000; batch 1 x
-2048 tokens per device, frozen weights and activations in bf16) and ViT-B/16
-(224², batch 64 per device), for each method (frozen backbone, LoRA r=8 in
+For LLaMA-2-7B shapes (hidden 4096, MLP 11008, 32 heads, vocab 32000), Llama-3-8B
+shapes (hidden 4096, MLP 14336, 32 heads and 8 KV heads, vocab 128256, llama3 rope)
+(batch 1 x 2048 tokens per device, frozen weights and activations in bf16) and
+ViT-B/16 (224², batch 64 per device), for each method (frozen backbone, LoRA r=8 in
 activation and weight mode, GLoRA supernet at ranks (4,), SURM circulant, full
 fine-tuning) on 1 device and on 8 devices (FSDP over 'data'), it builds the same
-train step as train.py (glora_jax.train.steps with the adapters entering each
-layer through peft's interception point, shardings from glora_jax.train.sharding),
+train step as train.py (the family's entry in glora_jax.models.registry gives the
+forward through tasks.make_forward, the default targets and the partition rules;
+glora_jax.train.steps builds the step, glora_jax.train.sharding its shardings),
 lowers it with jax.ShapeDtypeStructs, compiles it and reads
 `compiled.memory_analysis()` (per-device peak = arguments + temporaries + outputs
 - aliased) and `compiled.cost_analysis()` (FLOPs per device per step).
 
-LLaMA is compiled at 2 and 4 layers and extrapolated to 32 (memory and FLOPs are
-linear in depth; --check_depth 8 compiles 8 layers to show it). ViT-B/16 is
-compiled whole.
+The decoders are compiled at 2 and 4 layers and extrapolated to 32 (memory and
+FLOPs are linear in depth; --check_depth 8 compiles 8 layers to show it). ViT-B/16
+is compiled whole.
 
 Backends:
   --backend tpu (default): XLA's TPU compiler through jax.experimental.topologies,
@@ -29,6 +31,7 @@ Backends:
     python benchmarks/scale.py                       # everything, writes --out
     python benchmarks/scale.py --table               # the tables from --out
     python benchmarks/scale.py --models llama7b --methods glora,lora --devices 1
+    python benchmarks/scale.py --models llama3_8b --methods frozen,lora,glora --devices 1
 
 The "frozen" method is the floor of every adapter method: one rank-1 LoRA on the
 first layer's query projection, so the backward pass runs through every layer
@@ -37,24 +40,87 @@ first layer's query projection, so the backward pass runs through every layer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
 import time
+from typing import Any, Callable
 
 
 GiB = 2 ** 30
 METHODS = ('frozen', 'lora', 'lora_weight', 'glora', 'surm', 'full')
 
 
+def _llama2_7b(layers: int, remat: str, attention: str):
+  from glora_jax.models import llama
+  return llama.LlamaConfig(num_hidden_layers=layers, remat=remat, attention=attention,
+                           max_position_embeddings=4096)
+
+
+def _llama3_8b(layers: int, remat: str, attention: str):
+  from glora_jax.models import llama
+  return llama.LlamaConfig(
+      vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+      num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+      rope_type='llama3', rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+      rope_original_max_position_embeddings=8192, max_position_embeddings=8192,
+      remat=remat, attention=attention)
+
+
+def _vit_b16(layers: int, remat: str, attention: str):
+  from glora_jax.models import vit
+  del layers  # compiled whole
+  # At 197 tokens the score matrix is small: ViT's recorded cases run XLA's attention.
+  return vit.preset('B/16', num_classes=100, remat=remat,
+                    attention='xla' if attention == 'chunked' else attention)
+
+
+_LM_BATCH = {'input_ids': ((1, 2048), 'int32'), 'attention_mask': ((1, 2048), 'int32'),
+             'mask': ((1,), 'float32')}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+  """A model this benchmark compiles. Its family's registry entry gives the forward,
+  the adapter targets and the partition rules; the case fixes the shapes. `depth`
+  layers are extrapolated from the compiled --layers where `extrapolated`, else the
+  model is compiled whole."""
+  family: str
+  title: str
+  config: Callable[[int, str, str], Any]  # (layers, remat, attention) -> module config
+  batch: dict  # per-device input: name -> (shape, dtype)
+  floor_target: str  # the frozen floor's one rank-1 LoRA: the first layer's query
+  depth: int
+  extrapolated: bool
+
+
+MODELS = {
+    'llama7b': ModelCase(
+        'llama', 'LLaMA-2-7B shapes, batch 1 x 2048 per device, bf16 frozen and activations, '
+        '32 layers (extrapolated from the compiled depths)', _llama2_7b, _LM_BATCH,
+        r'layers_0/self_attn/q_proj/kernel', depth=32, extrapolated=True),
+    'llama3_8b': ModelCase(
+        'llama', 'Llama-3-8B shapes (vocab 128,256, MLP 14,336, 8 KV heads, llama3 rope), batch '
+        '1 x 2048 per device, bf16 frozen and activations, 32 layers (extrapolated from the '
+        'compiled depths)', _llama3_8b, _LM_BATCH, r'layers_0/self_attn/q_proj/kernel',
+        depth=32, extrapolated=True),
+    'vitb16': ModelCase(
+        'vit', 'ViT-B/16, 224², batch 64 per device, bf16 frozen and activations', _vit_b16,
+        {'image': ((64, 224, 224, 3), 'float32'), 'label': ((64,), 'int32'),
+         'mask': ((64,), 'float32')},
+        r'blocks_0/attn/qkv/kernel', depth=12, extrapolated=False),
+}
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--backend', choices=('tpu', 'cpu'), default='tpu')
-  p.add_argument('--models', default='llama7b,vitb16')
+  p.add_argument('--models', default=','.join(MODELS), help=f'of {", ".join(MODELS)}')
   p.add_argument('--methods', default=','.join(METHODS))
   p.add_argument('--devices', default='1,8', help='1 and/or 8 (FSDP over data)')
-  p.add_argument('--layers', default='2,4', help='LLaMA depths compiled for the extrapolation')
-  p.add_argument('--check_depth', type=int, default=0, help='also compile this depth (LLaMA)')
+  p.add_argument('--layers', default='2,4', help='decoder depths compiled for the extrapolation')
+  p.add_argument('--check_depth', type=int, default=0, help='also compile this depth (decoders)')
   p.add_argument('--remat', default='full', help="per-layer remat policy ('none' = as before)")
   p.add_argument('--attention', default='chunked', help="xla | chunked | dot_product")
   p.add_argument('--baseline', action='store_true',
@@ -88,46 +154,27 @@ def setup_backend(backend: str):
 
 
 def model_case(name: str, layers: int, remat: str, attention: str):
-  """(model, abstract params in bf16, forward(params, adapters, subnet, batch,
-  train, rng), loss, abstract per-device batch, default targets, frozen-floor
-  target, head pattern or None)."""
+  """(model, init, forward(params, adapters, subnet, batch, train, rng), loss, abstract
+  per-device batch, default targets, frozen-floor target, head pattern or None,
+  partition rules): the forward, targets and rules are the family's, as train.py's."""
   import jax
   import jax.numpy as jnp
-  from glora_jax import peft
-  from glora_jax.models import llama, vit
+  from glora_jax.models import registry
   from glora_jax.train import steps, tasks
 
-  bf16 = jnp.bfloat16
-  if name == 'llama7b':
-    cfg = llama.LlamaConfig(num_hidden_layers=layers, dtype=bf16, remat=remat, attention=attention,
-                            max_position_embeddings=4096)
-    model = llama.LlamaForCausalLM(cfg)
-    init = lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
-    batch = {'input_ids': ((1, 2048), jnp.int32), 'attention_mask': ((1, 2048), jnp.int32),
-             'mask': ((1,), jnp.float32)}
-
-    def forward(params, adapters, subnet, batch, train, rng):
-      args = (batch['input_ids'], batch['attention_mask'])
-      if adapters is None:  # full fine-tuning
-        return model.apply({'params': params}, *args)
-      return peft.forward(model, params, adapters, subnet, *args)
-    return (model, init, forward, tasks.lm_loss, batch, llama.DEFAULT_TARGETS,
-            r'layers_0/self_attn/q_proj/kernel', None, llama.partition_rules())
-  if name == 'vitb16':
-    cfg = vit.preset('B/16', num_classes=100, dtype=bf16, remat=remat,
-                     attention='xla' if attention == 'chunked' else attention)
-    model = vit.VisionTransformer(cfg)
-    init = lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']
-    batch = {'image': ((64, 224, 224, 3), jnp.float32), 'label': ((64,), jnp.int32),
-             'mask': ((64,), jnp.float32)}
-
-    def forward(params, adapters, subnet, batch, train, rng):
-      if adapters is None:  # full fine-tuning
-        return model.apply({'params': params}, batch['image'])
-      return peft.forward(model, params, adapters, subnet, batch['image'])
-    return (model, init, forward, steps.classification_loss, batch, vit.DEFAULT_TARGETS,
-            r'blocks_0/attn/qkv/kernel', r'head/.*', vit.partition_rules())
-  raise ValueError(f"unknown model '{name}'; known: llama7b, vitb16")
+  if name not in MODELS:
+    raise ValueError(f"unknown model '{name}'; known: {', '.join(MODELS)}")
+  case = MODELS[name]
+  family = registry.get(case.family)
+  config = dataclasses.replace(case.config(layers, remat, attention), dtype=jnp.bfloat16)
+  model = family.module(config)
+  init = lambda: model.init(jax.random.key(0), *family.example_inputs(config))['params']
+  # The task's loss and trainable head, as tasks.causal_lm / image_classification.
+  loss, head = {'causal_lm': (tasks.lm_loss, None),
+                'image_classification': (steps.classification_loss, r'head/.*')}[family.task]
+  batch = {k: (shape, jnp.dtype(dtype)) for k, (shape, dtype) in case.batch.items()}
+  return (model, init, tasks.make_forward(family, model), loss, batch, family.default_targets,
+          case.floor_target, head, family.partition_rules())
 
 
 def family_for(method: str):
@@ -233,18 +280,20 @@ def save(path, backend: str, cases: list[dict]) -> None:
   tmp.replace(path)
 
 
-def at_depth(cases, model, method, devices, remat, attention, depth=32) -> dict | None:
-  """LLaMA figures at `depth` layers, linear through the two smallest compiled
-  depths (bytes and FLOPs per layer from their difference); ViT as compiled."""
+def at_depth(cases, model, method, devices, remat, attention, depth=None) -> dict | None:
+  """An extrapolated model's figures at `depth` layers (None: its own), linear through
+  the two smallest compiled depths (bytes and FLOPs per layer from their difference);
+  a model compiled whole as compiled."""
   rows = sorted((r for r in cases if (r['model'], r['method'], r['devices'], r['remat'],
                                       r['attention']) == (model, method, devices, remat, attention)),
                 key=lambda r: r['layers'])
   if not rows:
     return None
-  if model != 'llama7b':
+  if not MODELS[model].extrapolated:
     return dict(rows[-1], extrapolated=False)
   if len(rows) < 2:
     return None
+  depth = depth or MODELS[model].depth
   a, b = rows[0], rows[1]
   out = dict(b, layers=depth, extrapolated=True)
   for field in ('peak_bytes', 'temp_bytes', 'argument_bytes', 'flops', 'frozen_bytes',
@@ -258,12 +307,10 @@ def at_depth(cases, model, method, devices, remat, attention, depth=32) -> dict 
 def tables(cases: list[dict], backend: str, remat: str, attention: str) -> str:
   lines = [f'Compiled by {backend}; remat {remat!r}, attention {attention!r}. Per-device peak '
            '(arguments + temporaries + outputs - aliased) and FLOPs per device per step.', '']
-  for model, title in (('llama7b', 'LLaMA-2-7B shapes, batch 1 x 2048 per device, bf16 frozen and '
-                                   'activations, 32 layers (extrapolated from the compiled depths)'),
-                       ('vitb16', 'ViT-B/16, 224², batch 64 per device, bf16 frozen and activations')):
+  for model, case in MODELS.items():
     if not any(r['model'] == model for r in cases):
       continue
-    lines += [f'**{title}**', '',
+    lines += [f'**{case.title}**', '',
               '| method | devices | adapter params | peak GiB | per layer GiB | TFLOPs | '
               'FLOPs / frozen | compiled depths |', '|---|---:|---:|---:|---:|---:|---:|---|']
     for devices in (1, 8):
@@ -284,7 +331,7 @@ def tables(cases: list[dict], backend: str, remat: str, attention: str) -> str:
   if base:
     lines += ["**Before: remat 'none', attention 'xla' (the full score matrix kept per layer)**", '',
               '| model | method | devices | peak GiB | per layer GiB |', '|---|---|---:|---:|---:|']
-    for model in ('llama7b', 'vitb16'):
+    for model in MODELS:
       for method in METHODS:
         r = at_depth(cases, model, method, 1, 'none', 'xla')
         if r is not None:
@@ -346,8 +393,11 @@ def main(argv=None):
   done = {key(r) for r in cases}
   plan = []
   for model in args.models.split(','):
-    depths = [int(d) for d in args.layers.split(',')] if model == 'llama7b' else [12]
-    if model == 'llama7b' and args.check_depth:
+    if model not in MODELS:
+      raise ValueError(f"--models: unknown model '{model}'; known: {', '.join(MODELS)}")
+    case = MODELS[model]
+    depths = [int(d) for d in args.layers.split(',')] if case.extrapolated else [case.depth]
+    if case.extrapolated and args.check_depth:
       depths.append(args.check_depth)
     for devices_n in (int(d) for d in args.devices.split(',')):
       for method in args.methods.split(','):
