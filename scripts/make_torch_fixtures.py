@@ -501,19 +501,27 @@ def make_decoders() -> None:
   print(f'decoder fixtures ({versions})')
 
 
+def _with_our_config(path: pathlib.Path, auto_cls):
+  """transformers' model of `path`'s weights under the config.json our registry writes for
+  it (family.write_config, run in the JAX Python), for checking that it reads back as
+  the model the library itself saved."""
+  config = json.loads(subprocess.check_output(
+      [_jax_python(), '-c', 'import json, sys; from glora_jax.models import registry; '
+       'm, _ = registry.load(sys.argv[1]); '
+       'print(json.dumps(registry.of_model(m).write_config(m, None)))', str(path)],
+      cwd=ROOT, text=True))
+  with tempfile.TemporaryDirectory() as tmp:
+    shutil.copy(path / 'model.safetensors', tmp)
+    pathlib.Path(tmp, 'config.json').write_text(json.dumps(config))
+    return auto_cls.from_pretrained(tmp, attn_implementation='eager').eval()
+
+
 def _check_decoder_to_hf(path: pathlib.Path, model, enc, logits) -> None:
   """transformers reads our llama.to_hf config.json (written by the JAX Python) as the
   same model: same class, same config values, the same logits."""
   import torch
   from transformers import AutoModelForCausalLM
-  config = json.loads(subprocess.check_output(
-      [_jax_python(), '-c', 'import json, sys; from glora_jax.models import llama; '
-       'print(json.dumps(llama.to_hf(llama.load_llama(sys.argv[1])[0])))', str(path)],
-      cwd=ROOT, text=True))
-  with tempfile.TemporaryDirectory() as tmp:
-    shutil.copy(path / 'model.safetensors', tmp)
-    pathlib.Path(tmp, 'config.json').write_text(json.dumps(config))
-    ours = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation='eager').eval()
+  ours = _with_our_config(path, AutoModelForCausalLM)
   assert type(ours) is type(model), f'to_hf gave {type(ours).__name__}, not {type(model).__name__}'
   ignored = ('bos_token_id', 'eos_token_id', 'pad_token_id', '_name_or_path', 'architectures')
   theirs = {k: v for k, v in model.config.to_dict().items() if k not in ignored}
@@ -665,14 +673,7 @@ def make_encoders() -> None:
 def _check_to_hf(path: pathlib.Path, model, inputs, hidden) -> None:
   """transformers reads our bert.to_hf config.json (written by the JAX Python) as the same model."""
   from transformers import AutoModel
-  config = json.loads(subprocess.check_output(
-      [_jax_python(), '-c', 'import json, sys; from glora_jax.models import bert; '
-       'print(json.dumps(bert.to_hf(bert.load_bert(sys.argv[1])[0])))', str(path)],
-      cwd=ROOT, text=True))
-  with tempfile.TemporaryDirectory() as tmp:
-    shutil.copy(path / 'model.safetensors', tmp)
-    pathlib.Path(tmp, 'config.json').write_text(json.dumps(config))
-    ours = AutoModel.from_pretrained(tmp, attn_implementation='eager').eval()
+  ours = _with_our_config(path, AutoModel)
   assert type(ours) is type(model), f'to_hf gave {type(ours).__name__}, not {type(model).__name__}'
   # transformers 5 keeps the position_embedding_type that to_hf writes for 4.x, unused.
   theirs = {k: v for k, v in ours.config.to_diff_dict().items() if k != 'position_embedding_type'}
