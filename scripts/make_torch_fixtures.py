@@ -1,10 +1,13 @@
 """Writes tests/fixtures/: PyTorch reference outputs (and tiny random checkpoints) for the model tests.
 
-CI does not run this; the fixtures it wrote are committed. To regenerate them:
+CI does not run this; the fixtures it wrote are committed. It runs in environments of its
+own, one with transformers and one with timm (timm's torchvision does not install beside
+the CPU torch that transformers takes here); the JAX side of a maker runs as a
+subprocess in this repo's .venv (or $GLORA_PYTHON):
 
-    . .venv/bin/activate
-    pip install torch transformers sentence-transformers torchvision==0.29.1 timm
-    python scripts/make_torch_fixtures.py            # writes tests/fixtures/, about 0.5 MB
+    python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 transformers peft sentence-transformers
+    python3 -m venv /tmp/timmenv && /tmp/timmenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm
+    /tmp/torchenv/bin/python scripts/make_torch_fixtures.py --only encoders --only decoders
 
 Only the PEFT LoRA fixtures (every other file is left as it is), from a Python with torch,
 transformers and peft; the JAX side runs in this repo's .venv (or $GLORA_PYTHON):

@@ -71,7 +71,7 @@ def test_keep_layers_keeps_the_first_blocks_of_any_family():
   short, short_params = registry.keep_layers(registry.of_model(model), model, params, 1)
   assert short.config.num_hidden_layers == 1
   assert sorted(short_params) == sorted(p for p in params if p != 'layers_1')
-  with pytest.raises(ValueError, match='model.layers=3: the checkpoint has 2 layers'):
+  with pytest.raises(ValueError, match='model.keep_layers=3: the checkpoint has 2 layers'):
     registry.keep_layers(registry.of_model(model), model, params, 3)
 
 

@@ -392,7 +392,7 @@ def keep_layers(family: Family, model: nn.Module, params: dict, layers: int) -> 
   """The first `layers` repeated blocks of a model and its params (small test models)."""
   depth = getattr(model.config, family.depth_field)
   if not 0 < layers <= depth:
-    raise ValueError(f'model.layers={layers}: the checkpoint has {depth} layers')
+    raise ValueError(f'model.keep_layers={layers}: the checkpoint has {depth} layers')
   flat = {p: v for p, v in importers.flatten(params).items()
           if (m := re.fullmatch(family.layer_path, p)) is None or int(m.group(1)) < layers}
   config = dataclasses.replace(model.config, **{family.depth_field: layers})
