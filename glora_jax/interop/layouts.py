@@ -4,7 +4,7 @@ rule table its importer reads (read backwards to export) and its config.json bot
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -41,11 +41,3 @@ def layout(model: nn.Module, dtype=jnp.float32) -> Layout:
   return Layout(family.library, f'{family.library} {family.describe(model)}',
                 tuple(family.rules(model)), family.optional, config_json,
                 lambda state, source: family.read(model, state, source), family.export_files)
-
-
-def model_from_config(config: Mapping[str, Any], source: str = 'config.json') -> nn.Module:
-  """Inverse of `layout(model).config_json`: the model a written config.json describes."""
-  try:
-    return registry.model_from_config_json(config, source)
-  except ValueError as e:
-    raise errors.ExportError(str(e)) from None

@@ -31,7 +31,7 @@ def to_state_dict(model: nn.Module, params: Mapping[str, Any]) -> dict[str, np.n
   """{PyTorch key: array} of `params` (torch names, (out, in) weights): the model's
   importer rules read backwards. A leaf the layout has no place for is an ExportError,
   e.g. a bias that GLoRA gave a bias-less layer when the config's flag is off
-  (`search.export.plain_model` switches the family's bias flags on)."""
+  (`peft.merge_model` / `models.plain.plain_model` switch the family's bias flags on)."""
   lay = layouts.layout(model, _weights_dtype(params))
   try:
     return importers.invert(params, lay.rules, model=lay.description, optional=lay.optional)
@@ -39,8 +39,9 @@ def to_state_dict(model: nn.Module, params: Mapping[str, Any]) -> dict[str, np.n
     hint = ''
     if '/bias' in str(e) and 'has no place' in str(e):
       hint = ("\nA bias on a layer built without one comes from GLoRA's C or E: build the "
-              'plain model with glora_jax.search.export.plain_model, which switches the '
-              "config's bias flags on (e.g. Llama's attention_bias / mlp_bias, ViT's qkv_bias).")
+              'plain model with glora_jax.peft.merge_model (models.plain.plain_model), which '
+              "switches the config's bias flags on (e.g. Llama's attention_bias / mlp_bias, "
+              "ViT's qkv_bias).")
     raise errors.ExportError(f'{e}{hint}') from None
 
 

@@ -37,10 +37,11 @@ def _short(model: nn.Module) -> str:
   return f"{type(model).__name__}{f' ({flags})' if flags else ''}"
 
 
-def check_fits(model: nn.Module, params) -> None:
+def check_fits(model: nn.Module, params, expected=None) -> None:
   """Raises ExportError unless `params` holds exactly the leaves, with the shapes,
-  that `model` reads: Flax ignores an extra leaf without a word."""
-  expected = expected_leaves(model)
+  that `model` reads: Flax ignores an extra leaf without a word. `expected`: the
+  model's `expected_leaves`, when the caller has them already."""
+  expected = expected_leaves(model) if expected is None else expected
   flat = flatten(params)
   extra = sorted(set(flat) - set(expected), key=natural_key)
   missing = sorted(set(expected) - set(flat), key=natural_key)
@@ -93,10 +94,11 @@ def plain_model(model: nn.Module, params) -> tuple[nn.Module, dict]:
         flat.setdefault(f'{layer}/bias', jnp.zeros(kernel.shape[-1:], kernel.dtype))
     if switched:
       model = model.clone(config=dataclasses.replace(model.config, **switched))
-    unheld = set(flat) - set(expected_leaves(model))
-    if not unheld or family.bias_fallback is None:
+      expected = expected_leaves(model)
+    if set(flat) <= set(expected) or family.bias_fallback is None:
       break
     model = model.clone(config=family.bias_fallback(model.config))
+    expected = expected_leaves(model)
   params = unflatten(flat)
-  check_fits(model, params)
+  check_fits(model, params, expected)
   return model, params

@@ -248,7 +248,8 @@ def _vit_read_config(config_json, source: str) -> nn.Module:
 _VIT = Family(
     name='vit', task='image_classification', library='timm', module=vit.VisionTransformer,
     config_cls=vit.ViTConfig,
-    describes=lambda cfg: 'model_args' in cfg and str(cfg.get('architecture', 'vit')).startswith('vit'),
+    describes=lambda cfg: ('model_args' in cfg
+                           and str(cfg.get('architecture', 'vit')).startswith('vit')),
     read_config=_vit_read_config,
     write_config=lambda model, dtype: vit.to_timm(model.config, dtype),
     rules=lambda model: tuple(vit.timm_import_rules(model.config, 'bilinear',
@@ -294,7 +295,8 @@ def of_model(model: nn.Module) -> Family:
   """The family of a built module: its class, and its config's model_type where the
   module serves several families."""
   for family in FAMILIES.values():
-    if type(model) is family.module and getattr(model.config, 'model_type', family.name) == family.name:
+    if (type(model) is family.module
+        and getattr(model.config, 'model_type', family.name) == family.name):
       return family
   raise ValueError(f'{type(model).__name__} belongs to no model family; known modules: '
                    f'{sorted({f.module.__name__ for f in FAMILIES.values()})}')
@@ -388,7 +390,8 @@ def tokenizer_path(model_config) -> pathlib.Path:
   return path
 
 
-def keep_layers(family: Family, model: nn.Module, params: dict, layers: int) -> tuple[nn.Module, dict]:
+def keep_layers(family: Family, model: nn.Module, params: dict,
+                layers: int) -> tuple[nn.Module, dict]:
   """The first `layers` repeated blocks of a model and its params (small test models)."""
   depth = getattr(model.config, family.depth_field)
   if not 0 < layers <= depth:

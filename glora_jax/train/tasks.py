@@ -77,8 +77,9 @@ def build_model(config, num_classes: int) -> tuple[registry.Family, Any, dict]:
   """(family, module, params) of a run's config.model: a checkpoint directory
   (model.checkpoint, or a bundled one named by model.name), whose config.json names its
   family, or a random init of the family model.name names. A classifier gets a fresh
-  head of `num_classes` (a checkpoint's own head is not kept). config.model options: keep_layers (a checkpoint's first blocks), dropout,
-  and the execution fields (remat, attention, attention_chunk) of families that have them."""
+  head of `num_classes` (a checkpoint's own head is not kept). config.model options:
+  keep_layers (a checkpoint's first blocks), dropout, and the execution fields (remat,
+  attention, attention_chunk) of families that have them."""
   mc = config.model
   dtype = _dtype(mc.get('param_dtype', 'float32'))
   if mc.get('checkpoint', '') and not pathlib.Path(mc.checkpoint).exists():
@@ -111,7 +112,12 @@ def build_model(config, num_classes: int) -> tuple[registry.Family, Any, dict]:
   return family, model, params
 
 
-def _tokenized_splits(config, family, fields: tuple[str, ...]):
+def _first(arrays: dict, limit: int) -> dict:
+  """The first `limit` examples of each array (limit 0: all), for small test runs."""
+  return {k: v[:limit] for k, v in arrays.items()} if limit else arrays
+
+
+def _tokenized_splits(config, fields: tuple[str, ...]):
   """() -> {role: arrays} of a text dataset, tokenised by the checkpoint's tokenizer."""
   from glora_jax import data
   dc = config.data
@@ -125,14 +131,12 @@ def _tokenized_splits(config, family, fields: tuple[str, ...]):
         arrays, _ = data.load_text_classification(dc.name, split, tokenizer_path=tokenizer,
                                                   max_len=dc.max_len,
                                                   data_dir=dc.get('data_dir') or None)
-        arrays = {k: arrays[k] for k in fields}
-        limit = dc.get('limit', 0)
-        splits[role] = {k: v[:limit] for k, v in arrays.items()} if limit else arrays
+        splits[role] = _first({k: arrays[k] for k in fields}, dc.get('limit', 0))
     return splits
   return load_splits
 
 
-def _model_and_data(config, family, model, params, loss, predictions, metric, load_splits,
+def _model_and_data(family, model, params, loss, predictions, metric, load_splits,
                     head_pattern, metadata) -> ModelAndData:
   return ModelAndData(model=model, params=params, family=family,
                       forward_loss=steps.ForwardLoss(make_forward(family, model), loss),
@@ -148,9 +152,9 @@ def text_classification(config) -> ModelAndData:
   data.splits(config.data.name)  # an unknown dataset fails here, before anything is loaded
   num_classes = data.num_classes(config.data.name)
   family, model, params = build_model(config, num_classes)
-  load_splits = _tokenized_splits(config, family,
-                                  ('input_ids', 'attention_mask', 'token_type_ids', 'label'))
-  return _model_and_data(config, family, model, params, steps.classification_loss,
+  load_splits = _tokenized_splits(
+      config, ('input_ids', 'attention_mask', 'token_type_ids', 'label'))
+  return _model_and_data(family, model, params, steps.classification_loss,
                          classification_predictions, 'accuracy', load_splits, r'head/.*',
                          {'num_classes': num_classes})
 
@@ -168,9 +172,8 @@ def _image_splits(dc) -> dict:
       continue
     if dc.name == 'mnist5k':
       arrays = data.load_arrays(dc.name, split, data_dir)
-      arrays = {'image': arrays['image'], 'label': arrays['label'].astype(np.int32)}
-      limit = dc.get('limit', 0)
-      splits[role] = {k: v[:limit] for k, v in arrays.items()} if limit else arrays
+      splits[role] = _first({'image': arrays['image'], 'label': arrays['label'].astype(np.int32)},
+                            dc.get('limit', 0))
     else:
       splits[role] = data.load_source(dc.name, split, data_dir)
   return splits
@@ -183,7 +186,7 @@ def image_classification(config) -> ModelAndData:
   # data_dir fails before the (slow) model initialisation.
   splits = _image_splits(config.data)
   family, model, params = build_model(config, num_classes)
-  return _model_and_data(config, family, model, params, steps.classification_loss,
+  return _model_and_data(family, model, params, steps.classification_loss,
                          classification_predictions, 'accuracy', lambda: splits, r'head/.*',
                          {'num_classes': num_classes})
 
@@ -215,9 +218,9 @@ def causal_lm(config) -> ModelAndData:
   from glora_jax import data
   data.splits(config.data.name)
   family, model, params = build_model(config, 0)
-  load_splits = _tokenized_splits(config, family, ('input_ids', 'attention_mask'))
+  load_splits = _tokenized_splits(config, ('input_ids', 'attention_mask'))
   # Every parameter but the adapters is frozen (no task head).
-  return _model_and_data(config, family, model, params, lm_loss, lm_predictions,
+  return _model_and_data(family, model, params, lm_loss, lm_predictions,
                          'next_token_accuracy', load_splits, None,
                          {'vocab_size': model.config.vocab_size})
 
