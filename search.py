@@ -68,7 +68,7 @@ def work():
                                retrain_epochs=FLAGS.retrain_epochs,
                                export_formats=FLAGS.export_formats)
   print(open(s['subnet_file']).read())
-  metric = s['val_metric']  # accuracy, or next_token_accuracy for a causal LM
+  metric = s['val_metric']  # the task's headline: accuracy, f1, pearson, next_token_accuracy, ...
   name = metric.replace('_', ' ')
   print(f"chosen subnet: {s['adapter_params']:,} adapter params (+{s['head_params']:,} head), "
         f"val {name} {s[f'val_{metric}']:.4f}, test {name} {s[f'test_{metric}']:.4f} "

@@ -164,7 +164,8 @@ def main():
         + ('   retrained val per seed ' + ','.join(map(str, seeds)) if len(seeds) > 1 else ''))
   rows = []
   for i, p in enumerate(points):
-    inherited_loss, inherited = evaluate(trainable, run.frozen, val, p['subnet'])
+    inherited_loss, scores = evaluate(trainable, run.frozen, val, p['subnet'])
+    inherited = scores[run.model_data.metric]
     subnet_file = out / 'subnets' / f'point{i}.json'
     subnet_file.write_text(subnet_lib.dumps(run.spec, p['subnet']))
     t0 = time.perf_counter()

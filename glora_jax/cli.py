@@ -15,7 +15,7 @@ from glora_jax import errors
 def expected_errors() -> tuple[type[BaseException], ...]:
   return (errors.ConfigError, errors.CheckpointMismatchError, errors.MissingAssetError,
           errors.NonFiniteLossError, errors.BudgetError, errors.DatasetNotPreparedError,
-          errors.ExportError)
+          errors.ExportError, errors.DataError)
 
 
 def run_guarded(fn: Callable[[], object]) -> int:

@@ -31,3 +31,8 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 class ExportError(ValueError):
   """Merged parameters that the plain model an export describes would not read exactly."""
+
+
+class DataError(ValueError):
+  """Data that cannot be read as asked: a malformed file, a missing field, an empty split,
+  a label the training split never saw; the message names the file (and line) at fault."""

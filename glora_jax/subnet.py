@@ -163,4 +163,11 @@ def dumps(adapters: Adapters | AdapterSpec, subnet) -> str:
 
 
 def loads(adapters: Adapters | AdapterSpec, text: str) -> np.ndarray:
-  return from_dict(adapters, json.loads(text))
+  """`dumps`' inverse; text that is not a JSON object of layers is a ValueError."""
+  try:
+    choices = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'not valid JSON ({e})') from None
+  if not isinstance(choices, dict) or not all(isinstance(v, dict) for v in choices.values()):
+    raise ValueError('not a JSON object of {layer path: {support: option}}')
+  return from_dict(adapters, choices)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from configs import bbc_minilm_glora
 
@@ -127,3 +128,69 @@ def test_a_checkpoint_that_cannot_be_read_is_one_line(tmp_path, config_file, mak
   assert code == 2 and out == ''
   assert len(err) == 1 and err[0].startswith(expected.format(ckpt=ckpt)), err
   assert not (tmp_path / 'run').exists()
+
+
+def _bad_data(tmp_path, case):
+  """(train.py arguments, what the error line says) of one bad-data case."""
+  tiny = ['--config', 'configs/tiny_bbc_glora.py']
+  if case == 'max_len':
+    return tiny + ['--config.data.max_len=1000'], ('error: config: data.max_len=1000 is more than '
+                                                    'the 512 positions of the model')
+  if case == 'not_prepared':
+    return tiny + ['--config.data.name=tfds:food101', f'--config.data.data_dir={tmp_path}'], (
+        "error: dataset 'food101' (version *) is not prepared in data_dir")
+  if case == 'image':
+    good = tmp_path / 'images' / 'cat'
+    good.mkdir(parents=True)
+    Image.new('L', (4, 4)).save(good / 'a.png')
+    (good / 'b.png').write_bytes(b'not an image')
+    return tiny + ['--config.data.name=imagefolder', f'--config.data.train_split={good.parent}',
+                   '--config.data.eval_split=', '--config.data.test_split=', '--config.task=image_classification'], (
+        f'error: data: image {good / "b.png"} does not decode')
+  if case.startswith('subnet'):
+    text = {'subnet_json': '{"encoder": ', 'subnet_layers': '{}',
+            'subnet_option': '{"encoder/layer_0/attention/key": {"A": "lora_99"}}'}[case]
+    (tmp_path / 'subnet.json').write_text(text)
+    said = {'subnet_json': 'not valid JSON', 'subnet_layers': 'subnet has no entry for adapted layer',
+            'subnet_option': "unknown option 'lora_99' for support 'A'"}[case]
+    return tiny + [f'--config.subnet={tmp_path / "subnet.json"}'], (
+        f'error: subnet file {tmp_path / "subnet.json"}: ', said)
+  lines = {'json_line': ['{"text": "a", "label": "x"}', '{"text": "b", "label": '],
+           'field': ['{"text": "a", "label": "x"}', '{"txt": "b", "label": "y"}'],
+           'empty': [],
+           'unseen': ['{"text": "a", "label": "x"}']}[case]
+  train = tmp_path / 'train.jsonl'
+  train.write_text(''.join(line + '\n' for line in lines))
+  test = tmp_path / 'test.jsonl'
+  test.write_text('{"text": "c", "label": "z"}\n' if case == 'unseen' else lines[0] + '\n' if lines else '')
+  said = {'json_line': f'error: data: {train}:2 is not valid JSON',
+          'field': f"error: data: {train}:2 has no field 'text'",
+          'empty': f'error: data: {train} holds no examples',
+          'unseen': "error: data: test split has label 'z' that the train split never has"}[case]
+  return ['--config', 'configs/tiny_bbc_glora.py', '--config.data.name=json',
+          f'--config.data.train_split={train}', '--config.data.eval_split=',
+          f'--config.data.test_split={test}'], said
+
+
+@pytest.mark.parametrize('case', ['json_line', 'field', 'empty', 'unseen', 'image', 'not_prepared',
+                                  'max_len', 'subnet_json', 'subnet_layers', 'subnet_option'])
+def test_bad_data_and_subnets_are_one_line_before_the_workdir(tmp_path, case):
+  """Each bad input: one 'error:' line naming the file (and line) and what was expected,
+  exit code 2, nothing written to the workdir."""
+  args, said = _bad_data(tmp_path, case)
+  code, out, err = run('train.py', *args, '--workdir', str(tmp_path / 'run'))
+  assert code == 2 and out == '' and len(err) == 1, err
+  for part in (said,) if isinstance(said, str) else said:
+    assert part in err[0], err
+  assert err[0].startswith('error: ')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_search_refuses_an_output_directory_it_cannot_write(tmp_path):
+  (tmp_path / 'config.json').write_text(bbc_minilm_glora.get_config().to_json())
+  (tmp_path / 'a_file').write_text('')
+  code, out, err = run('search.py', '--ckpt', str(tmp_path), '--out', str(tmp_path / 'a_file' / 'x'))
+  assert code == 2 and out == ''
+  assert err == [f"error: output directory {tmp_path / 'a_file' / 'x'}: {tmp_path / 'a_file'} is a "
+                 'file; expected a directory (or a path that can be created)']
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file', 'config.json']

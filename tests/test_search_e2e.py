@@ -39,7 +39,8 @@ def test_vmapped_fitness_equals_one_at_a_time(supernet):
   assert vmapped.fn._cache_size() == 1 and single.fn._cache_size() == 1
   # and against the training evaluator, one subnet at a time
   evaluate = setup.make_evaluator(run, 16)
-  loss0, acc0 = evaluate(trainable, run.frozen, run.model_data.splits['eval'], cands[0])
+  loss0, scores0 = evaluate(trainable, run.frozen, run.model_data.splits['eval'], cands[0])
+  acc0 = scores0['accuracy']
   assert abs(acc0 - batched_acc[0]) < 1e-9
   assert abs(loss0 - batched_loss[0]) < 1e-5 * max(1.0, abs(loss0))  # the loss tie-break's value
 

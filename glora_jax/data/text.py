@@ -60,10 +60,19 @@ def load_tokenizer(path: str | os.PathLike | None = None, max_len: int = DEFAULT
 
 
 def tokenize(texts: Sequence[str], tokenizer_path: str | os.PathLike | None = None,
-             max_len: int = DEFAULT_MAX_LEN) -> dict[str, np.ndarray]:
-  """Texts to {'input_ids', 'attention_mask', 'token_type_ids'}, each (len(texts), max_len) int32."""
+             max_len: int = DEFAULT_MAX_LEN, pairs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+  """Texts to {'input_ids', 'attention_mask', 'token_type_ids'}, each (len(texts), max_len) int32.
+
+  pairs: a second segment per text (sentence-pair tasks), joined as the tokenizer's own
+  post-processor template says (BERT: [CLS] a [SEP] b [SEP], token types 0 then 1;
+  RoBERTa: <s> a </s></s> b </s>); the longer segment is truncated first."""
   tokenizer = load_tokenizer(tokenizer_path, max_len)
-  encodings = tokenizer.encode_batch([str(t) for t in texts])
+  if pairs is None:
+    encodings = tokenizer.encode_batch([str(t) for t in texts])
+  else:
+    if len(pairs) != len(texts):
+      raise ValueError(f'{len(pairs)} second segments for {len(texts)} texts; expected one each')
+    encodings = tokenizer.encode_batch([(str(a), str(b)) for a, b in zip(texts, pairs)])
   shape = (len(encodings), max_len)
   return {
       'input_ids': np.array([e.ids for e in encodings], dtype=np.int32).reshape(shape),

@@ -4,6 +4,7 @@ measure the test split once (adapted and merged) and export.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import time
 
@@ -26,10 +27,11 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   under `out` in `export_formats` (export.FORMATS: ours, and the model's PyTorch
   layout in <out>/hf or <out>/timm); returns the summary (also written to summary.json).
 
-  Fitness is the task's accuracy on the eval split, correct / count of its loss
-  sums: `val_metric` names it, 'accuracy' for a classifier, 'next_token_accuracy'
-  (over real tokens) for a causal LM. The summary keys carry that name
-  (val_<metric>, test_<metric>, test_<metric>_merged) beside the mean test loss.
+  Fitness is the task's headline metric on the eval split (ModelAndData.metric:
+  'accuracy' for a classifier, GLUE's F1 / matthews_corrcoef / pearson, or
+  'next_token_accuracy' over real tokens for a causal LM): `val_metric` names it and
+  the summary carries val_<metric>, and test_<m>, test_<m>_merged for each of the
+  task's metrics, beside the mean test loss.
 
   chunk: candidates per vmapped evaluation; None measures the fastest at start-up
   (fitness.probe_chunk; the summary records the probe)."""
@@ -40,6 +42,7 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
     raise errors.ConfigError(f"{ckpt} trained method '{config.method}'; search needs a GLoRA "
                              'supernet (method glora)')
   out = pathlib.Path(out) if out else ckpt / 'search'
+  _check_writable(out)
   run = setup.build(config)
   evolution.check_budget(run.spec, cfg)  # fail before any expensive work
   out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +74,18 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   return summary
 
 
+def _check_writable(out: pathlib.Path) -> None:
+  """An output directory that cannot be made or written fails before the search
+  (not minutes later at its first file); nothing is created here."""
+  existing = next(p for p in [out, *out.parents] if p.exists())
+  if not existing.is_dir():
+    raise errors.ConfigError(f'output directory {out}: {existing} is a file; expected a '
+                             'directory (or a path that can be created)')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise errors.ConfigError(f'output directory {out} cannot be written ({existing} is not '
+                             'writable); expected a directory this user can write')
+
+
 def _search(run: setup.BuiltRun, trainable, cfg: evolution.SearchConfig, out: pathlib.Path,
             chunk, eval_batch_size: int, stop_after_generations, log):
   """(fitness, archive, seconds): the evolution on the eval split, its best subnet,
@@ -79,7 +94,8 @@ def _search(run: setup.BuiltRun, trainable, cfg: evolution.SearchConfig, out: pa
   frozen = jax.device_put(run.frozen, frozen_sh)
   fit = fitness_lib.Fitness(run.model_data.forward_loss, run.spec, run.mesh, trainable, frozen,
                             frozen_sh, run.model_data.splits['eval'], chunk=chunk,
-                            batch_size=eval_batch_size, race=cfg.race, rank_by=cfg.rank_by, log=log)
+                            batch_size=eval_batch_size, race=cfg.race, rank_by=cfg.rank_by, log=log,
+                            model_data=run.model_data)
   t0 = time.perf_counter()
   initial = None
   if cfg.start == 'anchor':  # the subnet the supernet trained in every step
@@ -116,30 +132,41 @@ def _retrain(run: setup.BuiltRun, ckpt: pathlib.Path, out: pathlib.Path, epochs:
 
 def _test_and_export(run: setup.BuiltRun, trainable, subnet, out: pathlib.Path, formats,
                      batch_size: int) -> dict:
-  """The test split measured once on the task's own sums (loss, count, correct): the
-  adapted supernet with `subnet`, and the merged plain model, which `plain_model`
-  checks holds exactly the parameters it reads before anything is written; then the
-  export. Returns the summary's test and export entries."""
+  """The test split measured once with the task's metrics: the adapted supernet with
+  `subnet`, and the merged plain model, which `plain_model` checks holds exactly the
+  parameters it reads before anything is written; then the export, with the labels'
+  mapping (labels.json). Returns the summary's test and export entries."""
   model_data, test = run.model_data, run.model_data.splits['test']
   fl = model_data.forward_loss
   adapters = peft.Adapters(params=trainable['adapters'], spec=run.spec)
-  sums_adapted, preds_adapted = export.evaluate(
+  sums_adapted, preds_adapted, targets = export.evaluate(
       fl.forward, fl.loss, model_data.predictions, peft.combine(run.frozen, trainable['model']),
       adapters, jax.numpy.asarray(subnet), test, batch_size)
   plain_model, merged = export.plain_model(
       model_data.model, export.merged_params(model_data.params, trainable, run.spec, subnet))
-  sums_merged, preds_merged = export.evaluate(
+  sums_merged, preds_merged, _ = export.evaluate(
       model_data.forward_with(plain_model), fl.loss, model_data.predictions, merged, None, None,
       test, batch_size)
   files = export.save_merged(out, plain_model, merged, formats,
                              copy_files_from=registry.checkpoint_dir(run.config.model))
-  metric = model_data.metric
+  if model_data.metadata.get('data'):
+    metrics.write_json(out / 'labels.json', model_data.metadata['data'])
+  adapted = model_data.score(sums_adapted, preds_adapted, targets)
+  merged_scores = model_data.score(sums_merged, preds_merged, targets)
   return {
-      f'test_{metric}': _ratio(sums_adapted, 2), f'test_{metric}_merged': _ratio(sums_merged, 2),
+      **{f'test_{k}': v for k, v in adapted.items()},
+      **{f'test_{k}_merged': v for k, v in merged_scores.items()},
       'test_loss': _ratio(sums_adapted, 0), 'test_loss_merged': _ratio(sums_merged, 0),
-      'merged_prediction_agreement': float((preds_adapted == preds_merged).mean()),
+      'merged_prediction_agreement': _agreement(preds_adapted, preds_merged),
       'exports': files,
   }
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+  """Share of equal predictions; a regressor's within 1e-4 of each other."""
+  if np.issubdtype(a.dtype, np.floating):
+    return float(np.mean(np.abs(a - b) <= 1e-4))
+  return float((a == b).mean())
 
 
 def _ratio(sums, i: int) -> float:

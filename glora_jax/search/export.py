@@ -165,19 +165,23 @@ def load_safetensors(path) -> dict:
 
 
 def evaluate(forward, loss, predictions, params, adapters, subnet, arrays,
-             batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+             batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   """(sums of the task's (loss, count, correct) over `arrays`, float64; the
-  predictions at every position `predictions` weighs, flattened in order).
-  Jitted once; the same code for a classifier and a causal LM."""
+  predictions at every position `predictions` weighs, flattened in order; the labels
+  of the same rows where the batches have them (None for a causal LM)). Jitted once;
+  the same code for a classifier, a regressor and a causal LM."""
   def step(p, a, s, batch):
     out = forward(p, a, s, batch, False, None)
     preds, weights = predictions(out, batch)
     return jnp.stack(loss(out, batch)), preds, weights
 
   step = jax.jit(step)
-  totals, preds = np.zeros(3), []
+  totals, preds, targets = np.zeros(3), [], []
   for batch in data.eval_iterator(arrays, batch_size):
     sums, p, w = jax.device_get(step(params, adapters, subnet, batch))
     totals += np.asarray(sums, np.float64)
-    preds.append(np.asarray(p)[np.asarray(w) > 0])
-  return totals, np.concatenate(preds)
+    real = np.asarray(w) > 0
+    preds.append(np.asarray(p)[real])
+    if 'label' in batch and real.ndim == 1:
+      targets.append(np.asarray(batch['label'])[real])
+  return totals, np.concatenate(preds), np.concatenate(targets) if targets else None

@@ -1,5 +1,6 @@
-"""Fitness of many subnets at once: validation accuracy (next-token accuracy for a causal
-LM) with inherited supernet weights, jax.vmap over a chunk of candidates, compiled once.
+"""Fitness of many subnets at once: the task's headline metric on the validation split
+(accuracy, next-token accuracy, GLUE's F1 / MCC / Pearson) with inherited supernet weights,
+jax.vmap over a chunk of candidates, compiled once.
 
 The chunk (candidates per vmapped call) is a backend's trade: on this 2-core CPU one
 at a time is fastest, on an accelerator a larger chunk fills the device. `chunk=None`
@@ -24,14 +25,16 @@ from glora_jax.train import sharding, steps
 PROBE_CHUNKS = (1, 8)  # times the data-parallel size: the chunks `probe_chunk` tries
 
 
-def make_chunk_evaluator(task: steps.ForwardLoss, spec, mesh, frozen_shardings, chunk: int):
+def make_chunk_evaluator(task: steps.ForwardLoss, spec, mesh, frozen_shardings, chunk: int,
+                         predictions=None):
   """f(trainable, frozen, batch, subnets (chunk, L, S)) -> (chunk, 3) sums of
-  (loss, examples, correct). The candidate axis is split over the 'data' mesh
-  axis when it divides evenly (each device evaluates its own candidates)."""
-  eval_step = steps.make_eval_step(task, spec)
+  (loss, examples, correct), and with `predictions` (a task's) also each candidate's
+  per-example predictions (chunk, batch). The candidate axis is split over the
+  'data' mesh axis when it divides evenly (each device evaluates its own candidates)."""
+  eval_step = steps.make_eval_step(task, spec, predictions)
 
   def evaluate_chunk(trainable, frozen, batch, subnets):
-    return jnp.stack(jax.vmap(lambda s: eval_step(trainable, frozen, batch, s))(subnets), -1)
+    return jax.vmap(lambda s: eval_step(trainable, frozen, batch, s))(subnets)
 
   rep = sharding.replicated(mesh)
   cand_axis = 'data' if chunk % mesh.shape['data'] == 0 else None
@@ -41,8 +44,9 @@ def make_chunk_evaluator(task: steps.ForwardLoss, spec, mesh, frozen_shardings, 
 
 
 class Scores(NamedTuple):
-  """A Fitness call's result, one entry per candidate. accuracy: correct / count of
-  the task's sums (higher is better); complete: scored on the whole eval split (False
+  """A Fitness call's result, one entry per candidate. accuracy: the task's headline
+  metric, correct / count of its sums or (a scored task, as GLUE's) its metric of the
+  predictions (higher is better); complete: scored on the whole eval split (False
   only for a race's heat losers); loss: the task's mean loss over the same examples
   (the search's tie-break with SearchConfig.tie_break='loss')."""
   accuracy: np.ndarray
@@ -67,11 +71,14 @@ class Fitness:
   and get their whole-split accuracy; the others keep their heat accuracy and
   complete=False (the search ranks them after every complete candidate).
   rank_by: what "better" means in the heat: 'accuracy' (higher) or 'loss' (lower
-  mean loss), SearchConfig.rank_by."""
+  mean loss), SearchConfig.rank_by.
+
+  model_data: the task (train.tasks.ModelAndData); a scored one is ranked by its
+  headline metric of the candidates' predictions (`accuracy` holds it)."""
 
   def __init__(self, task, spec, mesh, trainable, frozen, frozen_shardings, arrays,
                chunk: int | None = 8, batch_size: int = 32, race: float = 0.0,
-               rank_by: str = 'accuracy', log=lambda msg: None):
+               rank_by: str = 'accuracy', log=lambda msg: None, model_data=None):
     if not 0.0 <= race < 1.0:
       raise ValueError(f'race must be in [0, 1) (the share of the eval split in the first '
                        f'heat; 0 = off), got {race}')
@@ -80,11 +87,19 @@ class Fitness:
     self.trainable, self.frozen = trainable, frozen
     self.batch_size, self.race, self.rank_by = batch_size, race, rank_by
     # Evaluation batches are fixed: build (and transfer) them once.
-    self.batches = [jax.device_put(b, sharding.replicated(mesh))
-                    for b in data.eval_iterator(arrays, batch_size)]
+    host_batches = list(data.eval_iterator(arrays, batch_size))
+    self.batches = [jax.device_put(b, sharding.replicated(mesh)) for b in host_batches]
+    # A scored task (model_data.scored: F1, MCC, correlations) is scored from each
+    # candidate's predictions and the labels of the real rows, on the host.
+    self.model_data = model_data if model_data is not None and model_data.scored else None
+    predictions = None
+    if self.model_data is not None:
+      predictions = self.model_data.predictions
+      self.real = [np.asarray(b['mask']) > 0 for b in host_batches]
+      self.targets = [np.asarray(b['label'])[r] for b, r in zip(host_batches, self.real)]
     self.heat = (max(1, min(len(self.batches) - 1, math.ceil(race * len(self.batches))))
                  if race and len(self.batches) > 1 else len(self.batches))
-    make = lambda c: make_chunk_evaluator(task, spec, mesh, frozen_shardings, c)
+    make = lambda c: make_chunk_evaluator(task, spec, mesh, frozen_shardings, c, predictions)
     self.probe = None
     if chunk is None:  # the probe's compiled evaluator of the chosen chunk is kept
       chunk, self.fn, self.probe = probe_chunk(
@@ -100,35 +115,70 @@ class Fitness:
     self.evaluated = 0  # candidates scored
     self.batch_evaluations = 0  # candidate x eval-batch forwards run
 
-  def sums(self, cands, batches) -> np.ndarray:
-    """(n, 3) sums of (loss, count, correct) of each candidate over `batches`."""
+  def sums(self, cands, batches) -> tuple[np.ndarray, np.ndarray | None]:
+    """(n, 3) sums of (loss, count, correct) of each candidate over the eval batches
+    numbered `batches`, and (scored tasks) its predictions on their real rows, in
+    order (n, rows); None otherwise."""
     cands = np.asarray(cands, np.int32)
     n = len(cands)
     pad = (-n) % self.chunk
     if pad:
       cands = np.concatenate([cands, np.repeat(cands[:1], pad, axis=0)])
-    out = []
+    sums, preds = [], []
     for start in range(0, len(cands), self.chunk):
       sub = jnp.asarray(cands[start:start + self.chunk])
-      out.append(np.asarray(jax.device_get(
-          sum(self.fn(self.trainable, self.frozen, b, sub) for b in batches)), np.float64))
+      outs = jax.device_get([self.fn(self.trainable, self.frozen, self.batches[i], sub)
+                             for i in batches])
+      if self.model_data is None:
+        sums.append(np.sum(np.asarray(outs, np.float64), axis=0))
+      else:
+        sums.append(np.sum(np.asarray([o[0] for o in outs], np.float64), axis=0))
+        preds.append(np.concatenate([np.asarray(o[1])[:, self.real[i]]
+                                     for o, i in zip(outs, batches)], axis=1))
     self.batch_evaluations += n * len(batches)
-    return np.concatenate(out)[:n]
+    return (np.concatenate(sums)[:n],
+            np.concatenate(preds)[:n] if self.model_data is not None else None)
+
+  def _scores(self, sums: np.ndarray, preds, batches, complete) -> Scores:
+    """Scores of candidates' sums (and predictions) over the batches numbered `batches`."""
+    if self.model_data is None:
+      return _scores(sums, complete)
+    targets = np.concatenate([self.targets[i] for i in batches])
+    fitness = np.array([_headline(self.model_data, s, p, targets) for s, p in zip(sums, preds)])
+    return Scores(fitness, complete, sums[:, 0] / np.maximum(sums[:, 1], 1))
 
   def __call__(self, cands) -> Scores:
     cands = np.asarray(cands, np.int32)
     n = len(cands)
     self.evaluated += n
+    every = list(range(len(self.batches)))
     if self.heat == len(self.batches) or n < 2:
-      return _scores(self.sums(cands, self.batches), np.ones(n, bool))
-    totals = self.sums(cands, self.batches[:self.heat])
-    heat = _scores(totals, None)
+      return self._scores(*self.sums(cands, every), every, np.ones(n, bool))
+    first, rest = every[:self.heat], every[self.heat:]
+    totals, preds = self.sums(cands, first)
+    heat = self._scores(totals, preds, first, None)
     worse = -heat.accuracy if self.rank_by == 'accuracy' else heat.loss
     survivors = np.argsort(worse, kind='stable')[:math.ceil(n / 2)]
-    totals[survivors] += self.sums(cands[survivors], self.batches[self.heat:])
+    more, more_preds = self.sums(cands[survivors], rest)
+    totals[survivors] += more
     complete = np.zeros(n, bool)
     complete[survivors] = True
-    return _scores(totals, complete)
+    if self.model_data is None:
+      return _scores(totals, complete)
+    fitness = heat.accuracy.copy()
+    whole = self._scores(totals[survivors], np.concatenate([preds[survivors], more_preds], 1),
+                         every, None)
+    fitness[survivors] = whole.accuracy
+    return Scores(fitness, complete, totals[:, 0] / np.maximum(totals[:, 1], 1))
+
+
+def _headline(model_data, sums, preds, targets) -> float:
+  """A scored task's headline metric of one candidate; -inf when it cannot be scored
+  (a diverged candidate's NaN predictions), so the search ranks it last."""
+  try:
+    return model_data.score(sums, preds, targets)[model_data.metric]
+  except ValueError:
+    return -math.inf
 
 
 def _scores(sums: np.ndarray, complete) -> Scores:

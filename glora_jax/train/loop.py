@@ -6,7 +6,6 @@ checkpoint), final summary.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import sys
 import time
@@ -37,6 +36,8 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
   primary = jax.process_index() == 0
   if primary:
     metrics_lib.write_json(workdir / 'config.json', json.loads(config.to_json_best_effort()))
+    # The labels' mapping and how the splits were drawn (k-shot, a val carved off train).
+    metrics_lib.write_json(workdir / 'data.json', run.model_data.metadata.get('data', {}))
 
   jit_step, state_sh, frozen_sh = setup.make_jitted_step(run, optimizer, state)
   mesh = run.mesh
@@ -44,6 +45,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
   state = jax.device_put(state, state_sh)
   skip_nonfinite = config.on_nonfinite == 'skip'
   evaluate = setup.make_evaluator(run, config.get('eval_batch_size', config.batch_size))
+  metric = run.model_data.metric
 
   # Restore.
   fp = setup.training_fingerprint(config, run.spec, run.trainable)
@@ -70,7 +72,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
     tty = sys.stdout.isatty()
     bar = tqdm(total=total_steps, initial=int(state['step']), unit='step', file=sys.stdout,
                dynamic_ncols=True, mininterval=0.1 if tty else 30.0)
-  val_acc, val_loss = float('nan'), float('nan')
+  val_scores, val_loss = {}, float('nan')
   step = first_step = int(state['step'])
   log_every = config.get('log_every_steps', 10)
   eval_every = config.get('eval_every_epochs', 1)
@@ -127,10 +129,11 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
       if bar is not None:
         bar.set_postfix(loss=f'{float(m["loss"]):.4f}', epoch=epoch)
     if evaluate_now:
-      val_loss, val_acc = evaluate(state['trainable'], frozen, run.model_data.splits['eval'],
-                                   setup.eval_subnet(run))
-      metrics_log.add(step=step, epoch=epoch, val_loss=val_loss, val_accuracy=val_acc)
-      msg = f'epoch {epoch}: val_loss={val_loss:.4f} val_accuracy={val_acc:.4f}'
+      val_loss, val_scores = evaluate(state['trainable'], frozen, run.model_data.splits['eval'],
+                                      setup.eval_subnet(run))
+      metrics_log.add(step=step, epoch=epoch, val_loss=val_loss, val_score=val_scores[metric],
+                      val_accuracy=val_scores.get('accuracy', ''))
+      msg = f'epoch {epoch}: val_loss={val_loss:.4f} ' + _scores_text(val_scores)
       bar.write(msg) if bar is not None else print(msg, flush=True)
     if save_now:
       save(step)
@@ -141,8 +144,8 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
       break
   if pending:
     fetch()
-  if 'eval' in run.model_data.splits and math.isnan(val_acc):  # resumed after the last epoch
-    val_loss, val_acc = evaluate(state['trainable'], frozen, run.model_data.splits['eval'],
+  if 'eval' in run.model_data.splits and not val_scores:  # resumed after the last epoch
+    val_loss, val_scores = evaluate(state['trainable'], frozen, run.model_data.splits['eval'],
                                  setup.eval_subnet(run))
   if mngr.latest_step() != step:
     save(step, force=True)
@@ -155,7 +158,8 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
                         setup.eval_subnet(run), head=state['trainable']['model'])
             if run.spec is not None else None)
   trainable_params = int(sum(np.size(x) for x in jax.tree.leaves(state['trainable'])))
-  summary = {'step': step, 'epoch': batches.state['epoch'], 'val_accuracy': val_acc, 'val_loss': val_loss,
+  summary = {'step': step, 'epoch': batches.state['epoch'], 'val_metric': metric,
+             **{f'val_{name}': value for name, value in val_scores.items()}, 'val_loss': val_loss,
              'trainable_params': trainable_params,
              'stored_adapter_params': None if report is None else report.stored_adapter_params,
              'finished': not stopped_early,
@@ -165,7 +169,12 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None,
   if primary:
     metrics_lib.write_json(workdir / 'summary.json', summary)
   if primary and metrics_log.rows:
-    metrics_lib.plot_curves(metrics_log.rows, workdir / 'curves.png')
-  print(f'final: step={step} val_accuracy={val_acc:.4f} trainable_params={trainable_params:,}',
+    metrics_lib.plot_curves(metrics_log.rows, workdir / 'curves.png', metric)
+  print(f'final: step={step} {_scores_text(val_scores)} trainable_params={trainable_params:,}',
         flush=True)
   return summary
+
+
+def _scores_text(scores: dict) -> str:
+  """'val_accuracy=0.9250' (each metric of a validation); 'val: none' without an eval split."""
+  return ' '.join(f'val_{k}={v:.4f}' for k, v in scores.items()) or 'val: none'

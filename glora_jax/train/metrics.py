@@ -14,7 +14,7 @@ class MetricsLog:
   """Appends rows to workdir/metrics.csv (kept across resumes). path None keeps
   the rows in memory only: in a run of several processes only the first writes."""
   FIELDS = ('step', 'epoch', 'train_loss', 'train_accuracy', 'lr', 'subnet_params',
-            'examples_per_s', 'val_loss', 'val_accuracy')
+            'examples_per_s', 'val_loss', 'val_accuracy', 'val_score')  # val_score: the headline metric
 
   def __init__(self, path: pathlib.Path | None, resume_step: int):
     self.path = path
@@ -61,16 +61,18 @@ def _save(fig, path: pathlib.Path) -> None:
   _pyplot().close(fig)
 
 
-def plot_curves(rows: list[dict], path: pathlib.Path) -> None:
-  """Training loss and validation accuracy against step, from MetricsLog rows."""
+def plot_curves(rows: list[dict], path: pathlib.Path, metric: str = 'accuracy') -> None:
+  """Training loss and the validation metric (`metric` names it) against step, from MetricsLog rows."""
   plt = _pyplot()
   steps_ = [r['step'] for r in rows if r.get('train_loss') not in (None, '')]
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
   axes[0].plot(steps_, [float(r['train_loss']) for r in rows if r.get('train_loss') not in (None, '')])
   axes[0].set(xlabel='step', ylabel='train loss', title='training loss')
-  ev = [r for r in rows if r.get('val_accuracy') not in (None, '')]
-  axes[1].plot([r['step'] for r in ev], [float(r['val_accuracy']) for r in ev], 'o-')
-  axes[1].set(xlabel='step', ylabel='accuracy', title='validation accuracy')
+  # The headline metric (val_score), or accuracy in a workdir written before val_score.
+  key = 'val_score' if any(r.get('val_score') not in (None, '') for r in rows) else 'val_accuracy'
+  ev = [r for r in rows if r.get(key) not in (None, '')]
+  axes[1].plot([r['step'] for r in ev], [float(r[key]) for r in ev], 'o-')
+  axes[1].set(xlabel='step', ylabel=metric, title=f'validation {metric}')
   _save(fig, path)
 
 

@@ -18,9 +18,10 @@ import numpy as np
 import optax
 
 from glora_jax import data, paths, peft
+from glora_jax import metrics as task_metrics
 from glora_jax import subnet as subnet_lib
 from glora_jax.adapters import glora, lora
-from glora_jax.errors import CheckpointMismatchError, ConfigError
+from glora_jax.errors import CheckpointMismatchError, ConfigError, DataError
 from glora_jax.train import checkpoint, sharding, steps, tasks
 
 METHODS = ('glora', 'lora', 'surm', 'full', 'linear_probe')
@@ -64,6 +65,11 @@ def validate(config) -> None:
   if config.method == 'glora' and config.get('subnet'):
     need(pathlib.Path(config.subnet).is_file(), f'subnet file {config.subnet} does not exist')
   validate_supernet(config)
+  if config.get('data', {}).get('metrics'):
+    try:
+      task_metrics.check_names(tuple(config.data.metrics))
+    except ValueError as e:
+      raise ConfigError(f'data.metrics: {e}') from None
   mesh_data, mesh_model = config.mesh.data, config.mesh.model
   n = config.mesh.get('num_devices', 0) or jax.device_count()
   need(n <= jax.device_count(), f'mesh.num_devices={n} but only {jax.device_count()} devices exist')
@@ -195,6 +201,8 @@ def build(config) -> BuiltRun:
                             jax.devices()[:config.mesh.get('num_devices', 0) or None])
   try:
     model_data = tasks.build(config)
+  except DataError as e:  # a file, field, label or split that cannot be read as asked
+    raise ConfigError(f'data: {e}') from None
   except (ValueError, KeyError, AttributeError) as e:  # unknown dataset, model, config field
     raise ConfigError(f'{type(e).__name__ if not isinstance(e, ValueError) else "config"}: {e}') from None
   params = model_data.params
@@ -231,7 +239,11 @@ def build(config) -> BuiltRun:
   fixed = None
   if spec is not None:
     if config.get('subnet'):
-      fixed = subnet_lib.loads(spec, pathlib.Path(config.subnet).read_text())
+      try:  # malformed JSON, a layer missing, an unknown option: one line naming the file
+        fixed = subnet_lib.loads(spec, pathlib.Path(config.subnet).read_text())
+      except ValueError as e:
+        raise ConfigError(f'subnet file {config.subnet}: {e}; expected a subnet JSON as '
+                          "search.py writes (best_subnet.json)") from None
     elif not spec.searchable:
       fixed = np.zeros(spec.num_options.shape, np.int32)
     elif config.get('supernet', {}).get('anchor'):
@@ -256,8 +268,17 @@ def eval_subnet(run: BuiltRun) -> np.ndarray:
 
 
 def make_evaluator(run: BuiltRun, batch_size: int):
-  """evaluate(trainable, arrays, subnet) -> (mean loss, accuracy), jitted once."""
-  eval_step = steps.make_eval_step(run.model_data.forward_loss, run.spec)
+  """evaluate(trainable, frozen, split, subnet) -> (mean loss, {metric: value}) over a
+  whole split (run.model_data.score), jitted once."""
+  model_data = run.model_data
+  step = steps.make_eval_step(model_data.forward_loss, run.spec,
+                              model_data.predictions if model_data.scored else None)
+
+  def eval_step(trainable, frozen, batch, subnet):
+    # A scored task's labels and row mask come back with its predictions: with several
+    # hosts each holds only its own rows of the batch, the outputs are global.
+    out = step(trainable, frozen, batch, subnet)
+    return out if not model_data.scored else (*out, batch['label'], batch['mask'])
   frozen_specs, trainable_specs = param_specs(run)
   rep = sharding.replicated(run.mesh)
   jitted = jax.jit(eval_step, in_shardings=(sharding.named(run.mesh, trainable_specs),
@@ -266,11 +287,19 @@ def make_evaluator(run: BuiltRun, batch_size: int):
                    out_shardings=rep)
 
   def evaluate(trainable, frozen, arrays, subnet):
-    totals = np.zeros(3)
+    totals, preds, targets = np.zeros(3), [], []
     for batch in data.eval_iterator(arrays, batch_size):
-      out = jitted(trainable, frozen, sharding.put_batch(batch, run.mesh), jnp.asarray(subnet))
-      totals += np.asarray(jax.device_get(out), np.float64)
-    return totals[0] / max(totals[1], 1), totals[2] / max(totals[1], 1)
+      out = jax.device_get(jitted(trainable, frozen, sharding.put_batch(batch, run.mesh),
+                                  jnp.asarray(subnet)))
+      if model_data.scored:
+        out, p, labels, mask = out
+        real = np.asarray(mask) > 0
+        preds.append(np.asarray(p)[real])
+        targets.append(np.asarray(labels)[real])
+      totals += np.asarray(out, np.float64)
+    scores = (model_data.score(totals, np.concatenate(preds), np.concatenate(targets))
+              if model_data.scored else model_data.score(totals))
+    return totals[0] / max(totals[1], 1), scores
 
   return evaluate
 

@@ -309,12 +309,15 @@ def make_train_step(task: ForwardLoss, spec: peft.AdapterSpec | None, optimizer,
   return train_step
 
 
-def make_eval_step(task: ForwardLoss, spec: peft.AdapterSpec | None):
-  """eval_step(trainable, frozen, batch, subnet) -> sums (loss, examples, correct)."""
+def make_eval_step(task: ForwardLoss, spec: peft.AdapterSpec | None, predictions=None):
+  """eval_step(trainable, frozen, batch, subnet) -> sums (loss, examples, correct); with
+  `predictions` ((outputs, batch) -> (per-example predictions, weights), a task's),
+  (sums, predictions): the metrics of a whole split are computed from them on the host."""
 
   def eval_step(trainable, frozen, batch, subnet):
     out = task.forward(_model_params(trainable, frozen), _adapters(spec, trainable), subnet,
                        batch, False, None)
-    return task.loss(out, batch)
+    sums = jnp.stack(task.loss(out, batch))
+    return sums if predictions is None else (sums, predictions(out, batch)[0])
 
   return eval_step

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from glora_jax import metrics as task_metrics
 from glora_jax import peft
 from glora_jax.models import importers, registry
 from glora_jax.train import steps
@@ -25,16 +25,19 @@ class ModelAndData:
   arrays or a random-access source) are read on first use, after the cheap checks
   of adapters and config have passed.
 
-  The task's accuracy is its loss's correct / count: `metric` names it and
-  `predictions` says which predictions it counts; `forward_with(other model)` is
-  forward_loss.forward for another model of the same inputs (the merged plain model)."""
+  `metrics` name what the task is scored by, the headline (the search's fitness)
+  first: with `scored`, glora_jax.metrics' functions of the per-example
+  `predictions` and the labels over a whole split; otherwise (a causal LM) the
+  loss's correct / count. `forward_with(other model)` is forward_loss.forward for
+  another model of the same inputs (the merged plain model)."""
   model: Any
   params: dict  # full model params: pretrained backbone + fresh head
   family: registry.Family
   forward_loss: steps.ForwardLoss
   forward_with: Callable[[Any], Callable[..., Any]]
   predictions: Callable[[Any, dict], tuple[jax.Array, jax.Array]]  # (outputs, batch) -> (preds, weights)
-  metric: str
+  metrics: tuple[str, ...]
+  scored: bool  # metrics of predictions and labels; False: of the loss's sums
   partition_rules: list
   load_splits: Any  # () -> dict of splits
   default_targets: str
@@ -44,6 +47,18 @@ class ModelAndData:
   @functools.cached_property
   def splits(self) -> dict:
     return self.load_splits()
+
+  @property
+  def metric(self) -> str:
+    """The headline metric: the search's fitness, the summary's val_metric."""
+    return self.metrics[0]
+
+  def score(self, sums, preds=None, targets=None) -> dict[str, float]:
+    """Each metric of a whole split: of its (loss, count, correct) sums, or (scored)
+    of the predictions and labels of its real examples, in order."""
+    if not self.scored:
+      return {self.metric: float(sums[2] / max(sums[1], 1))}
+    return task_metrics.compute(self.metrics, preds, targets)
 
 
 def _dtype(name: str):
@@ -112,83 +127,85 @@ def build_model(config, num_classes: int) -> tuple[registry.Family, Any, dict]:
   return family, model, params
 
 
-def _first(arrays: dict, limit: int) -> dict:
-  """The first `limit` examples of each array (limit 0: all), for small test runs."""
-  return {k: v[:limit] for k, v in arrays.items()} if limit else arrays
-
-
-def _tokenized_splits(config, fields: tuple[str, ...]):
-  """() -> {role: arrays} of a text dataset, tokenised by the checkpoint's tokenizer."""
-  from glora_jax import data
-  dc = config.data
+def _tokenized(config, task_data, fields: tuple[str, ...]):
+  """() -> {role: arrays} of a text task: texts (and sentence pairs, encoded as the
+  tokenizer's template says) tokenised by the checkpoint's own tokenizer.json."""
+  from glora_jax.data import text
   tokenizer = registry.tokenizer_path(config.model)
+  max_len = config.data.max_len
 
   def load_splits():
     splits = {}
-    for role in ('train', 'eval', 'test'):
-      split = dc.get(f'{role}_split', '')
-      if split:
-        arrays, _ = data.load_text_classification(dc.name, split, tokenizer_path=tokenizer,
-                                                  max_len=dc.max_len,
-                                                  data_dir=dc.get('data_dir') or None)
-        splits[role] = _first({k: arrays[k] for k in fields}, dc.get('limit', 0))
+    for role, columns in task_data.splits.items():
+      arrays = text.tokenize(columns['text'], tokenizer, max_len, pairs=columns.get('text_pair'))
+      arrays['label'] = columns['label']
+      splits[role] = {k: arrays[k] for k in fields}
     return splits
   return load_splits
 
 
-def _model_and_data(family, model, params, loss, predictions, metric, load_splits,
-                    head_pattern, metadata) -> ModelAndData:
+def _check_max_len(model, max_len: int) -> None:
+  """A max_len past the model's positions fails before any text is tokenised."""
+  positions = getattr(model.config, 'max_tokens', None) or getattr(
+      model.config, 'max_position_embeddings', None)
+  if positions and max_len > positions:
+    raise ValueError(f'data.max_len={max_len} is more than the {positions} positions of the model; '
+                     f'expected data.max_len <= {positions}')
+
+
+def _model_and_data(family, model, params, loss, predictions, metrics, load_splits,
+                    head_pattern, metadata, scored: bool = True) -> ModelAndData:
   return ModelAndData(model=model, params=params, family=family,
                       forward_loss=steps.ForwardLoss(make_forward(family, model), loss),
                       forward_with=functools.partial(make_forward, family),
-                      predictions=predictions, metric=metric,
+                      predictions=predictions, metrics=tuple(metrics), scored=scored,
                       partition_rules=family.partition_rules(), load_splits=load_splits,
                       default_targets=family.default_targets, head_pattern=head_pattern,
                       metadata=metadata)
 
 
+def regression_predictions(outputs, batch):
+  """The one-output head's value of every example; padding rows weigh 0."""
+  return outputs[:, 0], batch.get('mask', jnp.ones(outputs.shape[0], jnp.float32))
+
+
+def regression_loss(outputs, batch):
+  """Squared error of the one-output head, summed over real rows: (sum, count, 0).
+  Its mean is Hugging Face's loss for num_labels == 1 (MSELoss)."""
+  preds, mask = regression_predictions(outputs, batch)
+  err = (preds.astype(jnp.float32) - batch['label'].astype(jnp.float32)) ** 2
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(err * mask), jnp.sum(mask), jnp.zeros((), jnp.float32)
+
+
+def _supervised(config, modality: str, fields: tuple[str, ...]) -> ModelAndData:
+  """A classifier (or a one-output regressor) of the data config.data names."""
+  from glora_jax.data import task_data as task_data_lib
+  data = task_data_lib.open_task(config.data)
+  if data.modality != modality:
+    raise ValueError(f"dataset '{config.data.name}' holds {data.modality}s; task "
+                     f'{config.task} needs {modality}s')
+  family, model, params = build_model(config, data.num_classes)
+  if modality == 'text':
+    _check_max_len(model, config.data.max_len)
+    load_splits = _tokenized(config, data, fields)
+  else:
+    load_splits = lambda: data.splits
+  loss, predictions = ((regression_loss, regression_predictions) if data.kind == 'regression'
+                       else (steps.classification_loss, classification_predictions))
+  return _model_and_data(family, model, params, loss, predictions, data.metrics, load_splits,
+                         r'head/.*', {'num_classes': data.num_classes, 'data': data.record})
+
+
 def text_classification(config) -> ModelAndData:
-  from glora_jax import data
-  data.splits(config.data.name)  # an unknown dataset fails here, before anything is loaded
-  num_classes = data.num_classes(config.data.name)
-  family, model, params = build_model(config, num_classes)
-  load_splits = _tokenized_splits(
-      config, ('input_ids', 'attention_mask', 'token_type_ids', 'label'))
-  return _model_and_data(family, model, params, steps.classification_loss,
-                         classification_predictions, 'accuracy', load_splits, r'head/.*',
-                         {'num_classes': num_classes})
-
-
-def _image_splits(dc) -> dict:
-  """{role: source} for an image dataset. mnist5k is bundled (uint8 arrays,
-  normalised in the forward pass); VTAB tasks read a prepared data_dir and come
-  preprocessed (224 bicubic, ImageNet mean/std)."""
-  from glora_jax import data
-  data_dir = dc.get('data_dir') or None
-  splits = {}
-  for role in ('train', 'eval', 'test'):
-    split = dc.get(f'{role}_split', '')
-    if not split:
-      continue
-    if dc.name == 'mnist5k':
-      arrays = data.load_arrays(dc.name, split, data_dir)
-      splits[role] = _first({'image': arrays['image'], 'label': arrays['label'].astype(np.int32)},
-                            dc.get('limit', 0))
-    else:
-      splits[role] = data.load_source(dc.name, split, data_dir)
-  return splits
+  """Text classification or regression (data.metrics' first metric the headline)."""
+  return _supervised(config, 'text', ('input_ids', 'attention_mask', 'token_type_ids', 'label'))
 
 
 def image_classification(config) -> ModelAndData:
-  from glora_jax import data
-  num_classes = data.num_classes(config.data.name)  # an unknown dataset fails here
-  # Sources are random-access and lazy, so open them now: an unprepared VTAB
-  # data_dir fails before the (slow) model initialisation.
-  splits = _image_splits(config.data)
-  family, model, params = build_model(config, num_classes)
-  return _model_and_data(family, model, params, steps.classification_loss,
-                         classification_predictions, 'accuracy', lambda: splits, r'head/.*',
-                         {'num_classes': num_classes})
+  """An image classifier; sources stay lazy, so an unprepared data_dir fails before
+  the (slow) model initialisation."""
+  return _supervised(config, 'image', ('image', 'label'))
 
 
 def lm_predictions(logits, batch):
@@ -215,14 +232,15 @@ def lm_loss(logits, batch):
 def causal_lm(config) -> ModelAndData:
   """A decoder trained with the causal-LM loss: a checkpoint with its own tokenizer, or a
   small random one on the bundled BBC News texts (MiniLM's tokenizer)."""
-  from glora_jax import data
-  data.splits(config.data.name)
+  from glora_jax.data import task_data as task_data_lib
+  data = task_data_lib.open_task(config.data)
   family, model, params = build_model(config, 0)
-  load_splits = _tokenized_splits(config, ('input_ids', 'attention_mask'))
-  # Every parameter but the adapters is frozen (no task head).
+  _check_max_len(model, config.data.max_len)
+  load_splits = _tokenized(config, data, ('input_ids', 'attention_mask'))
+  # Every parameter but the adapters is frozen (no task head); scored by its loss's sums.
   return _model_and_data(family, model, params, lm_loss, lm_predictions,
-                         'next_token_accuracy', load_splits, None,
-                         {'vocab_size': model.config.vocab_size})
+                         ('next_token_accuracy',), load_splits, None,
+                         {'vocab_size': model.config.vocab_size, 'data': data.record}, scored=False)
 
 
 BUILDERS = {'text_classification': text_classification,
