@@ -114,9 +114,22 @@ CONFIGS = {
 }
 
 
+# k-shot settings: k documents of each class drawn from train with the run's seed
+# (data.shots, shots_seed = seed), 20 epochs; '8shot' is the split file's own 8-shot split.
+SHOT_SETTINGS = {'1shot': 1, '2shot': 2, '4shot': 4, '16shot': 16}
+SETTINGS = ('full', '8shot') + tuple(SHOT_SETTINGS)
+
+
+def config_arg(setting: str, seed: int) -> str | None:
+  """The BBC config's argument of a study setting (configs/common.BBC_OPTIONS)."""
+  if setting in SHOT_SETTINGS:
+    return f'shots={SHOT_SETTINGS[setting]},shots_seed={seed}'
+  return '8shot' if setting == '8shot' else None
+
+
 def make_config(method: str, setting: str, seed: int, lr: float | None):
   module, overrides = CONFIGS[method]
-  config = importlib.import_module(f'configs.{module}').get_config('8shot' if setting == '8shot' else None)
+  config = importlib.import_module(f'configs.{module}').get_config(config_arg(setting, seed))
   config.update_from_flattened_dict({k: v(config) if callable(v) else v for k, v in overrides.items()})
   config.seed = seed
   config.eval_every_epochs = 0  # val once, at the last epoch
@@ -152,19 +165,21 @@ def evaluate_test(config, workdir, anchor: bool = False):
   evaluate = setup.make_evaluator(run, config.eval_batch_size)
   sub = (steps.anchor_subnet(run.spec, steps.supernet_options(config, steps_per_epoch=1))
          if anchor else setup.eval_subnet(run))
-  _, test_acc = evaluate(trainable, run.frozen, run.model_data.splits['test'], sub)
+  test_acc = evaluate(trainable, run.frozen, run.model_data.splits['test'], sub)[1]['accuracy']
   head = int(sum(np.size(x) for x in jax.tree.leaves(trainable['model'])))
   adapter = 0 if run.spec is None else int(subnet_lib.count_params(run.spec, sub))
   if config.method == 'full':
     adapter, head = head, 0  # every parameter trains
-  val_acc = (evaluate(trainable, run.frozen, run.model_data.splits['eval'], sub)[1]
+  val_acc = (evaluate(trainable, run.frozen, run.model_data.splits['eval'], sub)[1]['accuracy']
              if anchor else None)
   return val_acc, test_acc, adapter, head
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--setting', choices=('full', '8shot'), default='8shot')
+  ap.add_argument('--setting', choices=SETTINGS, default='8shot',
+                  help="'full', '8shot' (the split file's) or k-shot drawn per seed: "
+                       + ', '.join(SHOT_SETTINGS))
   ap.add_argument('--methods', default=','.join(CONFIGS))
   ap.add_argument('--seeds', default=None,
                   help="seeds to run (default '0'); with --table, the seeds whose rows are "
@@ -192,6 +207,9 @@ def main():
                   help='GLoRA: also retrain each searched subnet (fixed) for this many epochs')
   ap.add_argument('--table', action='store_true',
                   help='print the rows recorded so far as a markdown table; run nothing')
+  ap.add_argument('--fewshot_table', action='store_true',
+                  help='print the k-shot study (every <k>shot and 8shot setting recorded under '
+                       '--out): LoRA, SURM and searched GLoRA per k, and GLoRA >= LoRA; run nothing')
   ap.add_argument('--per_seed', action='store_true',
                   help='with --table: one line per run instead of mean +- std over seeds')
   ap.add_argument('--compare', nargs=2, metavar=('ROW_A', 'ROW_B'),
@@ -221,6 +239,11 @@ def main():
           f"{row['val_accuracy']:8.4f} {row['test_accuracy']:8.4f} {row['median_step_ms'] or 0:9.0f} "
           f"{row['wall_s']:8.0f}", flush=True)
 
+  if args.fewshot_table:
+    found = {k: json.loads(f.read_text()) for k in (1, 2, 4, 8, 16)
+             if (f := pathlib.Path(args.out) / f'{k}shot' / 'results.json').exists()}
+    print(fewshot_table(found))
+    return
   if args.table:
     if args.seeds is not None:
       results = only_seeds(results, {int(s) for s in args.seeds.split(',')})
@@ -399,6 +422,42 @@ def summary_table(results: dict) -> str:
         f"{stat([dict(r, p=r['adapter_params'] + r['head_params']) for r in rows], 'p', ',.0f')} | "
         f"{stat(rows, 'val_accuracy', '.4f')} | {stat(rows, 'test_accuracy', '.4f')} | "
         f"{'-' if per_step is None else f'{round(per_step, 2):g}'} | {ratio} | {step} |")
+  return '\n'.join(lines)
+
+
+# The few-shot study's rows (issue 30): k in 1, 2, 4, 8, 16, three seeds; GLoRA is the
+# recipe chosen in 8-shot, searched from its anchor at LoRA's parameter count.
+FEWSHOT_ROWS = {'LoRA': 'lora', 'SURM circulant': 'surm',
+                'GLoRA searched': 'glora_anchor_unshared_head75/search<=331,776 (lora budget, from anchor)'}
+
+
+def fewshot_table(results_by_k: dict[int, dict]) -> str:
+  """Test accuracy per k (mean ± sample std over seeds, seed count) of FEWSHOT_ROWS,
+  and the paper's claim GLoRA >= LoRA: the paired difference over the seeds both ran
+  (the same seed draws the same k-shot documents for both), met when its mean >= 0."""
+  def by_seed(results, row):
+    return {seed_of(n): r['test_accuracy'] for n, r in results.items()
+            if group_name(n) == row and seed_of(n) is not None}
+
+  def stat(values):
+    v = np.asarray(list(values), np.float64)
+    if not len(v):
+      return '-'
+    return f'{v.mean():.4f} ± {v.std(ddof=1):.4f} ({len(v)})' if len(v) > 1 else f'{v.mean():.4f} (1)'
+
+  lines = ['| k | ' + ' | '.join(FEWSHOT_ROWS) + ' | GLoRA - LoRA (paired) | GLoRA >= LoRA |',
+           '|---:|' + '---:|' * (len(FEWSHOT_ROWS) + 2)]
+  for k, results in sorted(results_by_k.items()):
+    rows = {label: by_seed(results, row) for label, row in FEWSHOT_ROWS.items()}
+    lora, glora = rows['LoRA'], rows['GLoRA searched']
+    seeds = sorted(set(lora) & set(glora))
+    diff = np.asarray([glora[s] - lora[s] for s in seeds], np.float64)
+    paired = ('-' if not len(diff) else f'{diff.mean():+.4f} ± {diff.std(ddof=1):.4f}'
+              if len(diff) > 1 else f'{diff.mean():+.4f}')
+    verdict = ('-' if not len(diff) else 'met' if diff.mean() >= 0
+               else f'missed by {-diff.mean():.4f}')
+    lines.append(f'| {k} | ' + ' | '.join(stat(r.values()) for r in rows.values())
+                 + f' | {paired} | {verdict} |')
   return '\n'.join(lines)
 
 

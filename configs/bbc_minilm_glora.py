@@ -5,15 +5,15 @@
   python train.py --config configs/bbc_minilm_glora.py:8shot --workdir runs/bbc8
   python train.py --config configs/bbc_minilm_glora.py:quick --workdir runs/bbc   # README main job
 """
-from configs.common import apply_setting, base_config, parse_arg
+from configs.common import BBC_OPTIONS, apply_setting, base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-  arg = parse_arg(arg, __file__, setting=('full', '8shot'), quick=False)
+  arg = parse_arg(arg, __file__, **BBC_OPTIONS, quick=False)
   c = base_config()
   c.method = 'glora'
   c.adapter.ranks = (4,)
-  apply_setting(c, arg.setting)
+  apply_setting(c, arg)
   if arg.quick:  # the README's main job: train + search in about 10 CPU minutes
     c.num_epochs = 2
     c.data.max_len = 64

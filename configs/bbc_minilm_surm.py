@@ -7,7 +7,7 @@ pretrained features here: a circulant ΔW is full rank, every entry moves each s
 """
 import ml_collections
 
-from configs.common import apply_setting, base_config, parse_arg
+from configs.common import BBC_OPTIONS, apply_setting, base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -15,4 +15,4 @@ def get_config(arg: str | None = None):
   c.method = 'surm'
   c.adapter.surm = ml_collections.ConfigDict({'kind': 'circulant', 'form': 'lora', 'scale': 1.0})
   c.optim.lr = 1e-3
-  return apply_setting(c, parse_arg(arg, __file__, setting=('full', '8shot')).setting)
+  return apply_setting(c, parse_arg(arg, __file__, **BBC_OPTIONS))

@@ -55,11 +55,23 @@ def parse_arg(arg: str | None, config_file: str, **spec) -> ml_collections.Confi
   return out
 
 
-def apply_setting(c: ml_collections.ConfigDict, setting: str) -> ml_collections.ConfigDict:
+# The BBC News configs' argument: `setting` (BENCH_PROTOCOL.md's two) or k-shot, e.g.
+# `configs/bbc_minilm_lora.py:shots=4,shots_seed=1`.
+BBC_OPTIONS = {'setting': ('full', '8shot'), 'shots': 0, 'shots_seed': 0}
+FEW_SHOT_EPOCHS = 20  # the 8-shot setting's, kept for every k
+
+
+def apply_setting(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
   """BBC News settings (BENCH_PROTOCOL.md): 'full' as is; '8shot' trains on the
-  40-document train_8shot split for 20 epochs."""
-  if setting == '8shot':
-    c.data.train_split, c.num_epochs = 'train_8shot', 20
+  40-document train_8shot split for 20 epochs; shots=k draws k documents of each
+  class from train with shots_seed (data.shots, data/sampling.k_shot), 20 epochs."""
+  if arg.setting == '8shot' and arg.shots:
+    raise ValueError("setting '8shot' is the split file's own 8-shot split; drop it to draw "
+                     f'shots={arg.shots} from train')
+  if arg.setting == '8shot':
+    c.data.train_split, c.num_epochs = 'train_8shot', FEW_SHOT_EPOCHS
+  if arg.shots:
+    c.data.shots, c.data.shots_seed, c.num_epochs = arg.shots, arg.shots_seed, FEW_SHOT_EPOCHS
   return c
 
 
@@ -82,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = 'xla'  # xla | chunked | dot_product (LLaMA, ViT; BERT keeps xla)
 
   c.data = ml_collections.ConfigDict()
+  # bbc_news, mnist5k, vtab/<task>; your files: json | csv (texts) | imagefolder, each
+  # split a file, a glob or a directory of class folders; 'tfds:<name>[/<config>]' (any
+  # dataset prepared in data_dir); 'glue/<task>' (tfds's glue/*, with GLUE's metrics).
   c.data.name = 'bbc_news'
   c.data.data_dir = ''  # '' = $GLORA_DATA_DIR, else $TFDS_DATA_DIR, else ~/tensorflow_datasets
   c.data.max_len = 128
@@ -89,6 +104,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = 'val'
   c.data.test_split = 'test'
   c.data.limit = 0  # > 0 keeps the first `limit` examples of each split (tests)
+  # k > 0: exactly k training examples of each class, drawn with shots_seed
+  # (data/sampling.k_shot); eval and test untouched.
+  c.data.shots = 0
+  c.data.shots_seed = 0
+  # No eval split named (eval_split ''): a stratified val_fraction of train, drawn with val_seed.
+  c.data.val_fraction = 0.0
+  c.data.val_seed = 0
+  # Fields of files and tfds datasets ('': text, no pair, label for files; tfds: from its features).
+  c.data.text_key = ''
+  c.data.text_pair_key = ''
+  c.data.label_key = ''
+  c.data.image_size = 0  # > 0: images resized (bicubic) to it and ImageNet-normalised; 0 as stored
+  c.data.metrics = ()  # () = the data's own (GLUE's; accuracy; pearson, spearman for regression)
 
   c.adapter = ml_collections.ConfigDict()
   c.adapter.targets = ''  # '' = the model's default (every linear layer but the head)

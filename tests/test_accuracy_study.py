@@ -52,3 +52,15 @@ def test_compare_of_rows_without_a_common_seed_is_an_error_naming_their_seeds():
   with pytest.raises(SystemExit, match=r"no seed in common") as e:
     accuracy_bbc.compare(results, 'lora', 'glora/largest')
   assert "'lora' (seeds [0])" in str(e.value) and "'glora/largest' (seeds [1])" in str(e.value)
+
+
+def test_fewshot_table_pairs_glora_with_lora_by_seed_per_k():
+  glora = 'glora_anchor_unshared_head75/seed{}/search<=331,776 (lora budget, from anchor)'
+  by_k = {1: {'lora/seed0': _row(0.60), 'lora/seed1': _row(0.70), 'lora/seed2': _row(0.50),
+              glora.format(0): _row(0.65), glora.format(1): _row(0.72)},  # seed 2 not searched
+          4: {'lora/seed0': _row(0.80), glora.format(0): _row(0.79), 'surm/seed0': _row(0.9)}}
+  lines = accuracy_bbc.fewshot_table(by_k).splitlines()
+  d = np.array([0.05, 0.02])
+  assert lines[2] == (f'| 1 | 0.6000 ± 0.1000 (3) | - | 0.6850 ± {np.std([0.65, 0.72], ddof=1):.4f} (2) '
+                      f'| {d.mean():+.4f} ± {d.std(ddof=1):.4f} | met |')
+  assert lines[3] == '| 4 | 0.8000 (1) | 0.9000 (1) | 0.7900 (1) | -0.0100 | missed by 0.0100 |'

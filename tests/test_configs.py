@@ -50,3 +50,16 @@ def test_parse_arg_types_and_refusals():
   for bad in ('n=abc', 'm=1', 'on=maybe'):
     with pytest.raises(ValueError, match=f"unknown argument '{bad}' for f; use on .options: n, on."):
       parse_arg(bad, 'x/f.py', n=1, on=False)
+
+
+def test_glue_and_fewshot_configs():
+  from configs import fewshot_fgvc, glue
+  rte = glue.get_config('task=rte,method=lora')
+  assert (rte.data.name, rte.data.test_split, rte.num_epochs, rte.optim.lr) == (
+      'glue/rte', 'validation', 80, 5e-4)
+  assert glue.get_config('task=mnli').data.test_split == 'validation_matched'
+  pets = fewshot_fgvc.get_config('dataset=oxford_iiit_pet,shots=4,seed=2')
+  assert (pets.data.name, pets.data.shots, pets.data.shots_seed, pets.data.image_size) == (
+      'tfds:oxford_iiit_pet', 4, 2, 224)
+  with pytest.raises(ValueError, match=r'shots=3: the table has k in \(1, 2, 4, 8, 16\)'):
+    fewshot_fgvc.get_config('shots=3')
