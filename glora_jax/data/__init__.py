@@ -9,13 +9,13 @@ from glora_jax.data import (bbc_news, files, glue, mnist, pipeline, prepared, sa
 from glora_jax.data.pipeline import BatchIterator, eval_iterator, train_iterator
 from glora_jax.data.prepared import resolve_data_dir
 from glora_jax.data.registry import (class_names, dataset_names, load_arrays, load_source,
-                                     load_text_classification, num_classes, splits)
+                                     num_classes, splits)
 from glora_jax.data.text import load_tokenizer, tokenize
 from glora_jax.errors import DatasetNotPreparedError
 
 __all__ = [
     'BatchIterator', 'DatasetNotPreparedError', 'bbc_news', 'class_names', 'dataset_names',
-    'eval_iterator', 'files', 'glue', 'load_arrays', 'load_source', 'load_text_classification',
+    'eval_iterator', 'files', 'glue', 'load_arrays', 'load_source',
     'load_tokenizer', 'mnist', 'num_classes', 'pipeline', 'prepared', 'resolve_data_dir',
     'sampling', 'splits', 'task_data', 'text', 'tfds_named', 'tokenize', 'train_iterator', 'vtab',
 ]

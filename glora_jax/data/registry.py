@@ -11,8 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from glora_jax import bundled
-from glora_jax.data import bbc_news, mnist, prepared, text, vtab
+from glora_jax.data import bbc_news, mnist, prepared, vtab
 
 VTAB_PREFIX = 'vtab/'
 
@@ -118,38 +117,3 @@ def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None
     raise ValueError(f"dataset '{name}' is read lazily (its images do not fit in memory at 224x224); "
                      f'use load_source, expected one of {list(BUNDLED_DATASETS)} here')
   return dataset.load_arrays(split, data_dir)
-
-
-@functools.lru_cache(maxsize=32)
-def _tokenized_split(name: str, split: str, tokenizer_path: str, max_len: int,
-                     data_dir: str) -> dict[str, np.ndarray]:
-  arrays = load_arrays(name, split, data_dir)
-  batch = text.tokenize(arrays['text'], tokenizer_path, max_len)
-  batch['label'] = arrays['label'].astype(np.int32)
-  for value in batch.values():
-    value.setflags(write=False)  # Shared by every caller through the cache.
-  return batch
-
-
-def load_text_classification(name: str = bbc_news.NAME, split: str = 'train',
-                             tokenizer_path: str | os.PathLike | None = None,
-                             max_len: int = text.DEFAULT_MAX_LEN,
-                             data_dir: str | os.PathLike | None = None
-                             ) -> tuple[dict[str, np.ndarray], dict]:
-  """A text split tokenised once and kept in memory, with what a model head needs to know.
-
-  Returns (arrays, metadata): arrays are input_ids, attention_mask, token_type_ids
-  (n, max_len) int32 and label (n,) int32, in the split file's order (read-only, shared by
-  the cache); metadata is {'name', 'split', 'num_classes', 'class_names', 'max_len'}.
-  """
-  if not _dataset(name).text:
-    raise ValueError(f"dataset '{name}' is not a text dataset; expected one of {list(TEXT_DATASETS)}")
-  if split not in splits(name):
-    raise ValueError(f"dataset '{name}' has no split '{split}'; expected one of {list(splits(name))}")
-  # One cache entry per file, whether it was named or defaulted.
-  path = os.fspath(bundled.minilm_tokenizer_path() if tokenizer_path is None else tokenizer_path)
-  arrays = dict(_tokenized_split(name, split, path, int(max_len),
-                                 os.fspath(prepared.resolve_data_dir(data_dir))))
-  metadata = {'name': name, 'split': split, 'num_classes': num_classes(name),
-              'class_names': class_names(name), 'max_len': int(max_len)}
-  return arrays, metadata
