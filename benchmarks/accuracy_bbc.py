@@ -428,7 +428,7 @@ def summary_table(results: dict) -> str:
 # The few-shot study's rows (issue 30): k in 1, 2, 4, 8, 16, three seeds; GLoRA is the
 # recipe chosen in 8-shot, searched from its anchor at LoRA's parameter count.
 FEWSHOT_ROWS = {'LoRA': 'lora', 'SURM circulant': 'surm',
-                'GLoRA searched': 'glora_anchor_unshared_head75/search<=331,776 (lora budget, from anchor)'}
+                'GLoRA searched': 'glora_anchor_b_d_e_unshared/search<=331,776 (lora budget, from anchor)'}
 
 
 def fewshot_table(results_by_k: dict[int, dict]) -> str:

@@ -55,7 +55,7 @@ def test_compare_of_rows_without_a_common_seed_is_an_error_naming_their_seeds():
 
 
 def test_fewshot_table_pairs_glora_with_lora_by_seed_per_k():
-  glora = 'glora_anchor_unshared_head75/seed{}/search<=331,776 (lora budget, from anchor)'
+  glora = 'glora_anchor_b_d_e_unshared/seed{}/search<=331,776 (lora budget, from anchor)'
   by_k = {1: {'lora/seed0': _row(0.60), 'lora/seed1': _row(0.70), 'lora/seed2': _row(0.50),
               glora.format(0): _row(0.65), glora.format(1): _row(0.72)},  # seed 2 not searched
           4: {'lora/seed0': _row(0.80), glora.format(0): _row(0.79), 'surm/seed0': _row(0.9)}}
