@@ -12,7 +12,7 @@ from glora_jax import cli, errors
 BASES = {'ConfigError': ValueError, 'NonFiniteLossError': FloatingPointError,
          'CheckpointMismatchError': ValueError, 'BudgetError': ValueError,
          'MissingAssetError': FileNotFoundError, 'DatasetNotPreparedError': FileNotFoundError,
-         'ExportError': ValueError}
+         'ExportError': ValueError, 'DataError': ValueError}
 
 
 def error_classes():
