@@ -185,3 +185,27 @@ def test_an_image_dataset_by_tfds_name_reads_lazily_sliced_and_resized(tmp_path)
   assert example['image'].shape == (16, 16, 3) and example['image'].dtype == np.float32
   labels = task_data.labels_of(data.splits['train'])
   np.testing.assert_array_equal(labels, [data.splits['train'][i]['label'] for i in range(10)])
+
+
+@pytest.mark.parametrize('directory', ['hf_bert', 'hf_roberta'])
+def test_sentence_pairs_are_encoded_as_each_checkpoint_expects(directory):
+  """BERT: [CLS] a [SEP] b [SEP], token types 0 then 1; RoBERTa: <s> a </s></s> b </s>,
+  no token types (REFERENCE.md §4), from each checkpoint's own tokenizer.json."""
+  import tokenizers
+  from glora_jax.data import text
+  path = FIXTURES / directory / 'tokenizer.json'
+  tok = tokenizers.Tokenizer.from_file(str(path))  # the file as written: no padding set
+  a, b = 'the cat sat', 'a dog ran far'
+  ids = lambda s: tok.encode(s, add_special_tokens=False).ids
+  got = text.tokenize([a], path, 64, pairs=[b])
+  n = int(got['attention_mask'].sum())
+  if directory == 'hf_bert':
+    cls, sep = tok.token_to_id('[CLS]'), tok.token_to_id('[SEP]')
+    want = [cls, *ids(a), sep, *ids(b), sep]
+    types = [0] * (len(ids(a)) + 2) + [1] * (len(ids(b)) + 1)
+  else:
+    bos, eos = tok.token_to_id('<s>'), tok.token_to_id('</s>')
+    want = [bos, *ids(a), eos, eos, *ids(b), eos]
+    types = [0] * len(want)
+  assert got['input_ids'][0, :n].tolist() == want
+  assert got['token_type_ids'][0, :n].tolist() == types
