@@ -76,6 +76,11 @@ def labels_of(split) -> np.ndarray:
   return np.asarray(labels() if callable(labels) else labels)
 
 
+def size(split) -> int:
+  """Examples in a split: columns' length, or a source's len."""
+  return len(labels_of(split)) if isinstance(split, Mapping) else len(split)
+
+
 def take(split, indices: np.ndarray):
   """Examples `indices` of a split: columns indexed, a source viewed."""
   if isinstance(split, Mapping):
@@ -223,8 +228,7 @@ def _carve_val(data: TaskData, dc, record: dict) -> dict:
 def _check(data: TaskData, splits: dict, dc) -> None:
   """Every split holds examples; eval and test labels are classes train knows."""
   for role, split in splits.items():
-    n = len(labels_of(split)) if isinstance(split, Mapping) else len(split)
-    if n == 0:
+    if size(split) == 0:
       raise DataError(f"the {role} split ('{dc.get(f'{role}_split', '')}' of {dc.name}) holds no "
                       'examples; expected at least one')
   if data.kind == 'classification' and 'train' in splits and isinstance(splits['train'], Mapping):
@@ -255,8 +259,7 @@ def open_task(dc) -> TaskData:
     splits['train'] = take(splits['train'], keep)
     record['shots'] = {'k': shots, 'seed': dc.get('shots_seed', 0), 'indices': keep.tolist()}
   if dc.get('limit', 0):
-    splits = {role: take(s, np.arange(min(dc.limit, len(labels_of(s)) if isinstance(s, Mapping)
-                                          else len(s)))) for role, s in splits.items()}
+    splits = {role: take(s, np.arange(min(dc.limit, size(s)))) for role, s in splits.items()}
   _check(data, splits, dc)
   metrics = tuple(dc.get('metrics', ()) or ()) or data.metrics or DEFAULT_METRICS[data.kind]
   record['metrics'] = list(metrics)
