@@ -28,6 +28,11 @@ replaces the record of the families whose library it has and keeps the others':
     /tmp/torchenv/bin/python scripts/make_torch_fixtures.py --only exports
     /tmp/timmenv/bin/python scripts/make_torch_fixtures.py --only exports
 
+Chat templates on three decoder fixtures with transformers' apply_chat_template of them,
+and transformers' greedy generate, from a Python with torch and transformers (no JAX side):
+
+    /tmp/torchenv/bin/python scripts/make_torch_fixtures.py --only chat --only generate
+
 It needs no network: MiniLM comes from `glora_jax.bundled.minilm_dir()`, the other
 models are small random float32 ones (seeded, so reruns give the same files on the
 same library versions). Written with torch 2.14.1, transformers 5.23.0,
@@ -66,6 +71,34 @@ sentence-transformers 6.2.0, timm 1.0.31.
                            llama.to_hf config.json gives the same model and logits
   hf_decoders_reference.npz  per directory '<dir>/input_ids', '/attention_mask' (right
                            padded), '/logits' (transformers'), '/inv_freq'; 'texts', 'versions'
+  hf_llama3/ hf_qwen2/ hf_mistral/ chat_template.jinja  (`--only chat`; transformers 5.25.0,
+                           tokenizers 0.23.3) set as tokenizer.chat_template and written by
+                           save_pretrained (only this file is copied in; the others stay as
+                           `--only decoders` wrote them): Llama-3.1-Instruct's template (its
+                           header and <|eot_id|> markers are plain text in hf_llama3's vocab;
+                           no strftime_now: the date defaults to 26 Jul 2024), Qwen2.5's
+                           ChatML (<|im_start|>, <|im_end|> special), Mistral-7B-Instruct's
+                           [INST] template (raise_exception unless roles alternate)
+  hf_chat_reference.json   'cases' per directory: each CHAT_CONVERSATIONS conversation (system
+                           + user + assistant, multi-turn, non-ASCII with spaces to trim, one
+                           from a ShareGPT 'record', tools, date_string) with
+                           add_generation_prompt False (and True when the last message is the
+                           user's): 'messages', 'variables' (passed to the template), 'text'
+                           (apply_chat_template tokenize=False), 'ids' (tokenize=True, checked
+                           equal to tokenizer.json's own encoding); 'versions'
+  hf_generate_reference.npz  (`--only generate`; torch 2.13.0, transformers 5.25.0, tokenizers
+                           0.23.3) for hf_llama3, hf_llama32, hf_qwen2: GENERATE_PROMPTS ('prompts',
+                           the first the shortest) left-padded by the directory's AutoTokenizer,
+                           then generate(do_sample=False, max_new_tokens=10, output_logits=True,
+                           pad_token_id=pad), eager attention. Per directory '/prompt_ids',
+                           '/prompt_mask' (n, L); '/new_ids' (n, 10) (rows that ended padded
+                           with pad_id); '/logits' (n, 10, vocab) float32 raw logits per step;
+                           '/eos_id', '/pad_id'; '/margin' (smallest top-1 minus top-2 logit
+                           over the steps that chose a token, batched and single runs);
+                           '/single_prompt_ids', '/single_new_ids' (1, 10): the first prompt
+                           alone, unpadded; '/forced_eos_id' (a token greedy writes first at
+                           step 3 of some row) and '/forced_new_ids' (n, 10): generate with
+                           eos_token_id set to it, so that row ends early; 'versions'
   hf_bert/ hf_roberta/     (`--only encoders`; torch 2.13.0, transformers 5.25.0, tokenizers
                            0.23.3) a tiny random BertModel (pooler included, type_vocab_size
                            2) and RobertaModel (pad_token_id 1, type_vocab_size 1, 34 position
@@ -535,6 +568,382 @@ def _check_decoder_to_hf(path: pathlib.Path, model, enc, logits) -> None:
     again = ours(input_ids=torch.from_numpy(enc['input_ids']),
                  attention_mask=torch.from_numpy(enc['attention_mask'])).logits
   assert torch.equal(again, logits), 'to_hf config gives other logits'
+
+
+# --------------------------------------------------------------------------- #
+# Chat templates on the decoder fixtures, and transformers' apply_chat_template of
+# them; greedy generation with transformers' generate.
+# --------------------------------------------------------------------------- #
+
+# meta-llama/Llama-3.1-8B-Instruct's template (tokenizer_config.json). Its header and
+# end-of-turn markers are not in hf_llama3's 400-token vocabulary, so there they are
+# plain text; bos is a real special token.
+LLAMA31_TEMPLATE = r'''{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- System message + builtin tools #}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if builtin_tools is defined or tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{%- if builtin_tools is defined %}
+    {{- "Tools: " + builtin_tools | reject('equalto', 'code_interpreter') | join(", ") + "\n\n"}}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {%- if builtin_tools is defined and tool_call.name in builtin_tools %}
+            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+            {{- "<|python_tag|>" + tool_call.name + ".call(" }}
+            {%- for arg_name, arg_val in tool_call.arguments | items %}
+                {{- arg_name + '="' + arg_val + '"' }}
+                {%- if not loop.last %}
+                    {{- ", " }}
+                {%- endif %}
+                {%- endfor %}
+            {{- ")" }}
+        {%- else  %}
+            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+            {{- '{"name": "' + tool_call.name + '", ' }}
+            {{- '"parameters": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- "}" }}
+        {%- endif %}
+        {%- if builtin_tools is defined %}
+            {#- This means we're in ipython mode #}
+            {{- "<|eom_id|>" }}
+        {%- else %}
+            {{- "<|eot_id|>" }}
+        {%- endif %}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+'''
+
+# Qwen/Qwen2.5-7B-Instruct's ChatML template; <|im_start|> and <|im_end|> are special
+# tokens of hf_qwen2.
+QWEN25_TEMPLATE = r'''{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+'''
+
+# mistralai/Mistral-7B-Instruct-v0.1's [INST] template (with the optional system message),
+# which refuses roles that do not alternate; [INST] is plain text there too.
+MISTRAL_TEMPLATE = r'''{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message is defined %}
+            {{- ' [INST] ' + system_message + '\n\n' + message['content'] + ' [/INST]' }}
+        {%- else %}
+            {{- ' [INST] ' + message['content'] + ' [/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+'''
+
+CHAT_TEMPLATES = {'hf_llama3': LLAMA31_TEMPLATE, 'hf_qwen2': QWEN25_TEMPLATE,
+                  'hf_mistral': MISTRAL_TEMPLATE}
+WEATHER_TOOL = {'type': 'function', 'function': {
+    'name': 'get_weather', 'description': 'The current weather in a city.',
+    'parameters': {'type': 'object', 'required': ['city'],
+                   'properties': {'city': {'type': 'string',
+                                           'description': 'The city, e.g. Zürich'}}}}}
+SHAREGPT_RECORD = {'conversations': [
+    {'from': 'system', 'value': 'You answer in one sentence.'},
+    {'from': 'human', 'value': 'Why did the cricket match start late?'},
+    {'from': 'gpt', 'value': 'Rain delayed the cricket match.'},
+    {'from': 'human', 'value': 'What did the fans do?'},
+    {'from': 'gpt', 'value': 'They queued for tea and sandwiches instead.'}]}
+_SHAREGPT_ROLES = {'system': 'system', 'human': 'user', 'gpt': 'assistant'}
+# name: (messages, template variables beside them, the ShareGPT record they come from)
+CHAT_CONVERSATIONS = {
+    'system_user_assistant': ([
+        {'role': 'system', 'content': 'You are a concise assistant.'},
+        {'role': 'user', 'content': 'Which bank published its minutes?'},
+        {'role': 'assistant', 'content': 'The central bank did, and markets rallied.'}], {}, None),
+    'system_user': ([
+        {'role': 'system', 'content': 'You are a concise assistant.'},
+        {'role': 'user', 'content': 'Who won the league?'}], {}, None),
+    'multi_turn': ([
+        {'role': 'user', 'content': 'Name an animal in the sentence about the fox.'},
+        {'role': 'assistant', 'content': 'The lazy dog.'},
+        {'role': 'user', 'content': 'And what did the fox do?'},
+        {'role': 'assistant', 'content': 'It jumps over the dog.'}], {}, None),
+    'multi_turn_open': ([
+        {'role': 'user', 'content': 'Name an animal in the sentence about the fox.'},
+        {'role': 'assistant', 'content': 'The lazy dog.'},
+        {'role': 'user', 'content': 'And what did the fox do?'}], {}, None),
+    # Spaces around the contents: Llama 3.1's template trims them, the others keep them.
+    'non_ascii': ([
+        {'role': 'user', 'content': '  Wie heißt Tokio auf Japanisch? ☃ café  '},
+        {'role': 'assistant', 'content': '東京 (Tōkyō) — naïve? Nein! ✓\n'}], {}, None),
+    'sharegpt': ([{'role': _SHAREGPT_ROLES[t['from']], 'content': t['value']}
+                  for t in SHAREGPT_RECORD['conversations']], {}, SHAREGPT_RECORD),
+    'tools': ([{'role': 'user', 'content': 'Is it raining in Zürich?'}],
+              {'tools': [WEATHER_TOOL]}, None),
+    'date_string': ([{'role': 'user', 'content': 'Hello world!'}],
+                    {'date_string': '05 Dec 2025'}, None),
+}
+
+
+def make_chat() -> None:
+  """Writes each CHAT_TEMPLATES directory's chat_template.jinja (tokenizer.chat_template, then
+  save_pretrained) and hf_chat_reference.json. Only the template is copied in: transformers
+  loads hf_qwen2 as Qwen2Tokenizer, which replaces tokenizer.json's normalizer and
+  pre-tokenizer with Qwen's own (NFC, Qwen's split regex), and would save those; the
+  recorded ids are checked to be tokenizer.json's own as well."""
+  import tokenizers
+  import transformers
+  from transformers import AutoTokenizer
+
+  cases = {}
+  for name, template in CHAT_TEMPLATES.items():
+    path = OUT / name
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.chat_template = template
+    with tempfile.TemporaryDirectory() as tmp:
+      tokenizer.save_pretrained(tmp)
+      assert (pathlib.Path(tmp) / 'chat_template.jinja').is_file(), 'no chat_template.jinja written'
+      shutil.copy(pathlib.Path(tmp) / 'chat_template.jinja', path / 'chat_template.jinja')
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    assert tokenizer.chat_template == template, f'{name}: the template does not read back'
+    raw = tokenizers.Tokenizer.from_file(str(path / 'tokenizer.json'))
+    cases[name] = []
+    for conversation, (messages, variables, record) in CHAT_CONVERSATIONS.items():
+      for prompt in (False, True) if messages[-1]['role'] == 'user' else (False,):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=prompt,
+                                             tokenize=False, **variables)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=prompt,
+                                            tokenize=True, return_dict=False, **variables)
+        assert ids == tokenizer(text, add_special_tokens=False)['input_ids'], (name, conversation)
+        assert ids == raw.encode(text, add_special_tokens=False).ids, \
+            f'{name} {conversation}: transformers and tokenizer.json tokenise differently'
+        case = {'conversation': conversation, 'messages': messages,
+                'add_generation_prompt': prompt, 'variables': variables,
+                'text': text, 'ids': [int(i) for i in ids]}
+        if record is not None:
+          case['record'] = record
+        cases[name].append(case)
+  versions = f'transformers {transformers.__version__}, tokenizers {tokenizers.__version__}'
+  (OUT / 'hf_chat_reference.json').write_text(
+      json.dumps({'versions': versions, 'cases': cases}, indent=1, ensure_ascii=False) + '\n',
+      encoding='utf-8')
+  print(f'chat fixtures ({versions}): {sum(map(len, cases.values()))} cases')
+
+
+GENERATE_DIRS = ('hf_llama3', 'hf_llama32', 'hf_qwen2')
+# Different lengths, the first the shortest so that its batched row is left-padded and its
+# unbatched run is not.
+GENERATE_PROMPTS = ['Hello world!', 'Markets rallied while bonds slipped as traders weighed',
+                    'The quick brown fox']
+GENERATE_STEPS = 10
+FORCED_EOS_STEP = 2  # step 3: the forced eos ends its row after two tokens of its own
+
+
+def _greedy(model, enc, pad_id: int, eos_id: int):
+  """transformers' greedy decoding of enc; the new ids (rows that ended padded with pad_id),
+  the raw logits per step, and the smallest top-1 minus top-2 logit over the steps that
+  chose a token (up to and including each row's eos)."""
+  import torch
+  with torch.no_grad():
+    out = model.generate(**enc, do_sample=False, max_new_tokens=GENERATE_STEPS,
+                         output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=pad_id, eos_token_id=eos_id)
+  new = out.sequences[:, enc['input_ids'].shape[1]:].numpy()
+  logits = torch.stack(out.logits, 1).float().numpy()
+  # A step chose its token while no eos came before it in the row; later ones are padding.
+  chosen = np.cumsum(np.pad(new == eos_id, ((0, 0), (1, 0)))[:, :-1], 1) == 0
+  top2 = np.sort(logits[:, :new.shape[1]], -1)[..., -2:]
+  assert (np.argmax(logits[:, :new.shape[1]], -1) == new)[chosen].all(), 'greedy is not argmax'
+  return new, logits, float((top2[..., 1] - top2[..., 0])[chosen].min())
+
+
+def make_generate() -> None:
+  """hf_generate_reference.npz: transformers' greedy generate on a left-padded batch (and on
+  its first prompt alone, and with an eos forced to a token greedy writes at step 3)."""
+  import tokenizers
+  import torch
+  import transformers
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  out = {}
+  for name in GENERATE_DIRS:
+    path = OUT / name
+    tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side='left')
+    model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation='eager').eval()
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    assert eos_id == model.generation_config.eos_token_id, (eos_id, model.generation_config)
+    enc = tokenizer(GENERATE_PROMPTS, padding=True, return_tensors='pt')
+    assert enc['attention_mask'][0].min() == 0, 'the first prompt is not padded in the batch'
+    raw = tokenizers.Tokenizer.from_file(str(path / 'tokenizer.json'))
+    for ids, mask, prompt in zip(enc['input_ids'], enc['attention_mask'], GENERATE_PROMPTS):
+      assert ids[mask.bool()].tolist() == raw.encode(prompt).ids, \
+          f'{name}: transformers and tokenizer.json tokenise {prompt!r} differently'
+    new, logits, margin = _greedy(model, enc, pad_id, eos_id)
+    assert new.shape == (len(GENERATE_PROMPTS), GENERATE_STEPS), new.shape
+    assert margin > 1e-3, f'{name}: greedy ties could flip (margin {margin:.2e}); other prompts'
+    single_enc = tokenizer(GENERATE_PROMPTS[:1], return_tensors='pt')
+    single, _, single_margin = _greedy(model, single_enc, pad_id, eos_id)
+    # The forced eos: a token row r writes first at step 3, and one row never writes
+    # (so the batch still runs all the steps and rows that ended are padded).
+    forced = next((int(new[r, FORCED_EOS_STEP]) for r in range(len(new))
+                   if new[r, FORCED_EOS_STEP] not in new[r, :FORCED_EOS_STEP]
+                   and new[r, FORCED_EOS_STEP] not in (eos_id, pad_id)
+                   and any(new[r, FORCED_EOS_STEP] not in row for row in new)), None)
+    assert forced is not None, f'{name}: no token to force as eos'
+    forced_new, _, _ = _greedy(model, enc, pad_id, forced)
+    assert forced_new.shape == new.shape and (forced_new == pad_id).any(), forced_new
+    out.update({f'{name}/prompt_ids': enc['input_ids'].numpy().astype(np.int32),
+                f'{name}/prompt_mask': enc['attention_mask'].numpy().astype(np.int32),
+                f'{name}/new_ids': new.astype(np.int32),
+                f'{name}/logits': logits.astype(np.float32),
+                f'{name}/eos_id': np.int32(eos_id), f'{name}/pad_id': np.int32(pad_id),
+                f'{name}/margin': np.float32(min(margin, single_margin)),
+                f'{name}/single_prompt_ids': single_enc['input_ids'].numpy().astype(np.int32),
+                f'{name}/single_new_ids': single.astype(np.int32),
+                f'{name}/forced_eos_id': np.int32(forced),
+                f'{name}/forced_new_ids': forced_new.astype(np.int32)})
+    print(f'{name}: margin {margin:.4f} (single {single_margin:.4f}), single == batched row 0: '
+          f'{np.array_equal(single[0], new[0])}, forced eos {forced}:\n{forced_new}')
+  versions = (f'torch {torch.__version__}, transformers {transformers.__version__}, '
+              f'tokenizers {tokenizers.__version__}')
+  np.savez(OUT / 'hf_generate_reference.npz', **out, prompts=np.asarray(GENERATE_PROMPTS),
+           versions=np.asarray(versions))
+  print(f'generate fixtures ({versions})')
 
 
 # --------------------------------------------------------------------------- #
@@ -1026,7 +1435,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--only', action='append',
                       choices=('minilm', 'vit', 'vit_export', 'llama', 'peft', 'encoders',
-                               'decoders', 'exports'),
+                               'decoders', 'exports', 'chat', 'generate'),
                       help='write only these fixtures (repeatable); default: all')
   parser.add_argument('--jax_peft', metavar='DIR', help=argparse.SUPPRESS)
   parser.add_argument('--jax_vit_export', metavar='DIR', help=argparse.SUPPRESS)
@@ -1044,7 +1453,8 @@ def main() -> None:
   OUT.mkdir(parents=True, exist_ok=True)
   makers = {'minilm': make_minilm, 'vit': make_vit, 'vit_export': make_vit_export,
             'llama': make_llama, 'peft': make_peft, 'encoders': make_encoders,
-            'decoders': make_decoders, 'exports': make_exports}
+            'decoders': make_decoders, 'exports': make_exports, 'chat': make_chat,
+            'generate': make_generate}
   for name in args.only or makers:
     makers[name]()
   total = sum(p.stat().st_size for p in OUT.rglob('*') if p.is_file())
