@@ -20,6 +20,15 @@ DEFAULT_MAX_LEN = 128  # The accuracy protocol's length.
 FIELDS = ('input_ids', 'attention_mask', 'token_type_ids')
 
 
+def config_token(path: str | os.PathLike, name: str) -> str | None:
+  """A special token ('eos_token', 'pad_token', ...) as tokenizer_config.json beside
+  tokenizer.json names it (a string, or a dict with its 'content'); None if it names none."""
+  config_path = pathlib.Path(path).with_name('tokenizer_config.json')
+  config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+  value = config.get(name)
+  return value.get('content') if isinstance(value, dict) else value
+
+
 def _pad_token(tokenizer: tokenizers.Tokenizer, path: str) -> str:
   """The pad token: the file's own padding settings, else tokenizer_config.json's
   pad_token (transformers writes it beside tokenizer.json), else BERT's '[PAD]', else
@@ -27,15 +36,16 @@ def _pad_token(tokenizer: tokenizers.Tokenizer, path: str) -> str:
   masked out by attention_mask, so any id serves)."""
   if tokenizer.padding:
     return tokenizer.padding['pad_token']
-  config_path = pathlib.Path(path).with_name('tokenizer_config.json')
-  config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-  token = lambda name: (config.get(name) or {}).get('content') if isinstance(
-      config.get(name), dict) else config.get(name)
-  for candidate in (token('pad_token'), '[PAD]', token('eos_token')):
+  for candidate in (config_token(path, 'pad_token'), '[PAD]', config_token(path, 'eos_token')):
     if candidate and tokenizer.token_to_id(candidate) is not None:
       return candidate
   raise ValueError(f'tokenizer {path} names no pad token: no padding settings, no pad_token or '
                    "eos_token in tokenizer_config.json beside it, and no '[PAD]' in its vocabulary")
+
+
+def pad_token_id(tokenizer: tokenizers.Tokenizer, path: str) -> int:
+  """The id rows are padded with (see _pad_token)."""
+  return tokenizer.token_to_id(_pad_token(tokenizer, path))
 
 
 @functools.lru_cache(maxsize=8)
