@@ -36,6 +36,18 @@ Backends:
 The "frozen" method is the floor of every adapter method: one rank-1 LoRA on the
 first layer's query projection, so the backward pass runs through every layer
 (activation gradients) but computes no weight gradient of any size.
+
+--xent compiles only the causal-LM head's loss and gradient at Llama-3-8B shapes
+(hidden 4096, vocab 128,256, 1 x 2048 tokens, float32 loss): today's full logits
+(the model's head, then tasks.lm_loss), glora_jax.train.xent's full_xent, and its
+chunked_xent at each of --xent_chunks tokens, each differentiated w.r.t. the hidden
+states (frozen head: LoRA, GLoRA) and w.r.t. the hidden states and the kernel (a
+trained head), for each of --xent_dtypes (activations and kernel). It writes
+--xent_out. The chunked backward recomputes each chunk's logits: one more
+(tokens x hidden x vocab) product than the full path.
+
+    python benchmarks/scale.py --xent --backend cpu
+    python benchmarks/scale.py --xent --table        # the table from --xent_out
 """
 from __future__ import annotations
 
@@ -127,6 +139,13 @@ def parse_args(argv=None):
                  help="also compile LoRA and GLoRA with remat 'none' and attention 'xla'")
   p.add_argument('--out', default='benchmarks/results/scale.json')
   p.add_argument('--table', action='store_true', help='print the tables from --out and exit')
+  p.add_argument('--xent', action='store_true',
+                 help="only the causal-LM head's loss and gradient at Llama-3-8B shapes: full "
+                      'logits vs glora_jax.train.xent.chunked_xent; writes --xent_out')
+  p.add_argument('--xent_chunks', default='1024,256', help='tokens per chunk, one case each')
+  p.add_argument('--xent_dtypes', default='bfloat16,float32',
+                 help='activation and kernel dtypes, one case each')
+  p.add_argument('--xent_out', default='benchmarks/results/xent.json')
   return p.parse_args(argv)
 
 
@@ -239,23 +258,119 @@ def compile_case(devices, model_name: str, method: str, layers: int, num_devices
   lowered = jax.jit(train_step, out_shardings=(state_sh, rep, rep), donate_argnums=(0,)).lower(*args)
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   nbytes = lambda tree: int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize
                                 for s in jax.tree.leaves(tree)))
   return {
       'model': model_name, 'method': method, 'layers': layers, 'devices': num_devices,
-      'remat': remat, 'attention': attention,
-      'argument_bytes': int(mem.argument_size_in_bytes), 'temp_bytes': int(mem.temp_size_in_bytes),
-      'output_bytes': int(mem.output_size_in_bytes), 'alias_bytes': int(mem.alias_size_in_bytes),
-      'peak_bytes': int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
-                        + mem.output_size_in_bytes - mem.alias_size_in_bytes),
+      'remat': remat, 'attention': attention, **memory_figures(compiled),
       'flops': float(cost.get('flops', 0.0)),
       'frozen_bytes': nbytes(frozen), 'train_state_bytes': nbytes(state),
       'adapter_params': int(sum(np.prod(s.shape) for s in jax.tree.leaves(adapter_params))),
       'compile_seconds': seconds,
   }
+
+
+def memory_figures(compiled) -> dict:
+  """Per-device bytes of a compiled function; peak = arguments + temporaries + outputs
+  - aliased (donated)."""
+  mem = compiled.memory_analysis()
+  return {'argument_bytes': int(mem.argument_size_in_bytes),
+          'temp_bytes': int(mem.temp_size_in_bytes),
+          'output_bytes': int(mem.output_size_in_bytes),
+          'alias_bytes': int(mem.alias_size_in_bytes),
+          'peak_bytes': int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                            + mem.output_size_in_bytes - mem.alias_size_in_bytes)}
+
+
+# --------------------------------------------------------------------------- #
+# The causal-LM head alone: full logits vs chunked cross-entropy
+# --------------------------------------------------------------------------- #
+
+XENT_GRADIENTS = {'hidden': (0,), 'hidden+kernel': (0, 1)}  # frozen head; trained head
+
+
+def xent_loss(path: str, dtype):
+  """loss(hidden, kernel, input_ids, attention_mask) -> the NLL sum over the next-token
+  predictions: 'lm_loss' as the model and the task compute it today (the head's
+  full logits in float32, then tasks.lm_loss), 'full' xent.full_xent, 'chunked:N'
+  xent.chunked_xent at N tokens a chunk, the latter two on the same shifted tokens."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from glora_jax.train import tasks, xent
+
+  if path == 'lm_loss':
+    def loss(hidden, kernel, ids, mask):
+      head = nn.Dense(kernel.shape[1], use_bias=False, dtype=dtype)  # LlamaForCausalLM's lm_head
+      logits = head.apply({'params': {'kernel': kernel}}, hidden).astype(jnp.float32)
+      return tasks.lm_loss(logits, {'input_ids': ids, 'attention_mask': mask})[0]
+    return loss
+  if path == 'full':
+    xent_fn = xent.full_xent
+  elif path.startswith('chunked:'):
+    xent_fn = lambda *a: xent.chunked_xent(*a, chunk=int(path.split(':')[1]))
+  else:
+    raise ValueError(f"unknown loss path '{path}'; expected lm_loss, full or chunked:N")
+  return lambda hidden, kernel, ids, mask: xent_fn(hidden[:, :-1], kernel, ids[:, 1:],
+                                                   mask[:, 1:])[0]
+
+
+def compile_xent(path: str, gradient: str, dtype_name: str) -> dict:
+  """Compiles the head's loss and gradient at Llama-3-8B shapes (one device) from
+  abstract arguments; returns its memory figures."""
+  import jax
+  import jax.numpy as jnp
+
+  config = _llama3_8b(1, 'full', 'chunked')
+  (batch, seq), _ = _LM_BATCH['input_ids']
+  dtype = jnp.dtype(dtype_name)
+  args = (jax.ShapeDtypeStruct((batch, seq, config.hidden_size), dtype),
+          jax.ShapeDtypeStruct((config.hidden_size, config.vocab_size), dtype),
+          jax.ShapeDtypeStruct((batch, seq), jnp.int32),
+          jax.ShapeDtypeStruct((batch, seq), jnp.int32))
+  step = jax.value_and_grad(xent_loss(path, dtype), XENT_GRADIENTS[gradient])
+  t0 = time.perf_counter()
+  compiled = jax.jit(step).lower(*args).compile()
+  return {'path': path, 'gradient': gradient, 'dtype': dtype_name, 'tokens': batch * seq,
+          'hidden': config.hidden_size, 'vocab': config.vocab_size, **memory_figures(compiled),
+          'compile_seconds': time.perf_counter() - t0}
+
+
+def run_xent(args, backend: str) -> list[dict]:
+  paths = ['lm_loss', 'full'] + [f'chunked:{int(c)}' for c in args.xent_chunks.split(',')]
+  cases = []
+  for dtype in args.xent_dtypes.split(','):
+    for gradient in XENT_GRADIENTS:
+      for path in paths:
+        r = compile_xent(path, gradient, dtype)
+        print(f"{dtype} d/d {gradient} {path}: temp {r['temp_bytes'] / GiB:.2f} GiB, "
+              f"peak {r['peak_bytes'] / GiB:.2f} GiB", flush=True)
+        cases.append(r)
+        save(args.xent_out, backend, cases)
+  return cases
+
+
+def xent_table(cases: list[dict], backend: str) -> str:
+  lines = [f'Compiled by {backend}. The causal-LM head alone at Llama-3-8B shapes (hidden '
+           '4096, vocab 128,256, 1 x 2048 tokens, float32 loss), per device: its loss and '
+           'gradient w.r.t. the hidden states (a frozen head: LoRA, GLoRA) or the hidden '
+           'states and the kernel (a trained head). Peak = arguments + temporaries + outputs.', '',
+           '| dtype | gradient of | loss | temp GiB | peak GiB | temp / lm_loss | peak / lm_loss |',
+           '|---|---|---|---:|---:|---:|---:|']
+  for r in cases:
+    base = next(b for b in cases if (b['dtype'], b['gradient'], b['path'])
+                == (r['dtype'], r['gradient'], 'lm_loss'))
+    lines.append(f"| {r['dtype']} | {r['gradient']} | {r['path']} | {r['temp_bytes'] / GiB:.2f} | "
+                 f"{r['peak_bytes'] / GiB:.2f} | {r['temp_bytes'] / base['temp_bytes']:.3f} | "
+                 f"{r['peak_bytes'] / base['peak_bytes']:.3f} |")
+  bf16 = [r for r in cases if r['dtype'] == 'bfloat16']
+  if 'CPU' in backend and bf16:
+    copy = bf16[0]['hidden'] * bf16[0]['vocab'] * 4
+    lines += ['', "XLA CPU computes a bfloat16 product in float32: every bfloat16 row's "
+              f'temporaries include a float32 copy of the kernel ({copy / GiB:.2f} GiB), '
+              'which a TPU or GPU does not make.']
+  return '\n'.join(lines)
 
 
 # --------------------------------------------------------------------------- #
@@ -384,6 +499,13 @@ def goals(cases, remat, attention) -> list[str]:
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.xent:
+    if not args.table:
+      _, backend = setup_backend(args.backend)
+      run_xent(args, backend)
+    data = json.loads(pathlib.Path(args.xent_out).read_text())
+    print(xent_table(data['cases'], data['backend']))
+    return
   if args.table:
     data = json.loads(pathlib.Path(args.out).read_text())
     print(tables(data['cases'], data['backend'], args.remat, args.attention))
