@@ -21,12 +21,17 @@ FIELDS = ('input_ids', 'attention_mask', 'token_type_ids')
 
 
 def config_token(path: str | os.PathLike, name: str) -> str | None:
-  """A special token ('eos_token', 'pad_token', ...) as tokenizer_config.json beside
-  tokenizer.json names it (a string, or a dict with its 'content'); None if it names none."""
-  config_path = pathlib.Path(path).with_name('tokenizer_config.json')
-  config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-  value = config.get(name)
-  return value.get('content') if isinstance(value, dict) else value
+  """A special token ('eos_token', 'pad_token', ...) as transformers reads it from beside
+  tokenizer.json `path`: tokenizer_config.json, else special_tokens_map.json (each a
+  string or an AddedToken dict with its 'content'); None if neither names it."""
+  for file in ('tokenizer_config.json', 'special_tokens_map.json'):
+    config_path = pathlib.Path(path).with_name(file)
+    if config_path.is_file():
+      value = json.loads(config_path.read_text()).get(name)
+      value = value.get('content') if isinstance(value, dict) else value
+      if value:
+        return value
+  return None
 
 
 def _pad_token(tokenizer: tokenizers.Tokenizer, path: str) -> str:
