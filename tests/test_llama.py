@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from glora_jax.models import importers, llama
+from glora_jax.models import importers, llama, registry
 from glora_jax.train import sharding, tasks
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
@@ -233,3 +233,56 @@ def test_partition_rules():
   assert specs['layers_0/mlp/down_proj/kernel'] == P('model', None)
   assert specs['embed_tokens/embedding'] == P(None, 'model')
   assert specs['layers_0/input_layernorm/scale'] == P()
+
+
+# --------------------------------------------------------------------------- #
+# Packed rows (segment_ids) and the KV cache
+# --------------------------------------------------------------------------- #
+
+
+def test_packed_rows_equal_each_example_alone():
+  model, params = registry.load(FIXTURES / 'hf_llama3')
+  apply = jax.jit(model.apply)
+  a, b = np.arange(3, 8), np.arange(20, 24)  # 5 and 4 tokens, then 2 of padding
+  ids = np.concatenate([a, b, [2, 2]])[None]
+  segment_ids = np.array([[1] * 5 + [2] * 4 + [0] * 2])
+  position_ids = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0]])
+  args, kwargs = registry.get('llama').inputs({'input_ids': ids, 'segment_ids': segment_ids,
+                                               'position_ids': position_ids,
+                                               'attention_mask': segment_ids > 0})
+  assert len(args) == 1 and set(kwargs) == {'segment_ids', 'position_ids'}
+  packed = apply({'params': params}, *args, **kwargs)
+  for example, where in ((a, slice(0, 5)), (b, slice(5, 9))):
+    alone = apply({'params': params}, example[None])[0]
+    np.testing.assert_allclose(packed[0, where], alone, atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match='segment_ids and attention_mask were both given'):
+    model.apply({'params': params}, ids, segment_ids > 0, segment_ids=segment_ids)
+
+
+@pytest.mark.parametrize('options', [{}, {'remat': 'full', 'attention': 'chunked',
+                                          'attention_chunk': 2}, {'attention': 'dot_product'}])
+def test_cached_steps_equal_the_full_forward(options):
+  """A left-padded prompt written into the cache in one call, then one token per call:
+  each step's logits are the full forward's at that position, under every execution option."""
+  model, params = registry.load(FIXTURES / 'hf_qwen2')
+  model = model.clone(config=dataclasses.replace(model.config, **options))
+  ids = np.array([[0, 0, 7, 8, 9, 10, 11, 12], [5, 6, 7, 8, 9, 10, 11, 12]])
+  mask = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  full = jax.jit(model.apply)({'params': params}, ids, mask, positions)
+  step = jax.jit(lambda p, ids, mask, cache: model.apply({'params': p}, ids, mask, cache=cache))
+  cache = llama.init_cache(model.config, 2, 8)
+  logits, cache = step(params, ids[:, :4], mask[:, :4], cache)  # prefill: positions from the mask
+  np.testing.assert_allclose(logits[mask[:, :4] == 1], full[:, :4][mask[:, :4] == 1],
+                             atol=1e-5, rtol=0)
+  for t in range(4, 8):
+    logits, cache = step(params, ids[:, t:t + 1], None, cache)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=0)
+  assert int(cache['index']) == 8 and cache['mask'].sum() == mask.sum()
+
+
+def test_a_cache_longer_than_the_window_is_refused():
+  config = llama.load_llama(FIXTURES / 'hf_mistral')[0]
+  assert llama.init_cache(config, 1, 128)['layers'][0]['k'].shape == (1, 128, 2, 8)
+  with pytest.raises(ValueError, match='a cache of 129 tokens is longer than sliding_window 128'):
+    llama.init_cache(config, 1, 129)

@@ -1,6 +1,7 @@
 """Llama 1/2/3.x, Qwen2 and Mistral decoders as one module (RMSNorm, HF rotary, SwiGLU,
 grouped-query attention): the families differ only in config fields. HF importer and
-config.json both ways; bias flags let merged adapter layers keep the bias they gain."""
+config.json both ways; bias flags let merged adapter layers keep the bias they gain;
+packed rows (segment_ids) for training, an explicit KV cache (init_cache) for generation."""
 from __future__ import annotations
 
 import dataclasses
@@ -331,7 +332,10 @@ class LlamaAttention(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, allowed, cos, sin, *, deterministic: bool):
+  def __call__(self, x, allowed, cos, sin, *, deterministic: bool, cache=None, index=None):
+    """With `cache` ({'k', 'v'} of init_cache), this step's keys and values are written
+    at slots index.. and the queries attend to every slot (`allowed` says which count);
+    returns (out, new cache). Without, (out, None)."""
     cfg = self.config
     hd, heads, kv = cfg.dim_per_head, cfg.num_attention_heads, cfg.kv_heads
     dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=cfg.dtype, name=name)
@@ -340,12 +344,18 @@ class LlamaAttention(nn.Module):
     k = dense(kv * hd, 'k_proj', qkv_bias)(x).reshape(*x.shape[:-1], kv, hd)
     v = dense(kv * hd, 'v_proj', qkv_bias)(x).reshape(*x.shape[:-1], kv, hd)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    new_cache = None
+    if cache is not None:
+      start = (0, index, 0, 0)
+      new_cache = {'k': jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start),
+                   'v': jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)}
+      k, v = new_cache['k'].astype(k.dtype), new_cache['v'].astype(v.dtype)
     drop = cfg.attention_dropout
     key = None if deterministic or not drop else self.make_rng('dropout')
     out = common.attention(q, k, v, allowed[:, None], impl=cfg.attention,
                            chunk=cfg.attention_chunk, dropout_rate=drop, dropout_key=key)
     out = out.reshape(*x.shape[:-1], heads * hd)
-    return dense(cfg.hidden_size, 'o_proj', cfg.attention_bias)(out)
+    return dense(cfg.hidden_size, 'o_proj', cfg.attention_bias)(out), new_cache
 
 
 class LlamaMLP(nn.Module):
@@ -363,12 +373,68 @@ class LlamaDecoderLayer(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, allowed, cos, sin, deterministic: bool):
+  def __call__(self, x, allowed, cos, sin, deterministic: bool, cache=None, index=None):
+    """(x, the layer's new cache or None); cache and index as LlamaAttention's."""
     cfg = self.config
     h = RMSNorm(cfg.rms_norm_eps, name='input_layernorm')(x)
-    x = x + LlamaAttention(cfg, name='self_attn')(h, allowed, cos, sin, deterministic=deterministic)
+    out, cache = LlamaAttention(cfg, name='self_attn')(h, allowed, cos, sin,
+                                                       deterministic=deterministic,
+                                                       cache=cache, index=index)
+    x = x + out
     h = RMSNorm(cfg.rms_norm_eps, name='post_attention_layernorm')(x)
-    return x + LlamaMLP(cfg, name='mlp')(h)
+    return x + LlamaMLP(cfg, name='mlp')(h), cache
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt and generated),
+  a plain pytree: 'layers' (per layer {'k', 'v'}: (batch, max_len, kv_heads, head_dim),
+  in `dtype`, default config.dtype), 'index' (the next slot to write, int32, shared by
+  all rows: prompts are left-padded) and 'mask' ((batch, max_len) bool: the slots that
+  hold a real token). LlamaForCausalLM(..., cache=) fills it; a call that would write
+  past max_len is the caller's to prevent (under jit it cannot be refused)."""
+  if config.sliding_window is not None and max_len > config.sliding_window:
+    raise ValueError(f'a cache of {max_len} tokens is longer than sliding_window '
+                     f'{config.sliding_window}: this model attends to the whole causal context, '
+                     f'which equals {config.model_type} sliding-window attention only for at most '
+                     f'{config.sliding_window} tokens')
+  dtype = dtype or config.dtype
+  shape = (batch, max_len, config.kv_heads, config.dim_per_head)
+  layer = lambda: {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+  return {'layers': tuple(layer() for _ in range(config.num_hidden_layers)),
+          'index': jnp.zeros((), jnp.int32), 'mask': jnp.zeros((batch, max_len), bool)}
+
+
+def _allowed(seq: int, attention_mask, segment_ids):
+  """(batch or 1, seq, seq) bool: which keys each query attends to without a cache."""
+  allowed = jnp.tril(jnp.ones((seq, seq), bool))[None]
+  if segment_ids is not None:
+    segment_ids = jnp.asarray(segment_ids)
+    # Padding (segment 0) sees padding, never a real token and never seen by one: no
+    # row of the mask is empty, which a fused attention kernel may turn into NaN.
+    return allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  if attention_mask is not None:
+    allowed = allowed & jnp.asarray(attention_mask).astype(bool)[:, None, :]
+  return allowed
+
+
+def _cached_allowed(cache, attention_mask, position_ids, shape):
+  """(allowed (batch, seq, max_len), position_ids, the cache's new mask) for `shape`
+  (batch, seq) new tokens written at slots index..index + seq - 1: a query sees the
+  filled real slots up to its own. Positions default to each row's real tokens so far
+  plus its new real tokens' count - 1 (transformers' cumsum(attention_mask) - 1)."""
+  index, old = cache['index'], cache['mask']
+  new = (jnp.ones(shape, bool) if attention_mask is None
+         else jnp.asarray(attention_mask).astype(bool))
+  mask = jax.lax.dynamic_update_slice(old, new, (0, index))
+  slots = jnp.arange(old.shape[1])[None, None, :]
+  queries = index + jnp.arange(shape[1])[None, :, None]
+  # Each query also sees its own slot: a padding query then has a nonempty mask row (an
+  # empty one may give NaN in a fused kernel, and a NaN value poisons every later query).
+  allowed = (mask[:, None, :] | (slots == queries)) & (slots <= queries)
+  if position_ids is None:
+    counted = jnp.sum(old, -1, dtype=jnp.int32)[:, None] + jnp.cumsum(new, -1, dtype=jnp.int32)
+    position_ids = jnp.maximum(counted - 1, 0)
+  return allowed, position_ids, mask
 
 
 class LlamaForCausalLM(nn.Module):
@@ -390,35 +456,65 @@ class LlamaForCausalLM(nn.Module):
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype)
 
   def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *,
-                    deterministic: bool = True):
-    """(batch, seq, hidden) after the final norm. attention_mask marks real tokens
-    (1) and padding (0); position_ids default to 0..seq-1 as in HF."""
+                    segment_ids=None, cache=None, deterministic: bool = True):
+    """(batch, seq, hidden) after the final norm, and with `cache` the new cache.
+
+    attention_mask marks real tokens (1) and padding (0); position_ids default to
+    0..seq-1 as in HF. segment_ids (batch, seq) int pack several examples in a row: a
+    token attends to earlier-or-same tokens of its own nonzero segment (0: padding),
+    with position_ids restarting per example as the caller gives them; they replace
+    attention_mask. cache (init_cache): this call's tokens are written at its index
+    and attend to what it holds; attention_mask then covers only the new tokens."""
     cfg = self.config
     seq = input_ids.shape[-1]
-    if cfg.sliding_window is not None and seq > cfg.sliding_window:
-      raise ValueError(f'a sequence of {seq} tokens is longer than sliding_window '
+    if segment_ids is not None and attention_mask is not None:
+      raise ValueError('segment_ids and attention_mask were both given; segment_ids mark '
+                       'padding themselves (segment 0): pass attention_mask=None')
+    if segment_ids is not None and cache is not None:
+      raise ValueError('segment_ids with a cache: packed rows are for training; generation '
+                       'takes left-padded rows with attention_mask')
+    span = seq if cache is None else cache['mask'].shape[1]
+    if cfg.sliding_window is not None and span > cfg.sliding_window:
+      raise ValueError(f'a sequence of {span} tokens is longer than sliding_window '
                        f'{cfg.sliding_window}: this model attends to the whole causal context, '
                        f'which equals {cfg.model_type} sliding-window attention only for at most '
                        f'{cfg.sliding_window} tokens (the window is not implemented)')
+    if cache is None:
+      allowed = _allowed(seq, attention_mask, segment_ids)
+    else:
+      allowed, position_ids, new_mask = _cached_allowed(cache, attention_mask, position_ids,
+                                                        input_ids.shape)
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(seq), input_ids.shape)
-    allowed = jnp.tril(jnp.ones((seq, seq), bool))[None]
-    if attention_mask is not None:
-      allowed = allowed & jnp.asarray(attention_mask).astype(bool)[:, None, :]
     cos, sin = rotary_cos_sin(position_ids, rope_inv_freq(cfg))
     x = self.embed_tokens(input_ids)
-    for layer in self.layers:
-      x = layer(x, allowed, cos, sin, deterministic)
-    return self.norm(x)
+    layer_caches = []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else cache['layers'][i]
+      index = None if cache is None else cache['index']
+      x, layer_cache = layer(x, allowed, cos, sin, deterministic, layer_cache, index)
+      layer_caches.append(layer_cache)
+    x = self.norm(x)
+    if cache is None:
+      return x
+    return x, {'layers': tuple(layer_caches), 'index': cache['index'] + seq, 'mask': new_mask}
 
-  def __call__(self, input_ids, attention_mask=None, position_ids=None, *,
-               deterministic: bool = True):
-    x = self.hidden_states(input_ids, attention_mask, position_ids, deterministic=deterministic)
+  def __call__(self, input_ids, attention_mask=None, position_ids=None, *, segment_ids=None,
+               cache=None, last_only: bool = False, deterministic: bool = True):
+    """Logits (batch, seq, vocab), float32; with `cache`, (logits, new cache).
+    last_only: the logits of the last position only (batch, 1, vocab), what a
+    generation step reads (with left padding every row's newest token is last)."""
+    out = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids=segment_ids,
+                             cache=cache, deterministic=deterministic)
+    x, new_cache = (out, None) if cache is None else out
+    if last_only:
+      x = x[:, -1:]
     if self.config.tie_word_embeddings:
       logits = self.embed_tokens.attend(x)
     else:
       logits = self.lm_head(x)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    return logits if cache is None else (logits, new_cache)
 
 
 # --------------------------------------------------------------------------- #

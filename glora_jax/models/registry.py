@@ -74,6 +74,9 @@ class Family:
   optional: tuple[str, ...] = ()  # our paths an export may lack (a head not yet added)
   # (path, config, dtype) -> params of a weights file that is not a model directory
   load_file: Callable[[str, Any, Any], dict] | None = None
+  # (config, batch, max_len) -> an empty KV cache the module's cache= argument fills
+  # (glora_jax.generate); None: the family does not generate
+  init_cache: Callable[[Any, int, int], Any] | None = None
 
   def describe(self, model: nn.Module) -> str:
     c = model.config
@@ -159,8 +162,18 @@ def _encoder(name: str) -> Family:
 # --------------------------------------------------------------------------- #
 
 
+# What generating from a decoder's export reads besides its tokenizer (glora_jax.generate):
+# the chat template and the eos ids of generation_config.json.
+DECODER_FILES = ('chat_template.jinja', 'generation_config.json')
+
+
 def _decoder_inputs(batch):
-  return (batch['input_ids'], batch['attention_mask']), {}
+  """Packed rows (segment_ids, their padding segment 0) replace attention_mask;
+  position_ids, when the batch has them, restart per packed example."""
+  kwargs = {k: batch[k] for k in ('position_ids', 'segment_ids') if k in batch}
+  if 'segment_ids' in batch:
+    return (batch['input_ids'],), kwargs
+  return (batch['input_ids'], batch['attention_mask']), kwargs
 
 
 def _as_llama(config: llama.LlamaConfig) -> llama.LlamaConfig:
@@ -197,7 +210,8 @@ def _decoder(name: str, bias_flags: Mapping[str, str], bias_fallback) -> Family:
       with_classes=_no_classes(name, llama.LlamaForCausalLM), init_head=None,
       layer_path=r'layers_(\d+)/.*', depth_field='num_hidden_layers',
       dropout_fields=('attention_dropout',), bias_flags=bias_flags,
-      bias_fallback=bias_fallback, export_files=TOKENIZER_FILES)
+      bias_fallback=bias_fallback, export_files=TOKENIZER_FILES + DECODER_FILES,
+      init_cache=llama.init_cache)
 
 
 def _no_classes(name: str, module):
