@@ -2,9 +2,10 @@
 
   python search.py --ckpt runs/bbc --param_limit 0.1
 
-Prints the chosen subnet, its adapter parameters, validation and test accuracy
-(next-token accuracy for a causal LM); writes best_subnet.json, pareto.json,
-search.png and the merged plain params under --out (default: <ckpt>/search), in the
+Prints the chosen subnet, its adapter parameters, validation and test accuracy (the
+task's headline metric: for a causal LM the mean log-likelihood of the response tokens;
+or --fitness, e.g. multiple-choice accuracy on --mc_file); writes best_subnet.json,
+pareto.json, search.png and the merged plain params under --out (default: <ckpt>/search), in the
 --export_formats: 'flax' (merged_params/ and merged_params.safetensors with
 model_config.json, the plain model to load them into: glora_jax.search.export.load_merged)
 and 'torch' (the model's PyTorch layout: hf/ for BERT and LLaMA, which
@@ -53,6 +54,12 @@ flags.DEFINE_integer('chunk', 0, 'Candidates evaluated together in one vmapped c
                      'the fastest (1 or 8 times the data-parallel size) at start-up.')
 flags.DEFINE_integer('eval_batch_size', 32, 'Examples per evaluation batch.')
 flags.DEFINE_integer('retrain_epochs', 0, 'Retrain the chosen subnet (choices fixed) before merging.')
+flags.DEFINE_string('fitness', '', "What the search ranks by ('' = the task's headline metric): "
+                    "another of its metrics, e.g. f1; for a causal LM token_log_likelihood (the "
+                    "default: minus the mean val response loss), next_token_accuracy, or mc_acc / "
+                    "mc_acc_norm on --mc_file (lm-eval-harness's multiple-choice accuracy).")
+flags.DEFINE_string('mc_file', '', 'Multiple-choice JSON lines {"context", "choices", "gold"} '
+                    'for --fitness mc_acc or mc_acc_norm.')
 flags.DEFINE_list('export_formats', ['flax', 'torch'],
                   "Merged exports to write: 'flax' (merged_params, model_config.json) and/or "
                   "'torch' (HF transformers layout in <out>/hf, timm's in <out>/timm).")
@@ -66,13 +73,17 @@ def work():
   s = driver.search_and_export(FLAGS.ckpt, cfg, out=FLAGS.out or None, chunk=FLAGS.chunk or None,
                                eval_batch_size=FLAGS.eval_batch_size,
                                retrain_epochs=FLAGS.retrain_epochs,
-                               export_formats=FLAGS.export_formats)
+                               export_formats=FLAGS.export_formats, fitness=FLAGS.fitness,
+                               mc_file=FLAGS.mc_file)
   print(open(s['subnet_file']).read())
-  metric = s['val_metric']  # the task's headline: accuracy, f1, pearson, next_token_accuracy, ...
-  name = metric.replace('_', ' ')
+  metric = s['val_metric']  # what was ranked by: accuracy, f1, pearson, token_log_likelihood, ...
+  # The test split reports the task's own metrics (a multiple-choice fitness has none there).
+  tested = metric if f'test_{metric}' in s else next(
+      k[len('test_'):] for k in s if k.startswith('test_') and k != 'test_loss')
   print(f"chosen subnet: {s['adapter_params']:,} adapter params (+{s['head_params']:,} head), "
-        f"val {name} {s[f'val_{metric}']:.4f}, test {name} {s[f'test_{metric}']:.4f} "
-        f"(merged: {s[f'test_{metric}_merged']:.4f}, predictions agree on "
+        f"val {metric.replace('_', ' ')} {s[f'val_{metric}']:.4f}, test "
+        f"{tested.replace('_', ' ')} {s[f'test_{tested}']:.4f} "
+        f"(merged: {s[f'test_{tested}_merged']:.4f}, predictions agree on "
         f"{100 * s['merged_prediction_agreement']:.1f}%)")
   print('merged params: ' + ', '.join(s['exports'].values()))
 

@@ -92,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.frozen_dtype = 'float32'  # 'bfloat16' keeps the frozen backbone in bf16
   c.model.remat = 'none'  # per-layer remat: none | full | dots (models/common.py)
   c.model.attention = 'xla'  # xla | chunked | dot_product (LLaMA, ViT; BERT keeps xla)
+  # Causal LM: > 0 computes the loss from this many tokens' logits at a time (train/xent.py),
+  # never the whole (batch, seq, vocab) logits; 0: the model's full logits.
+  c.model.loss_chunk = 0
 
   c.data = ml_collections.ConfigDict()
   # bbc_news, mnist5k, vtab/<task>; your files: json | csv (texts) | imagefolder, each
@@ -117,6 +120,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.label_key = ''
   c.data.image_size = 0  # > 0: images resized (bicubic) to it and ImageNet-normalised; 0 as stored
   c.data.metrics = ()  # () = the data's own (GLUE's; accuracy; pearson, spearman for regression)
+  # Causal LM (train/tasks.causal_lm, data/lm_data.py): 'text' (every token), 'alpaca'
+  # (instruction, input, output) or 'chat' (messages or ShareGPT conversations through the
+  # checkpoint's chat template); the loss on responses unless train_on_prompt; packing puts
+  # several examples in each train row (segment ids, positions restarting per example).
+  c.data.format = 'text'
+  c.data.train_on_prompt = False
+  c.data.packing = False
 
   c.adapter = ml_collections.ConfigDict()
   c.adapter.targets = ''  # '' = the model's default (every linear layer but the head)

@@ -155,6 +155,16 @@ def _bad_data(tmp_path, case):
             'subnet_option': "unknown option 'lora_99' for support 'A'"}[case]
     return tiny + [f'--config.subnet={tmp_path / "subnet.json"}'], (
         f'error: subnet file {tmp_path / "subnet.json"}: ', said)
+  if case.startswith('lm_'):
+    data = tmp_path / 'alpaca.jsonl'
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    ckpt = ROOT / 'tests' / 'fixtures' / ('hf_llama_linear' if case == 'lm_chat_template' else 'hf_llama3')
+    args = ['--config', 'configs/instruct.py:tiny,format=' + ('chat' if case == 'lm_chat_template'
+                                                               else 'alpaca'),
+            f'--config.model.checkpoint={ckpt}', f'--config.data.train_split={data}',
+            f'--config.data.test_split={data}']
+    return args, {'lm_chat_template': f'error: data: tokenizer dir {ckpt} has no chat template',
+                  'lm_field': f"error: data: {data}:2 has no field 'output'"}[case]
   lines = {'json_line': ['{"text": "a", "label": "x"}', '{"text": "b", "label": '],
            'field': ['{"text": "a", "label": "x"}', '{"txt": "b", "label": "y"}'],
            'empty': [],
@@ -173,7 +183,8 @@ def _bad_data(tmp_path, case):
 
 
 @pytest.mark.parametrize('case', ['json_line', 'field', 'empty', 'unseen', 'image', 'not_prepared',
-                                  'max_len', 'subnet_json', 'subnet_layers', 'subnet_option'])
+                                  'max_len', 'subnet_json', 'subnet_layers', 'subnet_option',
+                                  'lm_chat_template', 'lm_field'])
 def test_bad_data_and_subnets_are_one_line_before_the_workdir(tmp_path, case):
   """Each bad input: one 'error:' line naming the file (and line) and what was expected,
   exit code 2, nothing written to the workdir."""

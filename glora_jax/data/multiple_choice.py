@@ -254,21 +254,55 @@ def pack(rows: Sequence[tuple[Sequence[int], int]], num_choices: Sequence[int], 
     raise ValueError(f'seq_len {seq_len} is shorter than the longest row ({longest} tokens); '
                      'expected at least that (rows are truncated by max_len, not seq_len)')
   num_batches = -(-len(rows) // batch_size)
-  shape = (num_batches * batch_size, seq_len)
-  input_ids = np.zeros(shape, np.int32)  # Padding reads id 0: masked, any id serves.
-  targets = np.zeros(shape, np.int32)
-  attention_mask = np.zeros(shape, np.int32)
-  target_mask = np.zeros(shape, bool)
-  for r, (tokens, num_scored) in enumerate(rows):
-    n = len(tokens) - 1
-    input_ids[r, :n] = tokens[:-1]
-    targets[r, :n] = tokens[1:]
-    attention_mask[r, :n] = 1
-    target_mask[r, n - num_scored:n] = True
-  row_mask = np.arange(shape[0]) < len(rows)
+  arrays = _fill(rows, num_batches * batch_size, seq_len)
+  row_mask = np.arange(num_batches * batch_size) < len(rows)
   split = lambda a: a.reshape((num_batches, batch_size) + a.shape[1:])
-  return Batches(split(input_ids), split(attention_mask), split(targets), split(target_mask),
-                 split(row_mask), np.asarray(num_choices, np.int64))
+  return Batches(*(split(arrays[k]) for k in ROW_FIELDS), split(row_mask),
+                 np.asarray(num_choices, np.int64))
+
+
+ROW_FIELDS = ('input_ids', 'attention_mask', 'targets', 'target_mask')
+
+
+def _fill(rows: Sequence[tuple[Sequence[int], int] | None], num_rows: int,
+          seq_len: int) -> dict[str, np.ndarray]:
+  """ROW_FIELDS arrays (num_rows, seq_len) of `encode_choices` rows, right-padded; a
+  None row (and every row past the given ones) stays empty."""
+  shape = (num_rows, seq_len)
+  out = {'input_ids': np.zeros(shape, np.int32),  # Padding reads id 0: masked, any id serves.
+         'attention_mask': np.zeros(shape, np.int32), 'targets': np.zeros(shape, np.int32),
+         'target_mask': np.zeros(shape, bool)}
+  for r, row in enumerate(rows):
+    if row is None:
+      continue
+    tokens, num_scored = row
+    n = len(tokens) - 1
+    out['input_ids'][r, :n] = tokens[:-1]
+    out['targets'][r, :n] = tokens[1:]
+    out['attention_mask'][r, :n] = 1
+    out['target_mask'][r, n - num_scored:n] = True
+  return out
+
+
+def by_example_arrays(examples: Sequence[Example], encoder: PairEncoder, *, max_len: int,
+                      target_delimiter: str = DEFAULT_TARGET_DELIMITER) -> dict[str, np.ndarray]:
+  """One row per example, each holding all its choices, for an evaluator that batches
+  examples (the search's fitness): ROW_FIELDS (examples, most choices, seq), 'choice_mask'
+  (examples, most choices; False on the slots of an example with fewer choices),
+  'choice_chars' (acc_norm's lengths) and 'label' (the gold index)."""
+  rows = iter(encode_choices(examples, encoder, max_len=max_len,
+                             target_delimiter=target_delimiter))
+  width = max(len(e.choices) for e in examples)
+  slots = [next(rows) if c < len(e.choices) else None for e in examples for c in range(width)]
+  seq_len = max(len(row[0]) - 1 for row in slots if row is not None)
+  arrays = {k: v.reshape(len(examples), width, seq_len)
+            for k, v in _fill(slots, len(slots), seq_len).items()}
+  lengths = choice_lengths(examples, 'chars')
+  arrays['choice_mask'] = np.array([[c < len(e.choices) for c in range(width)] for e in examples])
+  arrays['choice_chars'] = np.array([row + [1.0] * (width - len(row)) for row in lengths],
+                                    np.float32)
+  arrays['label'] = np.array([e.gold for e in examples], np.int32)
+  return arrays
 
 
 def build_batches(examples: Sequence[Example], encoder: PairEncoder, *, batch_size: int,
@@ -284,6 +318,19 @@ def build_batches(examples: Sequence[Example], encoder: PairEncoder, *, batch_si
 # --------------------------------------------------------------------------- #
 
 
+def continuation_loglikelihoods(logits, targets, scored) -> tuple[jax.Array, jax.Array]:
+  """(summed log-probability of the `scored` targets of each row, whether each scored
+  target is the arg max): logits (..., seq, vocab), targets and scored (..., seq)."""
+  logits = logits.astype(jnp.float32)
+  # log_softmax at one index: no (batch, seq, vocab) log-probability array is built.
+  target_logits = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  token_ll = target_logits - jax.nn.logsumexp(logits, -1)
+  # where, not multiply: a padded position's -inf times 0 would be NaN.
+  ll = jnp.sum(jnp.where(scored, token_ll, 0.0), -1)
+  greedy = jnp.all(jnp.where(scored, jnp.argmax(logits, -1) == targets, True), -1)
+  return ll, greedy
+
+
 def score_batch(forward: Forward, params,
                 batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   """(summed log-likelihood of each row's continuation, whether each continuation token
@@ -293,14 +340,7 @@ def score_batch(forward: Forward, params,
   if logits.ndim != 3 or logits.shape[:2] != input_ids.shape:
     raise ValueError(f'forward returned logits of shape {logits.shape}; expected (batch, seq, '
                      f'vocab) with (batch, seq) = {input_ids.shape}, the input_ids shape')
-  logits = logits.astype(jnp.float32)
-  targets, scored = batch['targets'], batch['target_mask']
-  # log_softmax at one index: no (batch, seq, vocab) log-probability array is built.
-  target_logits = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  token_ll = target_logits - jax.nn.logsumexp(logits, -1)
-  # where, not multiply: a padded position's -inf times 0 would be NaN.
-  ll = jnp.sum(jnp.where(scored, token_ll, 0.0), -1)
-  greedy = jnp.all(jnp.where(scored, jnp.argmax(logits, -1) == targets, True), -1)
+  ll, greedy = continuation_loglikelihoods(logits, batch['targets'], batch['target_mask'])
   real = batch['row_mask']
   return jnp.where(real, ll, 0.0), greedy & real
 
@@ -388,19 +428,15 @@ def accuracy(lls: Sequence[Sequence[float]], choice_lengths: Sequence[Sequence[f
 
 @functools.lru_cache(maxsize=8)
 def model_forward(model) -> Forward:
-  """The plain model's forward, built from its registry entry (tasks.make_forward) and
-  made once per model so that repeated evaluations reuse one compilation."""
-  # Imported here: glora_jax.train imports glora_jax.data, so a module-level import
-  # would be a cycle once the data package lists this module.
+  """The plain decoder's forward, made once per model so that repeated evaluations reuse
+  one compilation (an adapted model passes its own forward to evaluate_file)."""
   from glora_jax.models import registry
-  from glora_jax.train import tasks
   family = registry.of_model(model)
   if family.task != 'causal_lm':
     raise ValueError(f'the model is a {family.name} ({family.task}); multiple-choice scoring '
                      'needs a causal LM (next-token logits)')
-  forward = tasks.make_forward(family, model)
-  return lambda params, input_ids, attention_mask: forward(
-      params, None, None, {'input_ids': input_ids, 'attention_mask': attention_mask}, False, None)
+  return lambda params, input_ids, attention_mask: model.apply(
+      {'params': params}, input_ids, attention_mask)
 
 
 def evaluate_file(path: str | os.PathLike, model, params, tokenizer_dir: str | os.PathLike, *,

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import pathlib
 import time
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -16,13 +17,14 @@ from glora_jax import errors, peft
 from glora_jax import subnet as subnet_lib
 from glora_jax.models import registry
 from glora_jax.search import evolution, export, fitness as fitness_lib
-from glora_jax.train import loop, metrics, setup, sharding, steps
+from glora_jax.train import loop, metrics, setup, sharding, steps, tasks
 
 
 def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int | None = None,
                       eval_batch_size: int = 32, retrain_epochs: int = 0,
                       stop_after_generations: int | None = None,
-                      export_formats=export.FORMATS, log=print) -> dict:
+                      export_formats=export.FORMATS, fitness: str = '', mc_file: str = '',
+                      log=print) -> dict:
   """Searches the supernet in `ckpt`, then merges, checks and exports the best subnet
   under `out` in `export_formats` (export.FORMATS: ours, and the model's PyTorch
   layout in <out>/hf or <out>/timm); returns the summary (also written to summary.json).
@@ -33,6 +35,11 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   the summary carries val_<metric>, and test_<m>, test_<m>_merged for each of the
   task's metrics, beside the mean test loss.
 
+  fitness: another of the task's metrics to rank by ('' = its headline): for a causal
+  LM 'token_log_likelihood' (the default: minus the mean response loss),
+  'next_token_accuracy', or 'mc_acc' / 'mc_acc_norm' of the multiple-choice JSON lines
+  `mc_file` (lm-eval-harness's log-likelihood accuracy; the test report stays the LM's).
+
   chunk: candidates per vmapped evaluation; None measures the fastest at start-up
   (fitness.probe_chunk; the summary records the probe)."""
   ckpt = pathlib.Path(ckpt)
@@ -41,13 +48,17 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   if config.method != 'glora':
     raise errors.ConfigError(f"{ckpt} trained method '{config.method}'; search needs a GLoRA "
                              'supernet (method glora)')
+  if not config.data.get('test_split', ''):
+    raise errors.ConfigError(f'{ckpt} was trained without data.test_split; the search reports '
+                             'the chosen subnet and its merge on a test split: train with one')
   out = pathlib.Path(out) if out else ckpt / 'search'
   _check_writable(out)
   run = setup.build(config)
   evolution.check_budget(run.spec, cfg)  # fail before any expensive work
+  ranked = _fitness_task(run, fitness, mc_file)
   out.mkdir(parents=True, exist_ok=True)
   _, trainable = setup.load_trained(ckpt, run=run)
-  fit, archive, search_s = _search(run, trainable, cfg, out, chunk, eval_batch_size,
+  fit, archive, search_s = _search(run, ranked, trainable, cfg, out, chunk, eval_batch_size,
                                    stop_after_generations, log)
   if stop_after_generations is not None and stop_after_generations < cfg.generations + 1:
     return {'stopped_after_generations': stop_after_generations}
@@ -61,8 +72,9 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
       'subnet_file': str(out / 'best_subnet.json'),
       'adapter_params': int(subnet_lib.count_params(run.spec, best_subnet)),
       'head_params': int(sum(np.size(x) for x in jax.tree.leaves(trainable['model']))),
-      'val_metric': run.model_data.metric,
-      f'val_{run.model_data.metric}': val,
+      'val_metric': ranked.metric,
+      f'val_{ranked.metric}': val,
+      **({'mc_file': str(mc_file)} if mc_file else {}),
       **_test_and_export(run, trainable, best_subnet, out, export_formats, eval_batch_size),
       'candidates_evaluated': int(archive.size), 'pareto_points': int(len(archive.front())),
       'search_seconds': search_s, 'candidates_per_second': fit.evaluated / max(search_s, 1e-9),
@@ -86,16 +98,56 @@ def _check_writable(out: pathlib.Path) -> None:
                              'writable); expected a directory this user can write')
 
 
-def _search(run: setup.BuiltRun, trainable, cfg: evolution.SearchConfig, out: pathlib.Path,
-            chunk, eval_batch_size: int, stop_after_generations, log):
-  """(fitness, archive, seconds): the evolution on the eval split, its best subnet,
+class Ranked(NamedTuple):
+  """What the search ranks candidates by: a task over `arrays` whose sums (and, with
+  model_data, its scores) give the metric named `metric`."""
+  task: steps.ForwardLoss
+  arrays: Any
+  model_data: Any
+  metric: str
+
+
+def _fitness_task(run: setup.BuiltRun, fitness: str, mc_file: str) -> Ranked:
+  """The run's headline on its eval split, another of its metrics, or (a causal LM)
+  multiple-choice accuracy on mc_file; a fitness the task cannot give is refused here,
+  before anything is searched."""
+  md = run.model_data
+  if fitness in tasks.MC_METRICS:
+    if md.family.task != 'causal_lm':
+      raise errors.ConfigError(f"--fitness {fitness} scores a causal LM's log-likelihoods; this "
+                               f'run is {md.family.task}')
+    if not mc_file:
+      raise errors.ConfigError(f'--fitness {fitness} needs --mc_file: JSON lines of '
+                               '{"context", "choices", "gold"}')
+    try:
+      task, arrays = tasks.multiple_choice(md, mc_file, registry.tokenizer_path(run.config.model),
+                                           run.config.data.max_len, fitness)
+    except (ValueError, OSError) as e:
+      raise errors.ConfigError(f'--mc_file {mc_file}: {e}') from None
+    return Ranked(task, arrays, None, fitness)
+  if mc_file:
+    raise errors.ConfigError(f'--mc_file is read by --fitness {" or ".join(tasks.MC_METRICS)} only; '
+                             f"fitness is {fitness or md.metric}")
+  if fitness:
+    allowed = [m for m in md.metrics if m != 'perplexity']
+    allowed += list(tasks.MC_METRICS) if md.family.task == 'causal_lm' else []
+    if fitness not in allowed:
+      raise errors.ConfigError(f"--fitness '{fitness}' is not a metric this task ranks by; "
+                               f'expected one of {allowed}')
+    md.metrics = (fitness,) + tuple(m for m in md.metrics if m != fitness)
+  return Ranked(md.forward_loss, md.splits['eval'], md, md.metric)
+
+
+def _search(run: setup.BuiltRun, ranked: Ranked, trainable, cfg: evolution.SearchConfig,
+            out: pathlib.Path, chunk, eval_batch_size: int, stop_after_generations, log):
+  """(fitness, archive, seconds): the evolution on `ranked`'s data, its best subnet,
   Pareto front and plot written under `out`."""
   frozen_sh = sharding.tree_shardings(run.frozen, run.model_data.partition_rules, run.mesh)
   frozen = jax.device_put(run.frozen, frozen_sh)
-  fit = fitness_lib.Fitness(run.model_data.forward_loss, run.spec, run.mesh, trainable, frozen,
-                            frozen_sh, run.model_data.splits['eval'], chunk=chunk,
-                            batch_size=eval_batch_size, race=cfg.race, rank_by=cfg.rank_by, log=log,
-                            model_data=run.model_data)
+  fit = fitness_lib.Fitness(ranked.task, run.spec, run.mesh, trainable, frozen, frozen_sh,
+                            ranked.arrays, chunk=chunk, batch_size=eval_batch_size,
+                            race=cfg.race, rank_by=cfg.rank_by, log=log,
+                            model_data=ranked.model_data)
   t0 = time.perf_counter()
   initial = None
   if cfg.start == 'anchor':  # the subnet the supernet trained in every step
@@ -110,7 +162,7 @@ def _search(run: setup.BuiltRun, trainable, cfg: evolution.SearchConfig, out: pa
   front = archive.front()
   (out / 'best_subnet.json').write_text(subnet_lib.dumps(run.spec, archive.cands[int(archive.top(1)[0])]))
   metrics.write_json(out / 'pareto.json', [
-      {'params': int(archive.params[i]), f'val_{run.model_data.metric}': float(archive.accuracy[i]),
+      {'params': int(archive.params[i]), f'val_{ranked.metric}': float(archive.accuracy[i]),
        'val_loss': None if np.isnan(archive.loss[i]) else float(archive.loss[i]),
        'generation': int(archive.generation[i]), 'subnet': subnet_lib.to_dict(run.spec, archive.cands[i])}
       for i in front])

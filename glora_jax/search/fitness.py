@@ -56,8 +56,9 @@ class Scores(NamedTuple):
 
 class Fitness:
   """Callable: (n, L, S) int32 candidates -> Scores (accuracy, complete, loss) on
-  `arrays`: accuracy is correct / count of the task's loss sums, so top-1 accuracy
-  for a classifier and next-token accuracy over real tokens for a causal LM.
+  `arrays`: accuracy is the task's headline metric, correct / count of its loss sums
+  (top-1 accuracy for a classifier) or model_data's headline of them (a causal LM's
+  token_log_likelihood or next_token_accuracy over its target tokens).
 
   Candidates are padded to whole chunks (padding repeats the first candidate and
   is discarded), so every call runs the same compiled function.
@@ -90,10 +91,12 @@ class Fitness:
     host_batches = list(data.eval_iterator(arrays, batch_size))
     self.batches = [jax.device_put(b, sharding.replicated(mesh)) for b in host_batches]
     # A scored task (model_data.scored: F1, MCC, correlations) is scored from each
-    # candidate's predictions and the labels of the real rows, on the host.
-    self.model_data = model_data if model_data is not None and model_data.scored else None
+    # candidate's predictions and the labels of the real rows, on the host; another
+    # (a causal LM) by its headline of the loss sums.
+    self.model_data = model_data
+    self.scored = model_data is not None and model_data.scored
     predictions = None
-    if self.model_data is not None:
+    if self.scored:
       predictions = self.model_data.predictions
       self.real = [np.asarray(b['mask']) > 0 for b in host_batches]
       self.targets = [np.asarray(b['label'])[r] for b, r in zip(host_batches, self.real)]
@@ -129,7 +132,7 @@ class Fitness:
       sub = jnp.asarray(cands[start:start + self.chunk])
       outs = jax.device_get([self.fn(self.trainable, self.frozen, self.batches[i], sub)
                              for i in batches])
-      if self.model_data is None:
+      if not self.scored:
         sums.append(np.sum(np.asarray(outs, np.float64), axis=0))
       else:
         sums.append(np.sum(np.asarray([o[0] for o in outs], np.float64), axis=0))
@@ -137,12 +140,12 @@ class Fitness:
                                      for o, i in zip(outs, batches)], axis=1))
     self.batch_evaluations += n * len(batches)
     return (np.concatenate(sums)[:n],
-            np.concatenate(preds)[:n] if self.model_data is not None else None)
+            np.concatenate(preds)[:n] if self.scored else None)
 
   def _scores(self, sums: np.ndarray, preds, batches, complete) -> Scores:
     """Scores of candidates' sums (and predictions) over the batches numbered `batches`."""
-    if self.model_data is None:
-      return _scores(sums, complete)
+    if not self.scored:
+      return _scores(sums, complete, self.model_data)
     targets = np.concatenate([self.targets[i] for i in batches])
     fitness = np.array([_headline(self.model_data, s, p, targets) for s, p in zip(sums, preds)])
     return Scores(fitness, complete, sums[:, 0] / np.maximum(sums[:, 1], 1))
@@ -163,8 +166,8 @@ class Fitness:
     totals[survivors] += more
     complete = np.zeros(n, bool)
     complete[survivors] = True
-    if self.model_data is None:
-      return _scores(totals, complete)
+    if not self.scored:
+      return _scores(totals, complete, self.model_data)
     fitness = heat.accuracy.copy()
     whole = self._scores(totals[survivors], np.concatenate([preds[survivors], more_preds], 1),
                          every, None)
@@ -181,10 +184,15 @@ def _headline(model_data, sums, preds, targets) -> float:
     return -math.inf
 
 
-def _scores(sums: np.ndarray, complete) -> Scores:
-  """Scores of (n, 3) sums of (loss, count, correct)."""
+def _scores(sums: np.ndarray, complete, model_data=None) -> Scores:
+  """Scores of (n, 3) sums of (loss, count, correct): the headline metric of
+  model_data.score (a causal LM's), else correct / count."""
   count = np.maximum(sums[:, 1], 1)
-  return Scores(sums[:, 2] / count, complete, sums[:, 0] / count)
+  if model_data is None:
+    fitness = sums[:, 2] / count
+  else:
+    fitness = np.array([model_data.score(s)[model_data.metric] for s in sums])
+  return Scores(fitness, complete, sums[:, 0] / count)
 
 
 def probe_chunk(make, chunks, trainable, frozen, batch, spec, repeats: int = 2):

@@ -236,6 +236,12 @@ def build(config) -> BuiltRun:
     except ValueError as e:
       raise ConfigError(f'optim.lr_multipliers: {e}') from None
   spec = None if adapters is None else adapters.spec
+  if spec is not None and model_data.metadata.get('loss_chunk'):
+    on_head = [l.path for l in spec.layers if l.path.split('/')[0] in ('lm_head', 'embed_tokens')]
+    if on_head:  # the chunked loss reads the head's kernel itself, past the interception point
+      raise ConfigError(f'model.loss_chunk={model_data.metadata["loss_chunk"]} computes the loss '
+                        f'from the frozen output kernel; adapters on {on_head} would be '
+                        'skipped: set model.loss_chunk=0 or leave the head out of adapter.targets')
   fixed = None
   if spec is not None:
     if config.get('subnet'):
