@@ -1,5 +1,6 @@
-"""End to end for the image-classification and causal-LM tasks on bundled data: train a
-tiny supernet, search, merge, and rebuild the plain model from the exported files alone."""
+"""End to end for the image-classification and causal-LM tasks on bundled data and on
+checkpoints' files: train a tiny supernet, search, merge, and rebuild the plain model
+from the exported files alone."""
 import json
 import pathlib
 
@@ -7,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import llama_glora, tiny_mnist_vit_glora
-from glora_jax import interop, peft
+from configs import instruct, llama_glora, tiny_mnist_vit_glora
+from glora_jax import errors, interop, peft
 from glora_jax import subnet as subnet_lib
+from glora_jax.data import multiple_choice
 from glora_jax.models import registry
 from glora_jax.search import driver, evolution, export
-from glora_jax.train import loop, setup
+from glora_jax.train import loop, setup, tasks
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 TINY_SEARCH = evolution.SearchConfig(population=4, generations=2, parents=2, mutations=2,
@@ -109,19 +111,80 @@ def test_llama_search_and_plain_model_with_gained_biases_from_files(tmp_path):
   assert np.abs(ignored - adapted).max() > 1e-3
 
 
+ALPACA = [{'instruction': instruction, 'input': extra, 'output': output}
+          for instruction, extra, output in [('Name a sport.', '', 'Football.'),
+                                             ('Say hello', 'to the BBC', 'Hello BBC!'),
+                                             ('Count to three.', '', 'One two three.'),
+                                             ('Who won?', 'the league', 'Chelsea won it.')]]
+CHOICES = [{'context': 'The league was won by', 'choices': ['Chelsea', 'a cat', 'Bolton'], 'gold': 0},
+           {'context': 'One, two,', 'choices': ['three', 'blue'], 'gold': 0},
+           {'context': 'Hello', 'choices': ['BBC!', 'world', 'there', 'you'], 'gold': 1}]
+
+
+def _alpaca_run(tmp_path, directory):
+  """configs/instruct.py (tiny) on Alpaca records in a JSON array, packed, a quarter of
+  train carved off for validation; the tokens report checked."""
+  data = tmp_path / 'alpaca.json'
+  data.write_text(json.dumps(ALPACA * 3))
+  config = instruct.get_config('method=glora,tiny')
+  config.model.checkpoint = str(FIXTURES / directory)
+  config.data.train_split = config.data.test_split = str(data)
+  config.data.val_fraction = 0.25
+  workdir = train(config, tmp_path / 'train')
+  record = json.loads((workdir / 'data.json').read_text())
+  assert record['format'] == 'alpaca' and record['packing'] is True
+  assert record['tokens']['train']['examples'] == 9 and record['tokens']['eval']['examples'] == 3
+  assert record['tokens']['train']['rows'] < 9  # packed
+  trained = json.loads((workdir / 'summary.json').read_text())
+  assert trained['val_metric'] == 'token_log_likelihood'
+  assert trained['val_perplexity'] == pytest.approx(np.exp(-trained['val_token_log_likelihood']),
+                                                    rel=1e-5)
+  return workdir
+
+
+def _check_multiple_choice_fitness(summary, workdir, out, choices):
+  """The search's fitness of the chosen subnet is lm-eval-harness's acc_norm of the
+  adapted model under it (multiple_choice.evaluate_file)."""
+  assert summary['val_metric'] == 'mc_acc_norm' and 'test_token_log_likelihood' in summary
+  run, trainable = setup.load_trained(workdir)
+  chosen = subnet_lib.loads(run.spec, (out / 'best_subnet.json').read_text())
+  forward = tasks.make_forward(run.model_data.family, run.model_data.model)
+  adapted = lambda p, ids, mask: forward(p[0], p[1], p[2], {'input_ids': ids, 'attention_mask': mask},
+                                         False, None)
+  params = (peft.combine(run.frozen, trainable['model']),
+            peft.Adapters(params=trainable['adapters'], spec=run.spec), jnp.asarray(chosen))
+  reference = multiple_choice.evaluate_file(choices, run.model_data.model, params,
+                                            run.config.model.checkpoint, batch_size=4,
+                                            max_len=run.config.data.max_len, forward=adapted)
+  assert summary['val_mc_acc_norm'] == pytest.approx(reference['acc_norm'])
+
+
 @pytest.mark.parametrize('directory, family', [('hf_llama3', 'llama'), ('hf_qwen2', 'qwen2')])
 def test_a_checkpoint_trains_searches_and_reloads_in_its_library_layout(directory, family, tmp_path):
   """A tiny checkpoint that transformers wrote (Llama 3 rope, GQA; Qwen2's q/k/v biases)
-  fine-tuned on text its own tokenizer.json tokenises, searched, merged and exported;
-  the export read back by interop.load_pretrained gives the adapted logits."""
-  config = llama_glora.get_config('tiny')
-  config.model.name = family
-  config.model.checkpoint = str(FIXTURES / directory)
-  workdir = train(config, tmp_path / 'train')
+  fine-tuned on text its own tokenizer.json tokenises (Llama: Alpaca instructions, packed,
+  searched by multiple-choice accuracy), searched, merged and exported; the export read
+  back by interop.load_pretrained gives the adapted logits."""
+  search = {}
+  if directory == 'hf_llama3':
+    workdir = _alpaca_run(tmp_path, directory)
+    choices = tmp_path / 'mc.jsonl'
+    choices.write_text('\n'.join(json.dumps(e) for e in CHOICES))
+    with pytest.raises(errors.ConfigError, match="--fitness 'perplexity' is not a metric this "
+                       'task ranks by'):
+      driver.search_and_export(workdir, TINY_SEARCH, out=tmp_path / 'bad', fitness='perplexity')
+    search = {'fitness': 'mc_acc_norm', 'mc_file': str(choices)}
+  else:
+    config = llama_glora.get_config('tiny')
+    config.model.name = family
+    config.model.checkpoint = str(FIXTURES / directory)
+    workdir = train(config, tmp_path / 'train')
   out = tmp_path / 'search'
   summary = driver.search_and_export(workdir, TINY_SEARCH, out=out, chunk=4, eval_batch_size=16,
-                                     log=lambda s: None)
+                                     log=lambda s: None, **search)
   assert abs(summary['test_loss'] - summary['test_loss_merged']) < 1e-4
+  if search:
+    _check_multiple_choice_fitness(summary, workdir, out, search['mc_file'])
 
   run, trainable = setup.load_trained(workdir)
   test = run.model_data.splits['test']
