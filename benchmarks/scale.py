@@ -6,7 +6,8 @@ shapes (hidden 4096, MLP 14336, 32 heads and 8 KV heads, vocab 128256, llama3 ro
 (batch 1 x 2048 tokens per device, frozen weights and activations in bf16) and
 ViT-B/16 (224², batch 64 per device), for each method (frozen backbone, LoRA r=8 in
 activation and weight mode, GLoRA supernet at ranks (4,), SURM circulant, full
-fine-tuning) on 1 device and on 8 devices (FSDP over 'data'), it builds the same
+fine-tuning; LoRA and GLoRA over an int8 or NF4 frozen base: lora_int8, glora_nf4, ...)
+on 1 device and on 8 devices (FSDP over 'data'), it builds the same
 train step as train.py (the family's entry in glora_jax.models.registry gives the
 forward through tasks.make_forward, the default targets and the partition rules;
 glora_jax.train.steps builds the step, glora_jax.train.sharding its shardings),
@@ -32,6 +33,7 @@ Backends:
     python benchmarks/scale.py --table               # the tables from --out
     python benchmarks/scale.py --models llama7b --methods glora,lora --devices 1
     python benchmarks/scale.py --models llama3_8b --methods frozen,lora,glora --devices 1
+    python benchmarks/scale.py --models llama7b --methods glora_nf4,lora_int8 --devices 1
 
 The "frozen" method is the floor of every adapter method: one rank-1 LoRA on the
 first layer's query projection, so the backward pass runs through every layer
@@ -61,7 +63,11 @@ from typing import Any, Callable
 
 
 GiB = 2 ** 30
-METHODS = ('frozen', 'lora', 'lora_weight', 'glora', 'surm', 'full')
+# A method with a quantization suffix runs over a quantized frozen base (the model's
+# default targets, as model.frozen_quant): int8, or NF4 with double-quantized scales
+# (QLoRA's recipe), blocks of 64.
+QUANT_METHODS = ('lora_int8', 'lora_nf4', 'glora_int8', 'glora_nf4')
+METHODS = ('frozen', 'lora', 'lora_weight', 'glora', 'surm', 'full') + QUANT_METHODS
 
 
 def _llama2_7b(layers: int, remat: str, attention: str):
@@ -196,6 +202,12 @@ def model_case(name: str, layers: int, remat: str, attention: str):
           case.floor_target, head, family.partition_rules())
 
 
+def split_method(method: str) -> tuple[str, str]:
+  """(adapter method, frozen quantization 'none' | 'int8' | 'nf4') of a method name."""
+  base, _, kind = method.rpartition('_')
+  return (base, kind) if method in QUANT_METHODS else (method, 'none')
+
+
 def family_for(method: str):
   from glora_jax.adapters import glora, lora, surm
   return {'frozen': lambda: lora.family(rank=1, mode='activation'),
@@ -214,10 +226,11 @@ def compile_case(devices, model_name: str, method: str, layers: int, num_devices
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   from glora_jax import peft
-  from glora_jax.train import sharding, steps
+  from glora_jax.train import setup, sharding, steps
 
   (model, init, forward, loss, batch_shapes, targets, floor_target, head,
    rules) = model_case(model_name, layers, remat, attention)
+  method, frozen_quant = split_method(method)
   abstract = jax.eval_shape(init)
   bf16 = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), abstract)
   spec = None
@@ -233,6 +246,9 @@ def compile_case(devices, model_name: str, method: str, layers: int, num_devices
     target = floor_target if method == 'frozen' else targets
     adapters = jax.eval_shape(lambda: peft.attach(frozen, fam, targets=target))
     spec, adapter_params = adapters.spec, adapters.params
+  if frozen_quant != 'none':  # as setup.build's model.frozen_quant, from shapes only
+    frozen = jax.eval_shape(lambda f: setup.quantize_kernels(
+        f, targets, frozen_quant, 64, double=frozen_quant == 'nf4'), frozen)
   supernet = spec is not None and spec.searchable
   subnet0 = np.zeros((1, 1) if spec is None else spec.num_options.shape, np.int32)
   optimizer = steps.make_optimizer(1e-4, 1e-4)
@@ -263,7 +279,8 @@ def compile_case(devices, model_name: str, method: str, layers: int, num_devices
   nbytes = lambda tree: int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize
                                 for s in jax.tree.leaves(tree)))
   return {
-      'model': model_name, 'method': method, 'layers': layers, 'devices': num_devices,
+      'model': model_name, 'method': method + ('' if frozen_quant == 'none' else f'_{frozen_quant}'),
+      'layers': layers, 'devices': num_devices,
       'remat': remat, 'attention': attention, **memory_figures(compiled),
       'flops': float(cost.get('flops', 0.0)),
       'frozen_bytes': nbytes(frozen), 'train_state_bytes': nbytes(state),
@@ -472,6 +489,10 @@ def goals(cases, remat, attention) -> list[str]:
   if lora1:
     line('LoRA r=8 peak, 1 device', f"{lora1['peak_bytes'] / GiB:.2f} GiB", '<= 20 GiB',
          lora1['peak_bytes'] <= 20 * GiB)
+  glora_nf4 = get('llama7b', 'glora_nf4', 1)
+  if glora_nf4:
+    line('GLoRA supernet peak over an NF4 base, 1 device', f"{glora_nf4['peak_bytes'] / GiB:.2f} GiB",
+         '<= 9 GiB', glora_nf4['peak_bytes'] <= 9 * GiB)
   if glora1 and lora1:
     ratio = glora1['peak_bytes'] / lora1['peak_bytes']
     line('GLoRA peak / LoRA peak (activation mode)', f'{ratio:.3f}', '<= 1.25', ratio <= 1.25)

@@ -90,6 +90,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.keep_layers = 0  # > 0 keeps a checkpoint's first N blocks (small test models)
   c.model.param_dtype = 'float32'
   c.model.frozen_dtype = 'float32'  # 'bfloat16' keeps the frozen backbone in bf16
+  # 'int8' | 'nf4' (QLoRA's 4-bit NormalFloat) store the frozen linear kernels (the model's
+  # default adapter targets) quantized in blocks of frozen_quant_block along their output
+  # dimension, dequantized to frozen_dtype inside each layer's call (glora_jax/quant.py);
+  # embeddings, norms, biases and the head stay float. frozen_quant_double: the block
+  # scales in 8 bits too; frozen_quant_pad: pad a kernel the block does not divide
+  # instead of refusing it.
+  c.model.frozen_quant = 'none'
+  c.model.frozen_quant_block = 64
+  c.model.frozen_quant_double = False
+  c.model.frozen_quant_pad = False
   c.model.remat = 'none'  # per-layer remat: none | full | dots (models/common.py)
   c.model.attention = 'xla'  # xla | chunked | dot_product (LLaMA, ViT; BERT keeps xla)
   # Causal LM: > 0 computes the loss from this many tokens' logits at a time (train/xent.py),

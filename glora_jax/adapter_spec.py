@@ -19,6 +19,7 @@ import numpy as np
 
 from glora_jax.adapters.base import AdapterFamily
 from glora_jax.paths import flatten, match_paths, natural_key, unwrap
+from glora_jax.quant import is_quantized
 
 Params = Mapping[str, Any]
 
@@ -189,7 +190,8 @@ def check_subnet(spec: AdapterSpec, subnet):
 
 
 def _num_params(tree) -> int:
-  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+  """Values stored, a quantized kernel counted as its kernel's (not its codes')."""
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree, is_leaf=is_quantized)))
 
 
 @dataclasses.dataclass

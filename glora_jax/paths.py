@@ -9,6 +9,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 
+from glora_jax.quant import is_quantized
+
 Params = Mapping[str, Any]
 
 
@@ -26,8 +28,10 @@ def path_name(key_path) -> str:
 
 
 def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-  """{'a': {'b': x}} -> {'a/b': x} (leaves in tree order)."""
-  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  """{'a': {'b': x}} -> {'a/b': x} (leaves in tree order). A quantized kernel
+  (glora_jax.quant.QuantizedArray) is one leaf at its kernel's path, not its codes."""
+  return {path_name(path): leaf for path, leaf
+          in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]}
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 `apply` / `merge` fold a chosen subnet into the parameters (`merge`: the original
 structure, shapes and dtypes); `forward` runs a model with the adapters built
-inside its own Dense layers (`AdapterHooks`, the one interception point).
+inside its own Dense layers (`AdapterHooks`, the one interception point), which
+also dequantizes a quantized frozen kernel (glora_jax.quant) inside its layer.
 Re-exported here so that one import serves a user: `attach`, `AdapterSpec`,
 `Adapters`, `check_subnet`, `report` (glora_jax.adapter_spec) and `partition`,
 `combine`, `flatten`, `unflatten` (glora_jax.paths).
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glora_jax import quant
 from glora_jax.adapter_spec import (  # noqa: F401 (part of peft's API)
     AdapterSpec, Adapters, LayerSpec, Report, attach, check_subnet, chosen_option_costs, report)
 from glora_jax.models import plain
@@ -66,7 +68,10 @@ def _fold(params, adapters: Adapters, subnet, *, modes, cast_back):
   spec = adapters.spec
   subnet = check_subnet(spec, subnet)
   inner, wrapped = unwrap(params)
-  flat = dict(flatten(inner))
+  # A quantized base merges from the dequantized W0 the adapted model computes with,
+  # and comes out as plain float params (each kernel in its QuantizedArray's dtype).
+  flat = {k: quant.dequantize(v) if quant.is_quantized(v) else v
+          for k, v in flatten(inner).items()}
   deltas = _grouped_deltas(spec, adapters.params, subnet, flat, modes)
   for i, (dk, db) in deltas.items():
     layer = spec.layers[i]
@@ -95,7 +100,9 @@ def merge(params: Params, adapters: Adapters, subnet=None) -> Params:
   A layer without bias gains one when the subnet gives it a bias term (GLoRA's
   C, E): the plain model must then be built with biases on that layer, and Flax
   ignores the bias without a word when it is not. `merge_model` returns the model
-  that reads the merged params; use it unless you build that model yourself."""
+  that reads the merged params; use it unless you build that model yourself.
+  Quantized kernels (glora_jax.quant) come out dequantized, in their own dtype,
+  adapted from the dequantized W0 the adapted model computes with."""
   return _fold(params, adapters, subnet, modes=('weight', 'activation'), cast_back=True)
 
 
@@ -124,6 +131,30 @@ def _dense(module: nn.Dense, x, kernel, bias):
   return y
 
 
+def _adapted_layer(module: nn.Dense, family, params, choice, x, kernel, bias, plain=None):
+  """One Dense layer's output with its adapter (family None: none) built from
+  `kernel`: weight mode computes with K' = K + dK, b' = b + db; activation mode
+  passes the plain output (`plain()`, default `_dense` of the kernel) to the family."""
+  if family is None:
+    return _dense(module, x, kernel, bias)
+  if family.mode == 'weight':
+    dk, db = family.delta(params, choice, kernel, bias)
+    new_kernel = kernel.astype(jnp.float32) + dk
+    new_bias = bias if db is None else (db if bias is None else bias.astype(jnp.float32) + db)
+    return _dense(module, x, new_kernel, new_bias)
+  y = _dense(module, x, kernel, bias) if plain is None else plain()
+  return family.activation(params, choice, x, y, kernel, bias)
+
+
+def _quantized_layer(module: nn.Dense, family, params, choice, x, kernel, bias):
+  """`_adapted_layer` on the dequantized kernel, under jax.checkpoint: the backward
+  pass dequantizes again instead of keeping the float kernel as a residual, so only
+  the layer being run holds its float kernel, in training as in inference."""
+  def layer(kernel, bias, params, choice, x):
+    return _adapted_layer(module, family, params, choice, x, quant.dequantize(kernel), bias)
+  return jax.checkpoint(layer)(kernel, bias, params, choice, x)
+
+
 class AdapterHooks:
   """The one interception point: adapters enter the model inside its own layers.
 
@@ -135,44 +166,49 @@ class AdapterHooks:
       a bias-less layer gets the bias term GLoRA's C and E give it;
     - activation mode: `family.activation(params, choice, x, y, kernel, bias)`
       with y the plain layer's output (LoRA's low-rank path, SURM's FFT product).
+  A Dense layer whose kernel is a glora_jax.quant.QuantizedArray, adapted or not,
+  computes from its dequantized kernel, dequantized inside its own call (and again
+  in the backward pass); adapters (`delta`, `activation`: GLoRA's W0 * A and W0 @ C)
+  receive that float kernel. `adapters` None: only quantized kernels are handled.
   Models are untouched and never import adapters (flax.linen.intercept_methods).
   On a normal exit every adapted layer must have been called: a layer whose
   runtime path differs from its parameter path (e.g. under nn.scan) would
   otherwise be silently left unadapted."""
 
-  def __init__(self, adapters: Adapters, subnet=None, check_all_called: bool = True):
-    self.spec = adapters.spec
-    self.params = adapters.params
-    self.subnet = check_subnet(self.spec, subnet)
-    self.index = {l.path: i for i, l in enumerate(self.spec.layers)}
-    self.check_all_called = check_all_called
+  def __init__(self, adapters: Adapters | None, subnet=None, check_all_called: bool = True):
+    self.spec = None if adapters is None else adapters.spec
+    self.params = None if adapters is None else adapters.params
+    self.subnet = None if adapters is None else check_subnet(self.spec, subnet)
+    self.index = {} if adapters is None else {l.path: i for i, l in enumerate(self.spec.layers)}
+    self.check_all_called = check_all_called and adapters is not None
     self.called: set[str] = set()
     self._context = None
 
   def _intercept(self, next_fun, args, kwargs, context):
     if context.method_name != '__call__':
       return next_fun(*args, **kwargs)
-    path = '/'.join(context.module.path)
-    i = self.index.get(path)
-    if i is None:
-      return next_fun(*args, **kwargs)
     module = context.module
+    path = '/'.join(module.path)
+    i = self.index.get(path)
+    own = module.variables.get('params', {})
+    quantized = [k for k, v in own.items() if quant.is_quantized(v)]
+    if i is None and not quantized:
+      return next_fun(*args, **kwargs)
     if not isinstance(module, nn.Dense):
-      raise TypeError(f"adapted layer '{path}' is a {type(module).__name__}; adapters "
-                      'intercept flax.linen.Dense layers only')
-    self.called.add(path)
-    family = self.spec.layers[i].family
-    variables = module.variables['params']
-    kernel, bias = variables['kernel'], variables.get('bias')
+      what = 'adapted layer' if i is not None else f'quantized {quantized} of layer'
+      raise TypeError(f"{what} '{path}' is a {type(module).__name__}; adapters and quantized "
+                      'kernels are intercepted in flax.linen.Dense layers only')
+    kernel, bias = own['kernel'], own.get('bias')
+    family = None if i is None else self.spec.layers[i].family
+    params = None if i is None else self.params[path]
+    choice = None if i is None else self.subnet[i]
     x = args[0]
-    if family.mode == 'weight':
-      dk, db = family.delta(self.params[path], self.subnet[i], kernel, bias)
-      new_kernel = kernel.astype(jnp.float32) + dk
-      new_bias = bias if db is None else (
-          db if bias is None else bias.astype(jnp.float32) + db)
-      return _dense(module, x, new_kernel, new_bias)
-    y = next_fun(*args, **kwargs)
-    return family.activation(self.params[path], self.subnet[i], x, y, kernel, bias)
+    if i is not None:
+      self.called.add(path)
+    if quantized:
+      return _quantized_layer(module, family, params, choice, x, kernel, bias)
+    return _adapted_layer(module, family, params, choice, x, kernel, bias,
+                          plain=lambda: next_fun(*args, **kwargs))
 
   def __enter__(self):
     self.called = set()
@@ -192,16 +228,21 @@ class AdapterHooks:
     return False
 
 
-def adapter_hooks(adapters: Adapters, subnet=None, check_all_called: bool = True) -> AdapterHooks:
+def adapter_hooks(adapters: Adapters | None, subnet=None,
+                  check_all_called: bool = True) -> AdapterHooks:
   """`with adapter_hooks(adapters, subnet): model.apply(...)` runs the model with
   the adapters (see AdapterHooks)."""
   return AdapterHooks(adapters, subnet, check_all_called)
 
 
-def forward(model: nn.Module, params: Params, adapters: Adapters, subnet, *args,
+def forward(model: nn.Module, params: Params, adapters: Adapters | None, subnet, *args,
             **kwargs):
   """`model.apply` with the adapters, each built inside its own layer's call
-  (AdapterHooks): the frozen params are passed as they are (bf16 stays bf16)."""
+  (AdapterHooks): the frozen params are passed as they are (bf16 stays bf16,
+  a quantized kernel is dequantized in its layer). adapters None: the plain model,
+  through the hooks only where the params hold quantized kernels."""
   inner, _ = unwrap(params)
+  if adapters is None and not quant.has_quantized(inner):
+    return model.apply({'params': inner}, *args, **kwargs)
   with adapter_hooks(adapters, subnet):
     return model.apply({'params': inner}, *args, **kwargs)

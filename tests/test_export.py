@@ -148,3 +148,34 @@ def test_export_formats_choose_what_is_written(tmp_path):
                      r"more of \['flax', 'torch'\]"):
     export.save_merged(tmp_path / 'bad', plain, plain_params, formats='flax,onnx')
   assert not (tmp_path / 'bad').exists()
+
+
+def test_merge_from_an_nf4_base_equals_the_adapted_model():
+  """GLoRA with a random subnet over the hf_bert fixture's NF4 (double-quantized)
+  kernels: the merged float model's outputs equal the adapted quantized model's."""
+  import pathlib
+  from glora_jax import quant
+  from glora_jax.models import bert, registry
+  model, params = registry.load(pathlib.Path(__file__).parent / 'fixtures' / 'hf_bert')
+  flat = peft.flatten(params)
+  for path in peft.match_paths(flat, bert.DEFAULT_TARGETS):
+    flat[path] = quant.quantize(flat[path], 'nf4', 16, double=True)
+  base = peft.unflatten(flat)
+  adapters = peft.attach(params, glora.family(ranks=(2,)), targets=bert.DEFAULT_TARGETS)
+  rng = np.random.default_rng(4)
+  adapters = adapters.replace(params=jax.tree.map(
+      lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), adapters.params))
+  subnet = subnet_lib.sample(jax.random.key(5), adapters.spec)
+  trainable = {'model': {}, 'adapters': adapters.params}
+  merged = export.merged_params(base, trainable, adapters.spec, subnet)
+  assert not quant.has_quantized(merged)
+  plain, plain_params = export.plain_model(model, merged)
+  ids = jnp.asarray(rng.integers(1, 200, (2, 12)), jnp.int32)
+  mask = jnp.asarray([[1] * 12, [1] * 7 + [0] * 5], jnp.int32)
+  adapted = jax.jit(lambda p, a: peft.forward(model, p, a, subnet, ids, mask))(base, adapters)
+  np.testing.assert_allclose(plain.apply({'params': plain_params}, ids, mask), adapted,
+                             rtol=1e-5, atol=1e-5)
+  # The float base merges otherwise: the NF4 W0 is what was merged.
+  float_merged = export.merged_params(params, trainable, adapters.spec, subnet)
+  assert not np.allclose(float_merged['encoder']['layer_0']['attention']['query']['kernel'],
+                         merged['encoder']['layer_0']['attention']['query']['kernel'], atol=1e-4)

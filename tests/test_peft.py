@@ -244,3 +244,85 @@ def test_a_layer_the_model_never_calls_is_an_error():
   assert peft.forward(model, params, adapters, None, x).shape == (2, 3)
   with pytest.raises(ValueError, match=r"1 adapted layers were never called by the model, e\.g\. 'head'"):
     peft.forward(model, params, adapters, None, x, method=TwoHeads.features)
+
+
+def quantized(params, kind='nf4', block=16, pattern=r'fc\d/kernel'):
+  """params with the kernels `pattern` matches quantized (glora_jax.quant)."""
+  import re
+  from glora_jax import quant
+  flat = {k: quant.quantize(v, kind, block) if re.fullmatch(pattern, k) else v
+          for k, v in peft.flatten(params).items()}
+  return peft.unflatten(flat)
+
+
+@pytest.mark.parametrize('kind', ['nf4', 'int8'])
+def test_quantized_kernels_compute_as_their_dequantized_floats(kind):
+  from glora_jax import quant
+  model, params, x, adapters = mlp_setup()
+  q = quantized(params, kind)
+  deq = quant.dequantize_tree(q)
+  assert not np.allclose(deq['fc1']['kernel'], params['fc1']['kernel'], atol=1e-4)
+  adapters = perturbed(adapters)
+  fwd = jax.jit(lambda p, a, s: peft.forward(model, p, a, s, x))
+  for seed in range(3):
+    s = subnet_lib.sample(jax.random.key(seed), adapters.spec)
+    np.testing.assert_allclose(fwd(q, adapters, s), fwd(deq, adapters, s), rtol=1e-6, atol=1e-6)
+  # No adapters: a plain forward of a quantized tree goes through the same hook.
+  plain = jax.jit(lambda p: peft.forward(model, p, None, None, x))
+  np.testing.assert_allclose(plain(q), model.apply({'params': deq}, x), rtol=1e-6, atol=1e-6)
+  lora_adapters = perturbed(peft.attach(params, lora.family(rank=2), targets=r'fc1/kernel'))
+  np.testing.assert_allclose(fwd(q, lora_adapters, None), fwd(deq, lora_adapters, None),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_quantized_layer_gradients_equal_the_float_layers():
+  from glora_jax import quant
+  model, params, x, adapters = mlp_setup()
+  q = quantized(params, 'nf4')
+  deq = quant.dequantize_tree(q)
+  adapters = perturbed(adapters)
+  s = subnet_lib.largest(adapters.spec)
+  loss = lambda p, a: jnp.sum(peft.forward(model, p, a, s, x) ** 2)
+  g_q = jax.jit(jax.grad(loss, argnums=1))(q, adapters)
+  g_f = jax.jit(jax.grad(loss, argnums=1))(deq, adapters)
+  chex.assert_trees_all_close(g_q.params, g_f.params, rtol=1e-5, atol=1e-6)
+  assert any(float(jnp.abs(l).max()) > 0 for l in jax.tree.leaves(g_q.params))
+
+
+def test_the_backward_pass_keeps_codes_not_float_kernels(capsys):
+  """Only the layer being run holds its float kernel: the residuals saved for the
+  backward pass hold the quantized codes, and no float (16, 48) or (48, 16) kernel."""
+  from jax import ad_checkpoint
+  model, params, x, adapters = mlp_setup()
+  s = subnet_lib.largest(adapters.spec)
+  for tree, codes in ((quantized(params, 'nf4'), True), (params, False)):
+    capsys.readouterr()
+    ad_checkpoint.print_saved_residuals(
+        lambda a: jnp.sum(peft.forward(model, tree, a, s, x) ** 2), adapters)
+    saved = capsys.readouterr().out
+    assert ('u8[16,24]' in saved and 'u8[48,8]' in saved) == codes
+    assert ('f32[16,48]' in saved or 'f32[48,16]' in saved) == (not codes), saved
+
+
+def test_merge_from_a_quantized_base_equals_the_adapted_model():
+  from glora_jax import quant
+  model, params, x, adapters = mlp_setup()
+  q = quantized(params, 'nf4')
+  adapters = perturbed(adapters)
+  s = subnet_lib.sample(jax.random.key(3), adapters.spec)
+  merged = peft.merge(q, adapters, s)
+  assert not quant.has_quantized(merged)
+  assert merged['fc1']['kernel'].dtype == jnp.float32
+  chex.assert_trees_all_close(merged, peft.merge(quant.dequantize_tree(q), adapters, s))
+  merged_model = MLP(fc2_bias=True)
+  np.testing.assert_allclose(merged_model.apply({'params': merged}, x),
+                             peft.forward(model, q, adapters, s, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantized_leaf_outside_a_dense_layer_is_an_error():
+  model = Block()
+  x = jnp.ones((1, 4, 32))
+  params = model.init(jax.random.key(0), x)['params']
+  q = quantized(params, 'int8', 16, pattern='norm1/scale')
+  with pytest.raises(TypeError, match=r"quantized \['scale'\] of layer 'norm1' is a LayerNorm"):
+    peft.forward(model, q, None, None, x)

@@ -187,7 +187,8 @@ def _test_and_export(run: setup.BuiltRun, trainable, subnet, out: pathlib.Path, 
   """The test split measured once with the task's metrics: the adapted supernet with
   `subnet`, and the merged plain model, which `plain_model` checks holds exactly the
   parameters it reads before anything is written; then the export, with the labels'
-  mapping (labels.json). Returns the summary's test and export entries."""
+  mapping (labels.json). A quantized base is merged from its dequantized kernels
+  (setup.merge_base). Returns the summary's test and export entries."""
   model_data, test = run.model_data, run.model_data.splits['test']
   fl = model_data.forward_loss
   adapters = peft.Adapters(params=trainable['adapters'], spec=run.spec)
@@ -195,7 +196,7 @@ def _test_and_export(run: setup.BuiltRun, trainable, subnet, out: pathlib.Path, 
       fl.forward, fl.loss, model_data.predictions, peft.combine(run.frozen, trainable['model']),
       adapters, jax.numpy.asarray(subnet), test, batch_size)
   plain_model, merged = export.plain_model(
-      model_data.model, export.merged_params(model_data.params, trainable, run.spec, subnet))
+      model_data.model, export.merged_params(setup.merge_base(run), trainable, run.spec, subnet))
   sums_merged, preds_merged, _ = export.evaluate(
       model_data.forward_with(plain_model), fl.loss, model_data.predictions, merged, None, None,
       test, batch_size)
@@ -210,6 +211,8 @@ def _test_and_export(run: setup.BuiltRun, trainable, subnet, out: pathlib.Path, 
       **{f'test_{k}_merged': v for k, v in merged_scores.items()},
       'test_loss': _ratio(sums_adapted, 0), 'test_loss_merged': _ratio(sums_merged, 0),
       'merged_prediction_agreement': _agreement(preds_adapted, preds_merged),
+      # The merge is float (W0 dequantized); the adapted model above ran on this base.
+      'frozen_quant': setup.frozen_quant_name(run.config),
       'exports': files,
   }
 

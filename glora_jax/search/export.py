@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import numpy as st_numpy
 
-from glora_jax import data, errors, interop, peft
+from glora_jax import data, errors, interop, peft, quant
 from glora_jax.models import registry
 from glora_jax.models.plain import check_fits, expected_leaves, family_of, plain_model  # noqa: F401 (export API)
 
@@ -37,12 +37,13 @@ EXECUTION_FIELDS = registry.EXECUTION_FIELDS
 def merged_params(base_params: dict, trainable: dict, spec: peft.AdapterSpec | None, subnet) -> dict:
   """The model's params with the trained parts (head, or all for full fine-tuning)
   taken from `trainable` and the adapters of `subnet` folded in; each leaf keeps
-  the dtype it has in `base_params`."""
+  the dtype it has in `base_params`. A quantized kernel there (glora_jax.quant)
+  comes out as its dequantized float kernel, the adapters folded into that W0."""
   names = [re.escape(p) for p in peft.flatten(trainable['model'])]
   rest = peft.partition(base_params, names)[1] if names else base_params
   full = peft.combine(rest, trainable['model'])
   if spec is None:
-    return full
+    return quant.dequantize_tree(full)
   subnet = peft.check_subnet(spec, subnet)  # here: inside jit it is a tracer, not checked
   # One compiled program: an eager merge compiles op by op, seconds even for a tiny model.
   return jax.jit(peft.merge)(full, peft.Adapters(params=trainable['adapters'], spec=spec), subnet)

@@ -39,7 +39,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict, force:
 # Fingerprint keys of how a run trains, not of what it holds: compared when both the
 # checkpoint and the run name them (resuming a training run), skipped otherwise (a
 # trained run read by search or retraining; checkpoints written before the key existed).
-TRAINING_KEYS = ('supernet',)
+TRAINING_KEYS = ('supernet', 'frozen_quant')
 
 
 def _compare(found: dict, expected: dict, where: str) -> None:

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from glora_jax import data, paths, peft
+from glora_jax import data, paths, peft, quant
 from glora_jax import metrics as task_metrics
 from glora_jax import subnet as subnet_lib
 from glora_jax.adapters import glora, lora
@@ -65,6 +65,7 @@ def validate(config) -> None:
   if config.method == 'glora' and config.get('subnet'):
     need(pathlib.Path(config.subnet).is_file(), f'subnet file {config.subnet} does not exist')
   validate_supernet(config)
+  validate_quant(config)
   if config.get('data', {}).get('metrics'):
     try:
       task_metrics.check_names(tuple(config.data.metrics))
@@ -156,9 +157,11 @@ def fingerprint(config, spec: peft.AdapterSpec | None, trainable) -> dict:
 
 def training_fingerprint(config, spec: peft.AdapterSpec | None, trainable) -> dict:
   """fingerprint plus how the run trains (checkpoint.TRAINING_KEYS): a supernet's
-  options (config.supernet), so a resume with other options fails instead of mixing
-  two recipes in one run. Progressive shrinking is fingerprinted in epochs."""
+  options (config.supernet) and the frozen base's quantization, so a resume with
+  other options fails instead of mixing two recipes in one run. Progressive
+  shrinking is fingerprinted in epochs."""
   fp = fingerprint(config, spec, trainable)
+  fp['frozen_quant'] = frozen_quant_name(config)
   if config.method == 'glora' and not config.get('subnet'):
     options = steps.supernet_options(config, steps_per_epoch=1)
     fp['supernet'] = dict(dataclasses.asdict(options), widen_steps=None,
@@ -176,6 +179,84 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     raise CheckpointMismatchError(
         f'{workdir} is not a train.py workdir: {path} does not exist')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+FROZEN_QUANT = ('none',) + quant.KINDS
+
+
+def frozen_quant_name(config) -> str:
+  """'none', or e.g. 'nf4, block 64, double-quantized scales': the frozen base's
+  quantization as the fingerprint and a summary name it."""
+  mc = config.model
+  kind = mc.get('frozen_quant', 'none')
+  if kind == 'none':
+    return kind
+  return (f"{kind}, block {mc.get('frozen_quant_block', 64)}"
+          + (', double-quantized scales' if mc.get('frozen_quant_double', False) else '')
+          + (', padded' if mc.get('frozen_quant_pad', False) else ''))
+
+
+def validate_quant(config) -> None:
+  """config.model.frozen_quant and its block, double and pad options."""
+  mc = config.model
+  kind = mc.get('frozen_quant', 'none')
+  if kind not in FROZEN_QUANT:
+    raise ConfigError(f"model.frozen_quant '{kind}' is unknown; allowed: {list(FROZEN_QUANT)}")
+  block = mc.get('frozen_quant_block', 64)
+  if kind != 'none':
+    try:
+      quant.check_block((block,), block, kind)
+    except ValueError as e:
+      raise ConfigError(f'model.frozen_quant_block: {e}') from None
+  for field in ('frozen_quant_double', 'frozen_quant_pad'):
+    if not isinstance(mc.get(field, False), bool):
+      raise ConfigError(f'model.{field} must be True or False, got {mc.get(field)!r}')
+
+
+def quantize_frozen(config, frozen: dict, model_trainable: dict, targets: str) -> dict:
+  """`frozen` with the 2-D kernels `targets` matches (the model's default adapter
+  targets: every linear layer but the head) quantized as config.model.frozen_quant
+  says. As QLoRA, only linear layers: embeddings, norms, biases and the head (read by
+  the chunked loss and tied embeddings) stay float. A trained kernel (method 'full'),
+  a block that does not divide a kernel (without frozen_quant_pad) or no kernel to
+  quantize is a ConfigError."""
+  mc = config.model
+  kind = mc.get('frozen_quant', 'none')
+  if kind == 'none':
+    return frozen
+  trained = _kernel_paths(model_trainable, targets)
+  if trained:
+    raise ConfigError(f"model.frozen_quant='{kind}' quantizes frozen kernels; method "
+                      f"'{config.method}' trains {paths.examples(trained, 3)}: use "
+                      "model.frozen_quant='none' or a method with a frozen backbone")
+  if not _kernel_paths(frozen, targets):
+    raise ConfigError(f"model.frozen_quant='{kind}': no frozen 2-D kernel matches '{targets}'; "
+                      f'frozen paths look like {paths.examples(paths.flatten(frozen), 3)}')
+  try:
+    return quantize_kernels(frozen, targets, kind, mc.get('frozen_quant_block', 64),
+                            mc.get('frozen_quant_double', False), mc.get('frozen_quant_pad', False))
+  except ValueError as e:
+    said = str(e).replace('(pad=True)', '(model.frozen_quant_pad=True)')
+    raise ConfigError(f'model.frozen_quant_block: {said}') from None
+
+
+def _is_kernel(targets: str, path: str, x) -> bool:
+  return bool(re.fullmatch(targets, path)) and np.ndim(x) == 2
+
+
+def _kernel_paths(tree: dict, targets: str) -> list[str]:
+  return [p for p, x in paths.flatten(tree).items() if _is_kernel(targets, p, x)]
+
+
+def quantize_kernels(tree: dict, targets: str, kind: str, block: int = 64, double: bool = False,
+                     pad: bool = False) -> dict:
+  """`tree` with each 2-D leaf whose path fully matches `targets` quantized
+  (quant.quantize; arrays or, under jax.eval_shape, shapes). A ValueError names a
+  kernel the block does not divide."""
+  flat = paths.flatten(tree)
+  for p in _kernel_paths(tree, targets):
+    flat[p] = quant.quantize(flat[p], kind, block, double, pad=pad, name=f"kernel '{p}'")
+  return paths.unflatten(flat)
 
 
 # --------------------------------------------------------------------------- #
@@ -221,9 +302,14 @@ def build(config) -> BuiltRun:
     model_trainable, frozen = {}, params
   else:
     model_trainable, frozen = peft.partition(params, [model_data.head_pattern])
+  frozen = quantize_frozen(config, frozen, model_trainable, model_data.default_targets)
   frozen_dtype = jnp.dtype(config.model.get('frozen_dtype', 'float32'))
-  frozen = jax.tree.map(lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                        frozen)
+
+  def cast(x):  # a quantized kernel is dequantized to the frozen dtype
+    if quant.is_quantized(x):
+      return dataclasses.replace(x, dtype_name=frozen_dtype.name)
+    return x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  frozen = jax.tree.map(cast, frozen, is_leaf=quant.is_quantized)
   try:
     model_data.splits  # read the data now that the cheap checks have passed
   except ValueError as e:
@@ -258,6 +344,17 @@ def build(config) -> BuiltRun:
       except ValueError as e:
         raise ConfigError(f'supernet.anchor: {e}') from None
   return BuiltRun(config, model_data, mesh, spec, trainable, frozen, fixed)
+
+
+def merge_base(run: BuiltRun) -> dict:
+  """The params a merge starts from (export.merged_params): the model's own, each
+  leaf in its own dtype, with the run's quantized frozen kernels in place of their
+  float ones, so the adapters fold into the dequantized W0 the run trained with."""
+  flat = paths.flatten(run.model_data.params)
+  for path, leaf in paths.flatten(run.frozen).items():
+    if quant.is_quantized(leaf):
+      flat[path] = dataclasses.replace(leaf, dtype_name=jnp.dtype(flat[path].dtype).name)
+  return paths.unflatten(flat)
 
 
 # --------------------------------------------------------------------------- #

@@ -6,8 +6,9 @@ path no rule matches is an error). A dimension the mesh axis does not divide is
 replicated and reported. With FSDP each large frozen leaf is also split over
 'data'. Adapters take their axes from the kernel they adapt (as MaxText's
 get_lora_param_sharding): a LoRA factor shards its `in` or `out` dimension the way
-the kernel does, so nothing large is replicated. The same code runs on 1 CPU, 8
-simulated CPU devices, a GPU or a TPU slice, in one process or several.
+the kernel does, so nothing large is replicated; so do a quantized kernel's codes and
+scales. The same code runs on 1 CPU, 8 simulated CPU devices, a GPU or a TPU slice, in
+one process or several.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from glora_jax.paths import flatten, unflatten
+from glora_jax.quant import QuantizedArray, is_quantized
 
 Rules = Sequence[tuple[str, P]]
 # Leaves smaller than this stay replicated under FSDP: splitting a LayerNorm
@@ -94,11 +96,43 @@ def pspec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh | None =
   return P(*axes[:used_len])
 
 
+def _leaf_specs(tree: Any, rules: Rules, mesh: Mesh | None, **kwargs) -> dict[str, P]:
+  """{path: PartitionSpec} of each leaf; a quantized kernel's of its kernel shape."""
+  return {k: pspec_for(k, np.shape(v), rules, mesh, **kwargs) for k, v in flatten(tree).items()}
+
+
+def quantized_specs(path: str, q: QuantizedArray, kernel_spec: P, mesh: Mesh | None = None,
+                    notes: list[str] | None = None) -> QuantizedArray:
+  """The specs of a quantized kernel's children (a QuantizedArray of PartitionSpecs):
+  codes and block scales keep the kernel's dimensions (the last one packed or divided
+  by the block), so each takes the kernel's axis where it divides; the second-level
+  scales of double quantization (small, over the flattened scales) are replicated."""
+  axes = tuple(kernel_spec) + (None,) * (len(q.shape) - len(kernel_spec))
+
+  def like_kernel(child):
+    shape = np.shape(child)
+    out = list(axes)
+    for i, ax in enumerate(out):
+      if ax is not None and mesh is not None and shape[i] % _axis_size(mesh, ax):
+        if notes is not None:
+          notes.append(f"quantized '{path}' dimension {i} ({shape[i]}) of its codes or scales "
+                       f'does not divide by mesh axis {ax} ({_axis_size(mesh, ax)}): replicated')
+        out[i] = None
+    return P(*out)
+  return q.map_children(like_kernel, scales=lambda _: P())
+
+
+def _expand(flat_specs: dict[str, P], tree: Any, mesh: Mesh | None, notes) -> Any:
+  leaves = flatten(tree)
+  return unflatten({k: quantized_specs(k, leaves[k], spec, mesh, notes)
+                    if is_quantized(leaves[k]) else spec for k, spec in flat_specs.items()})
+
+
 def partition_specs(tree: Any, rules: Rules, mesh: Mesh | None = None, **kwargs) -> Any:
-  """PartitionSpecs shaped like `tree` (a nested dict of arrays or ShapeDtypeStructs);
-  keyword arguments as `pspec_for`."""
-  return unflatten({k: pspec_for(k, np.shape(v), rules, mesh, **kwargs)
-                    for k, v in flatten(tree).items()})
+  """PartitionSpecs shaped like `tree` (a nested dict of arrays or ShapeDtypeStructs;
+  a quantized kernel gets a QuantizedArray of specs, `quantized_specs`); keyword
+  arguments as `pspec_for`."""
+  return _expand(_leaf_specs(tree, rules, mesh, **kwargs), tree, mesh, kwargs.get('notes'))
 
 
 def tree_shardings(tree: Any, rules: Rules, mesh: Mesh, **kwargs) -> Any:
@@ -143,11 +177,12 @@ def param_specs(frozen, model_trainable, adapter_spec, rules: Rules, mesh: Mesh,
   """(frozen specs, trainable specs {'model', 'adapters'}) of a run: the frozen
   backbone and the trained model params by the rules (FSDP over 'data' if asked),
   each adapter like the kernel it adapts (`adapter_spec`: a peft.AdapterSpec or None)."""
-  frozen_specs = partition_specs(frozen, rules, mesh, fsdp=fsdp, notes=notes)
+  frozen_flat = _leaf_specs(frozen, rules, mesh, fsdp=fsdp, notes=notes)
+  frozen_specs = _expand(frozen_flat, frozen, mesh, notes)
   model_specs = partition_specs(model_trainable, rules, mesh, fsdp=fsdp, notes=notes)
   adapters = {}
-  if adapter_spec is not None:
-    kernels = {**flatten(model_specs), **flatten(frozen_specs)}
+  if adapter_spec is not None:  # a quantized kernel's adapters follow its kernel's spec
+    kernels = {**flatten(model_specs), **frozen_flat}
     adapters = adapter_specs(adapter_spec, kernels, mesh, notes=notes)
   return frozen_specs, {'model': model_specs, 'adapters': adapters}
 

@@ -78,7 +78,8 @@ def classification_predictions(logits, batch):
 def make_forward(family: registry.Family, model, method: str | None = None):
   """forward(params, adapters, subnet, batch, train, rng) -> model outputs, for any
   family: its `inputs` pick the module's inputs from the batch; adapters (None: the
-  plain model) enter through peft's interception point; rng feeds dropout. `method`:
+  plain model) and quantized frozen kernels enter through peft's interception point;
+  rng feeds dropout. `method`:
   another of the module's methods than __call__ (a decoder's 'hidden_states')."""
   def forward(params, adapters, subnet, batch, train, rng):
     args, kwargs = family.inputs(batch)
@@ -87,8 +88,6 @@ def make_forward(family: registry.Family, model, method: str | None = None):
       kwargs['method'] = method
     if train and rng is not None:
       kwargs['rngs'] = {'dropout': rng}
-    if adapters is None:
-      return model.apply({'params': params}, *args, **kwargs)
     return peft.forward(model, params, adapters, subnet, *args, **kwargs)
   return forward
 
