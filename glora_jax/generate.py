@@ -23,6 +23,7 @@ import numpy as np
 import tokenizers
 
 from glora_jax import errors, peft
+from glora_jax.data import text
 from glora_jax.models import registry
 
 # Prompt batches are left-padded to a multiple of this many tokens, so prompts of nearby
@@ -256,7 +257,6 @@ def _as_ids(value) -> list[int]:
 def stop_token_ids(tokenizer: tokenizers.Tokenizer, tokenizer_path) -> tuple[int, ...]:
   """The eos ids: tokenizer_config.json's eos_token, and generation_config.json's
   eos_token_id (an int or a list) beside it, as transformers' generate stops on both."""
-  from glora_jax.data import text
   token = text.config_token(tokenizer_path, 'eos_token')
   ids = [tokenizer.token_to_id(token)] if token and tokenizer.token_to_id(token) is not None else []
   ids += _as_ids(_generation_config(pathlib.Path(tokenizer_path).parent).get('eos_token_id'))
@@ -266,7 +266,6 @@ def stop_token_ids(tokenizer: tokenizers.Tokenizer, tokenizer_path) -> tuple[int
 def _pad_id(tokenizer: tokenizers.Tokenizer, tokenizer_path, eos_ids: Sequence[int]) -> int:
   """generation_config.json's pad_token_id, else the tokenizer's pad token (data.text),
   else the first eos id (transformers' fallback), else 0: padding is masked, any id serves."""
-  from glora_jax.data import text
   pad = _as_ids(_generation_config(pathlib.Path(tokenizer_path).parent).get('pad_token_id'))
   if pad:
     return pad[0]
@@ -303,9 +302,8 @@ class TextGenerator:
     self.model, self.params, self.adapters = model, params, adapters
     self.subnet = None if adapters is None else peft.check_subnet(adapters.spec, subnet)
     self.tokenizer_path = pathlib.Path(tokenizer_path)
-    self.tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_path))
-    self.tokenizer.no_padding()  # rows are left-padded here, and prompts never cut
-    self.tokenizer.no_truncation()
+    # Rows are left-padded here, and prompts never cut.
+    self.tokenizer = text.raw_tokenizer(tokenizer_path)
     self.eos_ids = stop_token_ids(self.tokenizer, tokenizer_path)
     self.pad_id = _pad_id(self.tokenizer, tokenizer_path, self.eos_ids)
 

@@ -100,12 +100,7 @@ class Renderer:
     return Rendered(full, tuple(spans), special=False, eos=False)
 
 
-def raw_tokenizer(path: str | pathlib.Path) -> tokenizers.Tokenizer:
-  """The tokenizer.json as written: no padding, no truncation (we cut and count)."""
-  tokenizer = tokenizers.Tokenizer.from_file(str(path))
-  tokenizer.no_padding()
-  tokenizer.no_truncation()
-  return tokenizer
+raw_tokenizer = text.raw_tokenizer  # we cut and count ourselves
 
 
 def eos_id(tokenizer: tokenizers.Tokenizer, path: str | pathlib.Path) -> int:

@@ -167,11 +167,7 @@ def load_encoder(tokenizer_dir: str | os.PathLike) -> PairEncoder:
   if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist; expected the tokenizer.json of a causal '
                             'LM checkpoint directory')
-  tokenizer = tokenizers.Tokenizer.from_file(os.fspath(path))
-  # Settings a tokenizer.json may carry for batch training; the harness encodes one
-  # unpadded, untruncated text at a time.
-  tokenizer.no_padding()
-  tokenizer.no_truncation()
+  tokenizer = text.raw_tokenizer(path)  # the harness encodes one whole text at a time
   prefix_id = None
   for name in ('bos_token', 'eos_token'):
     token = text.config_token(path, name)

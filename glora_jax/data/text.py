@@ -64,6 +64,15 @@ def _load_tokenizer(path: str, max_len: int) -> tokenizers.Tokenizer:
   return tokenizer
 
 
+def raw_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
+  """A tokenizer.json without the padding and truncation it may carry for batch training:
+  each text encoded whole (callers that cut, pad or left-pad do it themselves)."""
+  tokenizer = tokenizers.Tokenizer.from_file(os.fspath(path))
+  tokenizer.no_padding()
+  tokenizer.no_truncation()
+  return tokenizer
+
+
 def load_tokenizer(path: str | os.PathLike | None = None, max_len: int = DEFAULT_MAX_LEN) -> tokenizers.Tokenizer:
   """A tokenizer that truncates and pads to max_len; path defaults to the bundled MiniLM tokenizer.json."""
   if max_len < 2:
