@@ -1,23 +1,17 @@
-"""Unrolled `layer_{i}` loop against `nn.scan` for a BERT layer stack: compile and step time.
-Prints a scan/loop ratio table for a jitted training step (forward, backward, SGD update).
+"""Unrolled `layer_{i}` loop against `model.scan_layers` (one nn.scan over stacked
+params) for the library's BertEncoder: compile and step time of a jitted training step
+(forward, backward, SGD update). Prints a scan/loop ratio table.
 
-Measured (CPU, 2 cores shared with other jobs, load 5-7; hidden 128, batch 8, seq 64;
-three runs, `python benchmarks/layer_stacking.py`):
+    python benchmarks/layer_stacking.py [--layers 12 32]
 
-    layers  compile loop s  compile scan s  scan/loop  step loop ms  step scan ms  scan/loop
-        12      8.8-10.4        7.8-8.6     0.82-0.89      588-723       563-690    0.96
-        32     18.1-23.3        5.6-7.2     0.28-0.40     1174-2083      982-1357   0.48-1.11
-
-Scan compiles 2.5-3.5x faster at 32 layers and about as fast at 12; step time is
-equal within the noise of a shared machine. We keep the loop: the compile cost is
-paid once (about 20 s at 32 layers on CPU), while scan would stack every layer
-under ONE path ('layers/layer'), so adapters could no longer target a layer by
-path, `flax.linen.intercept_methods` could not tell layers apart by `module.path`,
-and merged layers that gain a bias would have to gain it in every layer.
+Scan is the library's (bert.BertEncoder with scan_layers=True), so adapters keep their
+per-layer paths (peft stacks them per call); BENCHMARKS.md "Layer stacking" has the
+measured table.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import flax.linen as nn
@@ -28,27 +22,7 @@ import numpy as np
 from glora_jax.models import bert
 
 
-class ScanLayer(nn.Module):
-  config: bert.BertConfig
-
-  @nn.compact
-  def __call__(self, x, mask):
-    return bert.BertLayer(self.config, name='layer')(x, mask, deterministic=True), None
-
-
-class ScannedEncoder(nn.Module):
-  """The same layers with stacked (layers, ...) parameters under one nn.scan."""
-  config: bert.BertConfig
-
-  @nn.compact
-  def __call__(self, x, mask):
-    stack = nn.scan(ScanLayer, variable_axes={'params': 0}, split_rngs={'params': True},
-                    in_axes=nn.broadcast, length=self.config.num_hidden_layers)
-    x, _ = stack(self.config, name='layers')(x, mask)
-    return x
-
-
-class LoopEncoder(nn.Module):
+class Encoder(nn.Module):
   config: bert.BertConfig
 
   @nn.compact
@@ -100,8 +74,9 @@ def main():
                              num_attention_heads=args.heads, intermediate_size=4 * args.hidden)
     x = jax.random.normal(jax.random.key(1), (args.batch, args.seq, args.hidden))
     mask = jnp.ones((args.batch, args.seq), bool)
-    loop_c, loop_s = measure(LoopEncoder(config), x, mask, args.steps)
-    scan_c, scan_s = measure(ScannedEncoder(config), x, mask, args.steps)
+    loop_c, loop_s = measure(Encoder(config), x, mask, args.steps)
+    scan_c, scan_s = measure(Encoder(dataclasses.replace(config, scan_layers=True)), x, mask,
+                             args.steps)
     print(f'{n:>6} {loop_c:>14.2f} {scan_c:>14.2f} {scan_c / loop_c:>9.2f} '
           f'{loop_s:>12.2f} {scan_s:>12.2f} {scan_s / loop_s:>9.2f}')
 

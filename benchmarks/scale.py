@@ -70,28 +70,36 @@ QUANT_METHODS = ('lora_int8', 'lora_nf4', 'glora_int8', 'glora_nf4')
 METHODS = ('frozen', 'lora', 'lora_weight', 'glora', 'surm', 'full') + QUANT_METHODS
 
 
-def _llama2_7b(layers: int, remat: str, attention: str):
+def _llama2_7b(layers: int, remat: str, attention: str, scan: bool = False):
   from glora_jax.models import llama
   return llama.LlamaConfig(num_hidden_layers=layers, remat=remat, attention=attention,
-                           max_position_embeddings=4096)
+                           max_position_embeddings=4096, scan_layers=scan)
 
 
-def _llama3_8b(layers: int, remat: str, attention: str):
+def _llama3_8b(layers: int, remat: str, attention: str, scan: bool = False):
   from glora_jax.models import llama
   return llama.LlamaConfig(
       vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
       num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
       rope_type='llama3', rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
       rope_original_max_position_embeddings=8192, max_position_embeddings=8192,
-      remat=remat, attention=attention)
+      remat=remat, attention=attention, scan_layers=scan)
 
 
-def _vit_b16(layers: int, remat: str, attention: str):
+def _vit_b16(layers: int, remat: str, attention: str, scan: bool = False):
   from glora_jax.models import vit
   del layers  # compiled whole
   # At 197 tokens the score matrix is small: ViT's recorded cases run XLA's attention.
-  return vit.preset('B/16', num_classes=100, remat=remat,
+  return vit.preset('B/16', num_classes=100, remat=remat, scan_layers=scan,
                     attention='xla' if attention == 'chunked' else attention)
+
+
+def _llama2_70b(layers: int, remat: str, attention: str, scan: bool = False):
+  from glora_jax.models import llama
+  return llama.LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=layers,
+                           num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
+                           max_position_embeddings=4096, remat=remat, attention=attention,
+                           scan_layers=scan)
 
 
 _LM_BATCH = {'input_ids': ((1, 2048), 'int32'), 'attention_mask': ((1, 2048), 'int32'),
@@ -102,11 +110,11 @@ _LM_BATCH = {'input_ids': ((1, 2048), 'int32'), 'attention_mask': ((1, 2048), 'i
 class ModelCase:
   """A model this benchmark compiles. Its family's registry entry gives the forward,
   the adapter targets and the partition rules; the case fixes the shapes. `depth`
-  layers are extrapolated from the compiled --layers where `extrapolated`, else the
-  model is compiled whole."""
+  layers are extrapolated from the compiled --layers where `extrapolated` and the
+  depth itself was not compiled, else the model is compiled whole."""
   family: str
   title: str
-  config: Callable[[int, str, str], Any]  # (layers, remat, attention) -> module config
+  config: Callable[..., Any]  # (layers, remat, attention, scan) -> module config
   batch: dict  # per-device input: name -> (shape, dtype)
   floor_target: str  # the frozen floor's one rank-1 LoRA: the first layer's query
   depth: int
@@ -123,6 +131,10 @@ MODELS = {
         '1 x 2048 per device, bf16 frozen and activations, 32 layers (extrapolated from the '
         'compiled depths)', _llama3_8b, _LM_BATCH, r'layers_0/self_attn/q_proj/kernel',
         depth=32, extrapolated=True),
+    'llama70b': ModelCase(
+        'llama', 'LLaMA-2-70B shapes (hidden 8192, MLP 28,672, 64 heads, 8 KV heads, vocab '
+        '32,000), batch 1 x 2048 per device, bf16 frozen and activations, 80 layers',
+        _llama2_70b, _LM_BATCH, r'layers_0/self_attn/q_proj/kernel', depth=80, extrapolated=True),
     'vitb16': ModelCase(
         'vit', 'ViT-B/16, 224², batch 64 per device, bf16 frozen and activations', _vit_b16,
         {'image': ((64, 224, 224, 3), 'float32'), 'label': ((64,), 'int32'),
@@ -141,6 +153,9 @@ def parse_args(argv=None):
   p.add_argument('--check_depth', type=int, default=0, help='also compile this depth (decoders)')
   p.add_argument('--remat', default='full', help="per-layer remat policy ('none' = as before)")
   p.add_argument('--attention', default='chunked', help="xla | chunked | dot_product")
+  p.add_argument('--scan', action='store_true',
+                 help='layers under nn.scan (model.scan_layers): compile whole depths, e.g. '
+                      '--layers 2,32')
   p.add_argument('--baseline', action='store_true',
                  help="also compile LoRA and GLoRA with remat 'none' and attention 'xla'")
   p.add_argument('--out', default='benchmarks/results/scale.json')
@@ -178,7 +193,7 @@ def setup_backend(backend: str):
 # --------------------------------------------------------------------------- #
 
 
-def model_case(name: str, layers: int, remat: str, attention: str):
+def model_case(name: str, layers: int, remat: str, attention: str, scan: bool = False):
   """(model, init, forward(params, adapters, subnet, batch, train, rng), loss, abstract
   per-device batch, default targets, frozen-floor target, head pattern or None,
   partition rules): the forward, targets and rules are the family's, as train.py's."""
@@ -191,15 +206,17 @@ def model_case(name: str, layers: int, remat: str, attention: str):
     raise ValueError(f"unknown model '{name}'; known: {', '.join(MODELS)}")
   case = MODELS[name]
   family = registry.get(case.family)
-  config = dataclasses.replace(case.config(layers, remat, attention), dtype=jnp.bfloat16)
+  config = dataclasses.replace(case.config(layers, remat, attention, scan), dtype=jnp.bfloat16)
   model = family.module(config)
-  init = lambda: model.init(jax.random.key(0), *family.example_inputs(config))['params']
+  # The per-layer layout, as importers give it; setup.build stacks it for a scanned model.
+  init = lambda: registry.unrolled(model).init(jax.random.key(0),
+                                               *family.example_inputs(config))['params']
   # The task's loss and trainable head, as tasks.causal_lm / image_classification.
   loss, head = {'causal_lm': (tasks.lm_loss, None),
                 'image_classification': (steps.classification_loss, r'head/.*')}[family.task]
   batch = {k: (shape, jnp.dtype(dtype)) for k, (shape, dtype) in case.batch.items()}
   return (model, init, tasks.make_forward(family, model), loss, batch, family.default_targets,
-          case.floor_target, head, family.partition_rules())
+          case.floor_target, head, family.partition_rules(), registry.stack_of(model))
 
 
 def split_method(method: str) -> tuple[str, str]:
@@ -218,7 +235,7 @@ def family_for(method: str):
 
 
 def compile_case(devices, model_name: str, method: str, layers: int, num_devices: int,
-                 remat: str, attention: str) -> dict:
+                 remat: str, attention: str, scan: bool = False) -> dict:
   """Lowers and compiles one train step from abstract arguments; returns the
   compiled memory and cost figures (per device)."""
   import jax
@@ -228,8 +245,10 @@ def compile_case(devices, model_name: str, method: str, layers: int, num_devices
   from glora_jax import peft
   from glora_jax.train import setup, sharding, steps
 
+  from glora_jax.models import stacking
+
   (model, init, forward, loss, batch_shapes, targets, floor_target, head,
-   rules) = model_case(model_name, layers, remat, attention)
+   rules, stack) = model_case(model_name, layers, remat, attention, scan)
   method, frozen_quant = split_method(method)
   abstract = jax.eval_shape(init)
   bf16 = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), abstract)
@@ -249,6 +268,8 @@ def compile_case(devices, model_name: str, method: str, layers: int, num_devices
   if frozen_quant != 'none':  # as setup.build's model.frozen_quant, from shapes only
     frozen = jax.eval_shape(lambda f: setup.quantize_kernels(
         f, targets, frozen_quant, 64, double=frozen_quant == 'nf4'), frozen)
+  # scan_layers: frozen and trained model params stacked, as setup.build does.
+  frozen, model_trainable = stacking.stack(frozen, stack), stacking.stack(model_trainable, stack)
   supernet = spec is not None and spec.searchable
   subnet0 = np.zeros((1, 1) if spec is None else spec.num_options.shape, np.int32)
   optimizer = steps.make_optimizer(1e-4, 1e-4)
@@ -259,7 +280,7 @@ def compile_case(devices, model_name: str, method: str, layers: int, num_devices
   mesh = Mesh(np.asarray(devices[:num_devices]).reshape(num_devices, 1), ('data', 'model'))
   fsdp = num_devices > 1
   frozen_specs, trainable_specs = sharding.param_specs(frozen, model_trainable, spec, rules, mesh,
-                                                       fsdp=fsdp)
+                                                       fsdp=fsdp, stack=stack)
   state_specs = sharding.train_state_specs(state, optimizer, trainable_specs)
   with_sharding = lambda tree, specs: jax.tree.map(
       lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, p)),
@@ -280,7 +301,7 @@ def compile_case(devices, model_name: str, method: str, layers: int, num_devices
                                 for s in jax.tree.leaves(tree)))
   return {
       'model': model_name, 'method': method + ('' if frozen_quant == 'none' else f'_{frozen_quant}'),
-      'layers': layers, 'devices': num_devices,
+      'layers': layers, 'devices': num_devices, 'scan': scan,
       'remat': remat, 'attention': attention, **memory_figures(compiled),
       'flops': float(cost.get('flops', 0.0)),
       'frozen_bytes': nbytes(frozen), 'train_state_bytes': nbytes(state),
@@ -396,7 +417,8 @@ def xent_table(cases: list[dict], backend: str) -> str:
 
 
 def key(r) -> tuple:
-  return (r['model'], r['method'], r['layers'], r['devices'], r['remat'], r['attention'])
+  return (r['model'], r['method'], r['layers'], r['devices'], r['remat'], r['attention'],
+          r.get('scan', False))
 
 
 def load(path) -> list[dict]:
@@ -412,20 +434,25 @@ def save(path, backend: str, cases: list[dict]) -> None:
   tmp.replace(path)
 
 
-def at_depth(cases, model, method, devices, remat, attention, depth=None) -> dict | None:
-  """An extrapolated model's figures at `depth` layers (None: its own), linear through
-  the two smallest compiled depths (bytes and FLOPs per layer from their difference);
-  a model compiled whole as compiled."""
+def at_depth(cases, model, method, devices, remat, attention, depth=None,
+             scan: bool = False) -> dict | None:
+  """A model's figures at `depth` layers (None: its own): as compiled where that depth
+  was compiled (or the model is compiled whole), else linear through the two smallest
+  compiled depths (bytes and FLOPs per layer from their difference)."""
   rows = sorted((r for r in cases if (r['model'], r['method'], r['devices'], r['remat'],
-                                      r['attention']) == (model, method, devices, remat, attention)),
+                                      r['attention'], r.get('scan', False))
+                 == (model, method, devices, remat, attention, scan)),
                 key=lambda r: r['layers'])
   if not rows:
     return None
   if not MODELS[model].extrapolated:
     return dict(rows[-1], extrapolated=False)
+  depth = depth or MODELS[model].depth
+  whole = [r for r in rows if r['layers'] == depth]
+  if whole:
+    return dict(whole[0], extrapolated=False)
   if len(rows) < 2:
     return None
-  depth = depth or MODELS[model].depth
   a, b = rows[0], rows[1]
   out = dict(b, layers=depth, extrapolated=True)
   for field in ('peak_bytes', 'temp_bytes', 'argument_bytes', 'flops', 'frozen_bytes',
@@ -437,6 +464,8 @@ def at_depth(cases, model, method, devices, remat, attention, depth=None) -> dic
 
 
 def tables(cases: list[dict], backend: str, remat: str, attention: str) -> str:
+  scanned = [r for r in cases if r.get('scan')]
+  cases = [r for r in cases if not r.get('scan')]
   lines = [f'Compiled by {backend}; remat {remat!r}, attention {attention!r}. Per-device peak '
            '(arguments + temporaries + outputs - aliased) and FLOPs per device per step.', '']
   for model, case in MODELS.items():
@@ -471,7 +500,61 @@ def tables(cases: list[dict], backend: str, remat: str, attention: str) -> str:
           lines.append(f"| {model} | {method} | 1 | {r['peak_bytes'] / GiB:.2f} | {per_layer} |")
     lines.append('')
   lines += goals(cases, remat, attention)
+  lines += scan_tables(scanned, remat, attention)
   return '\n'.join(lines)
+
+
+def scan_tables(cases, remat, attention) -> list[str]:
+  """The rows compiled with layers under scan (--scan), each depth compiled whole, and
+  the goals of the multi-device issue."""
+  rows = [r for r in cases if r.get('scan') and (r['remat'], r['attention']) == (remat, attention)]
+  if not rows:
+    return []
+  out = ['**Layers under scan** (model.scan_layers; every depth compiled whole, nothing '
+         'extrapolated)', '',
+         '| model | method | layers | devices | peak GiB | frozen GiB | train state GiB | '
+         'TFLOPs | compile s |', '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+  order = lambda r: (list(MODELS).index(r['model']), r['devices'], r['method'], r['layers'])
+  for r in sorted(rows, key=order):
+    out.append(f"| {r['model']} | {r['method']} | {r['layers']} | {r['devices']} | "
+               f"{r['peak_bytes'] / GiB:.2f} | {r['frozen_bytes'] / GiB:.2f} | "
+               f"{r['train_state_bytes'] / GiB:.3f} | {r['flops'] / 1e12:.1f} | "
+               f"{r['compile_seconds']:.0f} |")
+  out += ['', '**Goals with layers under scan**', '']
+  get = lambda model, method, devices, depth=None: at_depth(cases, model, method, devices, remat,
+                                                             attention, depth, scan=True)
+
+  def line(name, value, goal, ok):
+    out.append(f"- {name}: {value} (goal {goal}): {'met' if ok else 'MISSED'}")
+
+  for model in ('llama7b', 'vitb16'):
+    for method in ('glora', 'lora'):
+      one, eight = get(model, method, 1), get(model, method, 8)
+      if one and eight:
+        activations = one['peak_bytes'] - one['argument_bytes']
+        bound = 1.1 * (one['frozen_bytes'] / 8 + one['train_state_bytes'] + activations)
+        line(f'{model} {method}, 8 devices (FSDP): per-device peak vs (frozen/8 + adapters and '
+             'optimizer state + one device\'s activations) x 1.1',
+             f"{eight['peak_bytes'] / GiB:.2f} vs {bound / GiB:.2f} GiB", '<=',
+             eight['peak_bytes'] <= bound)
+  for devices in (1, 8):
+    deep, shallow = get('llama7b', 'glora', devices), get('llama7b', 'glora', devices, 2)
+    if deep and shallow and deep['layers'] != shallow['layers']:
+      ratio = deep['compile_seconds'] / shallow['compile_seconds']
+      line(f'LLaMA-7B GLoRA compile, 32 layers / 2 layers, {devices} device(s)',
+           f"{deep['compile_seconds']:.0f} s / {shallow['compile_seconds']:.0f} s = {ratio:.2f}",
+           '<= 1.5', ratio <= 1.5)
+  g, l = get('vitb16', 'glora', 1), get('vitb16', 'lora', 1)
+  if g and l:
+    ratio = g['compile_seconds'] / l['compile_seconds']
+    line('ViT-B/16 GLoRA compile / LoRA compile, 1 device',
+         f"{g['compile_seconds']:.0f} s / {l['compile_seconds']:.0f} s = {ratio:.2f}", '<= 1.5',
+         ratio <= 1.5)
+  big = get('llama70b', 'glora', 8)
+  if big:
+    line('LLaMA-2-70B GLoRA supernet, 80 layers, 8 devices (FSDP): per-device peak',
+         f"{big['peak_bytes'] / GiB:.2f} GiB", '<= 70 GiB', big['peak_bytes'] <= 70 * GiB)
+  return out
 
 
 def goals(cases, remat, attention) -> list[str]:
@@ -545,15 +628,15 @@ def main(argv=None):
     for devices_n in (int(d) for d in args.devices.split(',')):
       for method in args.methods.split(','):
         for depth in depths:
-          plan.append((model, method, depth, devices_n, args.remat, args.attention))
+          plan.append((model, method, depth, devices_n, args.remat, args.attention, args.scan))
     if args.baseline:
       for method in ('frozen', 'lora', 'glora'):
         for depth in depths[:2]:
-          plan.append((model, method, depth, 1, 'none', 'xla'))
+          plan.append((model, method, depth, 1, 'none', 'xla', False))
   for case in plan:
     if case in done:
       continue
-    r = compile_case(devices, *case[:4], remat=case[4], attention=case[5])
+    r = compile_case(devices, *case[:4], remat=case[4], attention=case[5], scan=case[6])
     print(f"{case}: peak {r['peak_bytes'] / GiB:.2f} GiB (args {r['argument_bytes'] / GiB:.2f}, "
           f"temp {r['temp_bytes'] / GiB:.2f}), {r['flops'] / 1e12:.2f} TFLOPs, "
           f"compiled in {r['compile_seconds']:.0f} s", flush=True)

@@ -44,7 +44,7 @@ def main():
   args = ap.parse_args()
 
   run, trainable = setup.load_trained(args.ckpt)
-  frozen_sh = sharding.tree_shardings(run.frozen, run.model_data.partition_rules, run.mesh)
+  frozen_sh = sharding.named(run.mesh, setup.param_specs(run)[0])  # as search.py shards it
   frozen = jax.device_put(run.frozen, frozen_sh)
   base = dict(population=args.population, generations=args.generations, parents=5,
               mutations=args.population // 2, crossovers=args.population // 2,

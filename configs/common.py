@@ -102,6 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.frozen_quant_pad = False
   c.model.remat = 'none'  # per-layer remat: none | full | dots (models/common.py)
   c.model.attention = 'xla'  # xla | chunked | dot_product (LLaMA, ViT; BERT keeps xla)
+  # The repeated blocks under one nn.scan (stacked params, models/stacking.py): compile
+  # time flat in depth, each FSDP gather redone per layer; same outputs. Files, adapters,
+  # subnets and exports keep the per-layer layout.
+  c.model.scan_layers = False
   # Causal LM: > 0 computes the loss from this many tokens' logits at a time (train/xent.py),
   # never the whole (batch, seq, vocab) logits; 0: the model's full logits.
   c.model.loss_chunk = 0

@@ -20,7 +20,7 @@ import numpy as np
 from glora_jax import quant
 from glora_jax.adapter_spec import (  # noqa: F401 (part of peft's API)
     AdapterSpec, Adapters, LayerSpec, Report, attach, check_subnet, chosen_option_costs, report)
-from glora_jax.models import plain
+from glora_jax.models import plain, stacking
 from glora_jax.paths import (  # noqa: F401 (part of peft's API)
     combine, examples, flatten, match_paths, natural_key, partition, rewrap, unflatten, unwrap)
 
@@ -68,6 +68,9 @@ def _fold(params, adapters: Adapters, subnet, *, modes, cast_back):
   spec = adapters.spec
   subnet = check_subnet(spec, subnet)
   inner, wrapped = unwrap(params)
+  # A scan_layers model's stacked params fold per layer and come back stacked.
+  stack = stacking.infer(spec.paths, inner)
+  inner = stacking.unstack(inner, stack)
   # A quantized base merges from the dequantized W0 the adapted model computes with,
   # and comes out as plain float params (each kernel in its QuantizedArray's dtype).
   flat = {k: quant.dequantize(v) if quant.is_quantized(v) else v
@@ -84,7 +87,7 @@ def _fold(params, adapters: Adapters, subnet, *, modes, cast_back):
     new_b = db if bias is None else bias.astype(jnp.float32) + db
     dtype = kernel.dtype if bias is None else bias.dtype
     flat[f'{layer.path}/bias'] = new_b.astype(dtype) if cast_back else new_b
-  return rewrap(unflatten(flat), wrapped)
+  return rewrap(stacking.stack(unflatten(flat), stack), wrapped)
 
 
 def apply(params: Params, adapters: Adapters, subnet=None) -> Params:
@@ -171,18 +174,52 @@ class AdapterHooks:
   in the backward pass); adapters (`delta`, `activation`: GLoRA's W0 * A and W0 @ C)
   receive that float kernel. `adapters` None: only quantized kernels are handled.
   Models are untouched and never import adapters (flax.linen.intercept_methods).
-  On a normal exit every adapted layer must have been called: a layer whose
-  runtime path differs from its parameter path (e.g. under nn.scan) would
-  otherwise be silently left unadapted."""
 
-  def __init__(self, adapters: Adapters | None, subnet=None, check_all_called: bool = True):
+  Layers under nn.scan (a scan_layers model; `stack`, models/stacking.Stack) run as
+  one module, 'layers/self_attn/q_proj' for every 'layers_{i}/self_attn/q_proj': the
+  per-layer adapter params and subnet rows are stacked into the 'adapter' variable
+  collection (`collections()`, passed to model.apply beside the params), which the
+  scan slices per layer like the kernels, so each block reads its own layer's adapter
+  and choice. Every block must then carry the same adapter on that module.
+  On a normal exit every adapted layer must have been called: a layer whose
+  runtime path differs from its parameter path (a shared module, a scan the hooks
+  were not told of) would otherwise be silently left unadapted."""
+
+  def __init__(self, adapters: Adapters | None, subnet=None, check_all_called: bool = True,
+               stack: stacking.Stack | None = None):
     self.spec = None if adapters is None else adapters.spec
     self.params = None if adapters is None else adapters.params
     self.subnet = None if adapters is None else check_subnet(self.spec, subnet)
     self.index = {} if adapters is None else {l.path: i for i, l in enumerate(self.spec.layers)}
+    # stacked module path -> the spec indices of its layers 0..depth-1
+    self.stacked: dict[str, list[int]] = {}
+    if adapters is not None and stack is not None:
+      for stacked, layer_paths in stacking.group_layers(self.spec.paths, stack).items():
+        idx = [self.index[p] for p in layer_paths]
+        kinds = {(self.spec.layers[i].family, self.spec.layers[i].kernel_shape) for i in idx}
+        if len(kinds) > 1:
+          raise ValueError(f"'{stacked}' carries different adapters or kernel shapes across "
+                           f'layers ({len(kinds)} kinds); under scan_layers every block runs '
+                           'one program: give each block the same adapter there')
+        self.stacked[stacked] = idx
     self.check_all_called = check_all_called and adapters is not None
     self.called: set[str] = set()
     self._context = None
+
+  def collections(self) -> dict:
+    """{'adapter': ...} for model.apply's variables when layers are stacked (else {}):
+    under each stacked module's path, its layers' adapter params stacked ('params')
+    and their subnet rows ('choice', (depth, supports) int32)."""
+    if not self.stacked:
+      return {}
+    flat = {}
+    for stacked, idx in self.stacked.items():
+      layers = [self.params[self.spec.layers[i].path] for i in idx]
+      params = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+      for leaf, value in flatten({'params': params}).items():
+        flat[f'{stacked}/{leaf}'] = value
+      flat[f'{stacked}/choice'] = jnp.asarray(self.subnet)[np.asarray(idx)]
+    return {'adapter': unflatten(flat)}
 
   def _intercept(self, next_fun, args, kwargs, context):
     if context.method_name != '__call__':
@@ -190,6 +227,8 @@ class AdapterHooks:
     module = context.module
     path = '/'.join(module.path)
     i = self.index.get(path)
+    if i is None and path in self.stacked:
+      return self._intercept_stacked(next_fun, args, kwargs, context, path)
     own = module.variables.get('params', {})
     quantized = [k for k, v in own.items() if quant.is_quantized(v)]
     if i is None and not quantized:
@@ -210,6 +249,27 @@ class AdapterHooks:
     return _adapted_layer(module, family, params, choice, x, kernel, bias,
                           plain=lambda: next_fun(*args, **kwargs))
 
+  def _intercept_stacked(self, next_fun, args, kwargs, context, path):
+    """One block's call of a stacked adapted layer: its slice of the 'adapter'
+    collection holds this layer's adapter params and subnet row."""
+    module = context.module
+    if not isinstance(module, nn.Dense):
+      raise TypeError(f"adapted layer '{path}' is a {type(module).__name__}; adapters are "
+                      'intercepted in flax.linen.Dense layers only')
+    mine = module.variables.get('adapter')
+    if mine is None:
+      raise ValueError(f"stacked layer '{path}' got no 'adapter' collection: run the model "
+                       'with {"params": ..., **hooks.collections()} (peft.forward does)')
+    idx = self.stacked[path]
+    self.called.update(self.spec.layers[i].path for i in idx)
+    own = module.variables['params']
+    family = self.spec.layers[idx[0]].family
+    kernel, bias, x = own['kernel'], own.get('bias'), args[0]
+    if quant.is_quantized(kernel):
+      return _quantized_layer(module, family, mine['params'], mine['choice'], x, kernel, bias)
+    return _adapted_layer(module, family, mine['params'], mine['choice'], x, kernel, bias,
+                          plain=lambda: next_fun(*args, **kwargs))
+
   def __enter__(self):
     self.called = set()
     self._context = nn.intercept_methods(self._intercept)
@@ -228,11 +288,11 @@ class AdapterHooks:
     return False
 
 
-def adapter_hooks(adapters: Adapters | None, subnet=None,
-                  check_all_called: bool = True) -> AdapterHooks:
-  """`with adapter_hooks(adapters, subnet): model.apply(...)` runs the model with
-  the adapters (see AdapterHooks)."""
-  return AdapterHooks(adapters, subnet, check_all_called)
+def adapter_hooks(adapters: Adapters | None, subnet=None, check_all_called: bool = True,
+                  stack: stacking.Stack | None = None) -> AdapterHooks:
+  """`with adapter_hooks(adapters, subnet) as h: model.apply({'params': p,
+  **h.collections()}, ...)` runs the model with the adapters (see AdapterHooks)."""
+  return AdapterHooks(adapters, subnet, check_all_called, stack)
 
 
 def forward(model: nn.Module, params: Params, adapters: Adapters | None, subnet, *args,
@@ -240,9 +300,11 @@ def forward(model: nn.Module, params: Params, adapters: Adapters | None, subnet,
   """`model.apply` with the adapters, each built inside its own layer's call
   (AdapterHooks): the frozen params are passed as they are (bf16 stays bf16,
   a quantized kernel is dequantized in its layer). adapters None: the plain model,
-  through the hooks only where the params hold quantized kernels."""
+  through the hooks only where the params hold quantized kernels. Params of a
+  scan_layers model (stacked layers) take the per-layer adapters as they are."""
   inner, _ = unwrap(params)
   if adapters is None and not quant.has_quantized(inner):
     return model.apply({'params': inner}, *args, **kwargs)
-  with adapter_hooks(adapters, subnet):
-    return model.apply({'params': inner}, *args, **kwargs)
+  stack = None if adapters is None else stacking.infer(adapters.spec.paths, inner)
+  with adapter_hooks(adapters, subnet, stack=stack) as hooks:
+    return model.apply({'params': inner, **hooks.collections()}, *args, **kwargs)

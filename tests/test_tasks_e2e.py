@@ -163,7 +163,8 @@ def _check_multiple_choice_fitness(summary, workdir, out, choices):
 def test_a_checkpoint_trains_searches_and_reloads_in_its_library_layout(directory, family, tmp_path):
   """A tiny checkpoint that transformers wrote (Llama 3 rope, GQA; Qwen2's q/k/v biases)
   fine-tuned on text its own tokenizer.json tokenises (Llama: Alpaca instructions, packed,
-  searched by multiple-choice accuracy), searched, merged and exported; the export read
+  searched by multiple-choice accuracy; Qwen2: layers under scan), searched, merged and
+  exported; the export read
   back by interop.load_pretrained gives the adapted logits."""
   search = {}
   if directory == 'hf_llama3':
@@ -178,6 +179,7 @@ def test_a_checkpoint_trains_searches_and_reloads_in_its_library_layout(director
     config = llama_glora.get_config('tiny')
     config.model.name = family
     config.model.checkpoint = str(FIXTURES / directory)
+    config.model.scan_layers = True  # trained, searched and exported with stacked layers
     workdir = train(config, tmp_path / 'train')
   out = tmp_path / 'search'
   summary = driver.search_and_export(workdir, TINY_SEARCH, out=out, chunk=4, eval_batch_size=16,

@@ -40,6 +40,18 @@ def maybe_remat(layer_cls, policy: str, static_argnums: tuple[int, ...]):
   return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
 
 
+def scanned(layer_cls, policy: str, static_argnums: tuple[int, ...], in_axes: tuple,
+            length: int):
+  """`layer_cls` run `length` times under one nn.scan (stacked params: every variable
+  collection gets a leading layer axis, so a collection an interception point passes in,
+  e.g. peft's stacked adapters, is sliced per layer too), each call rematerialised under
+  `policy`. The layer is called as (carry, *xs) and returns (carry, y); `in_axes` says
+  per xs whether it is scanned (0) or broadcast (nn.broadcast: a Python bool stays one,
+  static under remat). Dropout keys differ per layer, not as the unrolled loop's."""
+  return nn.scan(maybe_remat(layer_cls, policy, static_argnums), variable_axes={True: 0},
+                 split_rngs={'params': True, 'dropout': True}, in_axes=in_axes, length=length)
+
+
 # --------------------------------------------------------------------------- #
 # Dropout
 # --------------------------------------------------------------------------- #

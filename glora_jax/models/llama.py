@@ -65,6 +65,9 @@ class LlamaConfig:
   remat: str = 'none'
   attention: str = 'xla'
   attention_chunk: int = 512
+  # Layers under one nn.scan: params stacked under 'layers' ((layers, ...) leaves, see
+  # models/stacking.py), one layer's program whatever the depth; same outputs.
+  scan_layers: bool = False
 
   def __post_init__(self):
     common.check_choice('model_type', self.model_type, tuple(HF_TYPES))
@@ -388,7 +391,7 @@ class LlamaDecoderLayer(nn.Module):
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:
   """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt and generated),
   a plain pytree: 'layers' (per layer {'k', 'v'}: (batch, max_len, kv_heads, head_dim),
-  in `dtype`, default config.dtype), 'index' (the next slot to write, int32, shared by
+  in `dtype`, default config.dtype; with scan_layers one {'k', 'v'} stacked over layers), 'index' (the next slot to write, int32, shared by
   all rows: prompts are left-padded) and 'mask' ((batch, max_len) bool: the slots that
   hold a real token). LlamaForCausalLM(..., cache=) fills it; a call that would write
   past max_len is the caller's to prevent (under jit it cannot be refused)."""
@@ -400,8 +403,13 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> dic
   dtype = dtype or config.dtype
   shape = (batch, max_len, config.kv_heads, config.dim_per_head)
   layer = lambda: {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
-  return {'layers': tuple(layer() for _ in range(config.num_hidden_layers)),
-          'index': jnp.zeros((), jnp.int32), 'mask': jnp.zeros((batch, max_len), bool)}
+  if config.scan_layers:  # one stacked {'k', 'v'} of (layers, batch, max_len, ...)
+    layers = {'k': jnp.zeros((config.num_hidden_layers,) + shape, dtype),
+              'v': jnp.zeros((config.num_hidden_layers,) + shape, dtype)}
+  else:
+    layers = tuple(layer() for _ in range(config.num_hidden_layers))
+  return {'layers': layers, 'index': jnp.zeros((), jnp.int32),
+          'mask': jnp.zeros((batch, max_len), bool)}
 
 
 def _allowed(seq: int, attention_mask, segment_ids):
@@ -440,8 +448,9 @@ def _cached_allowed(cache, attention_mask, position_ids, shape):
 class LlamaForCausalLM(nn.Module):
   """Token ids (batch, seq) -> next-token logits (batch, seq, vocab), float32.
 
-  Layers are an unrolled loop named layers_{i}, not nn.scan: per-layer paths for
-  adapters; scan only compiles faster (2.5-3.5x at 32 layers, benchmarks/layer_stacking.py)."""
+  Layers are an unrolled loop named layers_{i}, or with config.scan_layers one nn.scan
+  named layers over stacked params (models/stacking.py converts): the same outputs, one
+  layer's program whatever the depth. Adapters keep their per-layer paths either way."""
   config: LlamaConfig
 
   def setup(self):
@@ -449,8 +458,13 @@ class LlamaForCausalLM(nn.Module):
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                                  embedding_init=nn.initializers.normal(0.02))
     # deterministic (argument 5, counting the module) is static under remat.
-    layer_cls = common.maybe_remat(LlamaDecoderLayer, cfg.remat, static_argnums=(5,))
-    self.layers = [layer_cls(cfg) for _ in range(cfg.num_hidden_layers)]
+    if cfg.scan_layers:  # (x, allowed, cos, sin, deterministic, cache, index): cache scanned
+      b = nn.broadcast
+      self.layers = common.scanned(LlamaDecoderLayer, cfg.remat, (5,), (b, b, b, b, 0, b),
+                                   cfg.num_hidden_layers)(cfg)
+    else:
+      layer_cls = common.maybe_remat(LlamaDecoderLayer, cfg.remat, static_argnums=(5,))
+      self.layers = [layer_cls(cfg) for _ in range(cfg.num_hidden_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps)
     if not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype)
@@ -488,16 +502,21 @@ class LlamaForCausalLM(nn.Module):
       position_ids = jnp.broadcast_to(jnp.arange(seq), input_ids.shape)
     cos, sin = rotary_cos_sin(position_ids, rope_inv_freq(cfg))
     x = self.embed_tokens(input_ids)
-    layer_caches = []
-    for i, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else cache['layers'][i]
-      index = None if cache is None else cache['index']
-      x, layer_cache = layer(x, allowed, cos, sin, deterministic, layer_cache, index)
-      layer_caches.append(layer_cache)
+    index = None if cache is None else cache['index']
+    if cfg.scan_layers:
+      x, layer_caches = self.layers(x, allowed, cos, sin, deterministic,
+                                    None if cache is None else cache['layers'], index)
+    else:
+      layer_caches = []
+      for i, layer in enumerate(self.layers):
+        layer_cache = None if cache is None else cache['layers'][i]
+        x, layer_cache = layer(x, allowed, cos, sin, deterministic, layer_cache, index)
+        layer_caches.append(layer_cache)
+      layer_caches = tuple(layer_caches)
     x = self.norm(x)
     if cache is None:
       return x
-    return x, {'layers': tuple(layer_caches), 'index': cache['index'] + seq, 'mask': new_mask}
+    return x, {'layers': layer_caches, 'index': cache['index'] + seq, 'mask': new_mask}
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, *, segment_ids=None,
                cache=None, last_only: bool = False, deterministic: bool = True):
@@ -523,6 +542,8 @@ class LlamaForCausalLM(nn.Module):
 
 
 def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """The per-layer layout's shapes (what files hold), scan_layers or not."""
+  config = dataclasses.replace(config, scan_layers=False)
   return importers.param_shapes(LlamaForCausalLM(config), jnp.zeros((1, 1), jnp.int32))
 
 

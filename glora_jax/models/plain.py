@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glora_jax import errors
-from glora_jax.models import registry
+from glora_jax.models import registry, stacking
 from glora_jax.paths import flatten, natural_key, unflatten
 
 
@@ -72,7 +72,17 @@ def plain_model(model: nn.Module, params) -> tuple[nn.Module, dict]:
   attention_bias or mlp_bias, ViT's qkv_bias) and the group's other layers get explicit
   zero biases; a family with no flag for that layer (Qwen2's o_proj and MLP, any of
   Mistral's) becomes the family of its bias_fallback (Llama: the same module, whose
-  layout holds them). A bias no family can hold is refused (`check_fits`)."""
+  layout holds them). A bias no family can hold is refused (`check_fits`). A
+  scan_layers model's stacked params give a scan_layers model and stacked params."""
+  stack = registry.stack_of(model)
+  if stack is not None:  # the bias flags read per-layer paths
+    model, params = _plain_model(registry.unrolled(model), stacking.unstack(params, stack))
+    model = model.clone(config=dataclasses.replace(model.config, scan_layers=True))
+    return model, stacking.stack(params, registry.stack_of(model))
+  return _plain_model(model, params)
+
+
+def _plain_model(model: nn.Module, params) -> tuple[nn.Module, dict]:
   flat = dict(flatten(params))
   expected = expected_leaves(model)
   for path in [p for p in flat if p.endswith('/bias') and p not in expected]:

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from glora_jax import bundled
-from glora_jax.models import bert, importers, llama, vit
+from glora_jax.models import bert, importers, llama, stacking, vit
 
 CONFIG = 'config.json'
 # The files of a HF model directory, besides weights and config, that its tokenizer reads.
@@ -32,7 +32,7 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
                    'vocab.txt', 'vocab.json', 'merges.txt', 'tokenizer.model')
 # Fields of a model config that change how a model computes, never what: a run's
 # config.model sets them on any family that has them.
-EXECUTION_FIELDS = ('remat', 'attention', 'attention_chunk')
+EXECUTION_FIELDS = ('remat', 'attention', 'attention_chunk', 'scan_layers')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,8 +339,29 @@ def model_from_config_json(config_json: Mapping[str, Any], source: str = CONFIG)
 
 
 def param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-  """{path: shape} of every parameter `model` reads, without allocating them."""
+  """{path: shape} of every parameter `model` reads, in the per-layer layout files
+  hold (a scan_layers model's params are these, stacked: `stack_of`), without
+  allocating them."""
+  model = unrolled(model)
   return importers.param_shapes(model, *of_model(model).example_inputs(model.config))
+
+
+def unrolled(model: nn.Module) -> nn.Module:
+  """`model` with its layers an unrolled loop (scan_layers off): the per-layer layout
+  of files, importers, adapters and exports."""
+  if not getattr(model.config, 'scan_layers', False):
+    return model
+  return model.clone(config=dataclasses.replace(model.config, scan_layers=False))
+
+
+def stack_of(model: nn.Module) -> stacking.Stack | None:
+  """How a scan_layers model stacks its family's blocks (None: it does not):
+  `stacking.stack(params, stack_of(model))` turns per-layer params into its own."""
+  if not getattr(model.config, 'scan_layers', False):
+    return None
+  family = of_model(model)
+  return stacking.Stack.from_layer_path(family.layer_path,
+                                        getattr(model.config, family.depth_field))
 
 
 # --------------------------------------------------------------------------- #
@@ -417,7 +438,8 @@ def keep_layers(family: Family, model: nn.Module, params: dict,
 
 
 def init_params(model: nn.Module, seed: int) -> dict:
-  """Random params of `model` (its own initialisers), one compiled program."""
+  """Random params of `model` (its own initialisers), one compiled program, in the
+  per-layer layout (a scan_layers model's: stack them with `stack_of`)."""
   family = of_model(model)
   inputs = family.example_inputs(model.config)
-  return jax.jit(lambda key: model.init(key, *inputs))(jax.random.key(seed))['params']
+  return jax.jit(lambda key: unrolled(model).init(key, *inputs))(jax.random.key(seed))['params']

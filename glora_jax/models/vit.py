@@ -36,6 +36,8 @@ class ViTConfig:
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32  # activations; parameters keep their own dtype
   remat: str = 'none'  # per-block remat policy, common.REMAT_POLICIES
+  # Blocks under one nn.scan, params stacked under 'blocks' (models/stacking.py).
+  scan_layers: bool = False
   attention: str = 'xla'  # common.ATTENTION_IMPLS; 'xla' is the one with attention dropout
 
   def __post_init__(self):
@@ -90,10 +92,11 @@ def drop_path_rates(config: ViTConfig) -> list[float]:
 
 class DropPath(nn.Module):
   """Stochastic depth: drops the whole residual branch per sample ('dropout' rng)."""
-  rate: float
+  rate: Any  # a float, or a traced scalar under scan
 
   def __call__(self, x, *, deterministic: bool):
-    if deterministic or self.rate == 0.0:
+    # A traced rate (a block's under scan) always draws; at rate 0 it keeps everything.
+    if deterministic or (isinstance(self.rate, float) and self.rate == 0.0):
       return x
     keep = 1.0 - self.rate
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
@@ -147,20 +150,24 @@ class Block(nn.Module):
   drop_path_rate: float
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, rate=None):
+    """(x, None): a scan body's (carry, output). `rate` (scanned: this block's
+    stochastic-depth rate, an array) replaces drop_path_rate."""
     cfg = self.config
+    rate = self.drop_path_rate if rate is None else rate
     norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name=name)
     y = Attention(cfg, name='attn')(norm('norm1')(x), deterministic=deterministic)
-    x = x + DropPath(self.drop_path_rate, name='drop_path1')(y, deterministic=deterministic)
+    x = x + DropPath(rate, name='drop_path1')(y, deterministic=deterministic)
     y = Mlp(cfg, name='mlp')(norm('norm2')(x), deterministic=deterministic)
-    return x + DropPath(self.drop_path_rate, name='drop_path2')(y, deterministic=deterministic)
+    return x + DropPath(rate, name='drop_path2')(y, deterministic=deterministic), None
 
 
 class VisionTransformer(nn.Module):
   """Images (batch, height, width, channels) -> logits (or features if num_classes=0).
 
-  Blocks are an unrolled loop named blocks_{i}, not nn.scan: per-layer paths for
-  adapters; scan only compiles faster (2.5-3.5x at 32 layers, benchmarks/layer_stacking.py)."""
+  Blocks are an unrolled loop named blocks_{i}, or with config.scan_layers one nn.scan
+  named blocks over stacked params (models/stacking.py converts; each block's
+  stochastic-depth rate is scanned with it): the same outputs, one block's program."""
   config: ViTConfig
 
   def setup(self):
@@ -171,8 +178,11 @@ class VisionTransformer(nn.Module):
                                 (1, cfg.grid_size ** 2 + 1, cfg.embed_dim))
     # A list attribute in setup names its modules blocks_0, blocks_1, ...
     # deterministic (argument 2, counting the module) is static under remat.
-    block_cls = common.maybe_remat(Block, cfg.remat, static_argnums=(2,))
-    self.blocks = [block_cls(cfg, r) for r in drop_path_rates(cfg)]
+    if cfg.scan_layers:
+      self.blocks = common.scanned(Block, cfg.remat, (2,), (nn.broadcast, 0), cfg.depth)(cfg, 0.0)
+    else:
+      block_cls = common.maybe_remat(Block, cfg.remat, static_argnums=(2,))
+      self.blocks = [block_cls(cfg, r) for r in drop_path_rates(cfg)]
     self.norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype)
     self.pos_drop = common.Dropout(cfg.dropout_rate)
     if cfg.representation_size:
@@ -192,8 +202,11 @@ class VisionTransformer(nn.Module):
     cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, cfg.embed_dim))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
     x = self.pos_drop(x, deterministic=deterministic)
-    for block in self.blocks:
-      x = block(x, deterministic)
+    if cfg.scan_layers:
+      x, _ = self.blocks(x, deterministic, jnp.asarray(drop_path_rates(cfg), jnp.float32))
+    else:
+      for block in self.blocks:
+        x, _ = block(x, deterministic)
     x = self.norm(x)[:, 0]
     if cfg.representation_size:
       x = jnp.tanh(self.pre_logits(x))
@@ -210,6 +223,8 @@ class VisionTransformer(nn.Module):
 
 
 def param_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+  """The per-layer layout's shapes (what files hold), scan_layers or not."""
+  config = dataclasses.replace(config, scan_layers=False)
   images = jnp.zeros((1, config.image_size, config.image_size, config.in_channels))
   return importers.param_shapes(VisionTransformer(config), images)
 

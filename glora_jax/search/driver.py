@@ -15,7 +15,7 @@ import numpy as np
 
 from glora_jax import errors, peft
 from glora_jax import subnet as subnet_lib
-from glora_jax.models import registry
+from glora_jax.models import registry, stacking
 from glora_jax.search import evolution, export, fitness as fitness_lib
 from glora_jax.train import loop, metrics, setup, sharding, steps, tasks
 
@@ -142,7 +142,8 @@ def _search(run: setup.BuiltRun, ranked: Ranked, trainable, cfg: evolution.Searc
             out: pathlib.Path, chunk, eval_batch_size: int, stop_after_generations, log):
   """(fitness, archive, seconds): the evolution on `ranked`'s data, its best subnet,
   Pareto front and plot written under `out`."""
-  frozen_sh = sharding.tree_shardings(run.frozen, run.model_data.partition_rules, run.mesh)
+  # The run's own shardings: mesh.rules, FSDP and stacked layers, as training had them.
+  frozen_sh = sharding.named(run.mesh, setup.param_specs(run)[0])
   frozen = jax.device_put(run.frozen, frozen_sh)
   fit = fitness_lib.Fitness(ranked.task, run.spec, run.mesh, trainable, frozen, frozen_sh,
                             ranked.arrays, chunk=chunk, batch_size=eval_batch_size,
@@ -195,8 +196,11 @@ def _test_and_export(run: setup.BuiltRun, trainable, subnet, out: pathlib.Path, 
   sums_adapted, preds_adapted, targets = export.evaluate(
       fl.forward, fl.loss, model_data.predictions, peft.combine(run.frozen, trainable['model']),
       adapters, jax.numpy.asarray(subnet), test, batch_size)
+  # Merged params keep the per-layer layout of files (the plain model's layers unrolled).
+  trainable_per_layer = {**trainable, 'model': stacking.unstack(trainable['model'], run.stack)}
   plain_model, merged = export.plain_model(
-      model_data.model, export.merged_params(setup.merge_base(run), trainable, run.spec, subnet))
+      registry.unrolled(model_data.model),
+      export.merged_params(setup.merge_base(run), trainable_per_layer, run.spec, subnet))
   sums_merged, preds_merged, _ = export.evaluate(
       model_data.forward_with(plain_model), fl.loss, model_data.predictions, merged, None, None,
       test, batch_size)

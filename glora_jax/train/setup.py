@@ -22,6 +22,7 @@ from glora_jax import metrics as task_metrics
 from glora_jax import subnet as subnet_lib
 from glora_jax.adapters import glora, lora
 from glora_jax.errors import CheckpointMismatchError, ConfigError, DataError
+from glora_jax.models import registry, stacking
 from glora_jax.train import checkpoint, sharding, steps, tasks
 
 METHODS = ('glora', 'lora', 'surm', 'full', 'linear_probe')
@@ -274,6 +275,9 @@ class BuiltRun:
   trainable: dict
   frozen: dict
   fixed_subnet: np.ndarray | None
+  # How frozen and trainable model params stack the layers (model.scan_layers), or None;
+  # model_data.params, adapters and merges keep the per-layer layout.
+  stack: stacking.Stack | None = None
 
 
 def build(config) -> BuiltRun:
@@ -310,6 +314,8 @@ def build(config) -> BuiltRun:
       return dataclasses.replace(x, dtype_name=frozen_dtype.name)
     return x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
   frozen = jax.tree.map(cast, frozen, is_leaf=quant.is_quantized)
+  stack = registry.stack_of(model_data.model)  # scan_layers: the layers' params stacked
+  frozen, model_trainable = stacking.stack(frozen, stack), stacking.stack(model_trainable, stack)
   try:
     model_data.splits  # read the data now that the cheap checks have passed
   except ValueError as e:
@@ -343,7 +349,7 @@ def build(config) -> BuiltRun:
         steps.anchor_subnet(spec, steps.supernet_options(config, steps_per_epoch=1))
       except ValueError as e:
         raise ConfigError(f'supernet.anchor: {e}') from None
-  return BuiltRun(config, model_data, mesh, spec, trainable, frozen, fixed)
+  return BuiltRun(config, model_data, mesh, spec, trainable, frozen, fixed, stack)
 
 
 def merge_base(run: BuiltRun) -> dict:
@@ -351,7 +357,7 @@ def merge_base(run: BuiltRun) -> dict:
   leaf in its own dtype, with the run's quantized frozen kernels in place of their
   float ones, so the adapters fold into the dequantized W0 the run trained with."""
   flat = paths.flatten(run.model_data.params)
-  for path, leaf in paths.flatten(run.frozen).items():
+  for path, leaf in paths.flatten(stacking.unstack(run.frozen, run.stack)).items():
     if quant.is_quantized(leaf):
       flat[path] = dataclasses.replace(leaf, dtype_name=jnp.dtype(flat[path].dtype).name)
   return paths.unflatten(flat)
@@ -475,7 +481,8 @@ def partition_rules(run: BuiltRun) -> list:
 def param_specs(run: BuiltRun, notes: list[str] | None = None) -> tuple[dict, dict]:
   """(frozen specs, trainable specs) of a run (sharding.param_specs)."""
   return sharding.param_specs(run.frozen, run.trainable['model'], run.spec, partition_rules(run),
-                              run.mesh, fsdp=bool(run.config.mesh.get('fsdp', False)), notes=notes)
+                              run.mesh, fsdp=bool(run.config.mesh.get('fsdp', False)), notes=notes,
+                              stack=run.stack)
 
 
 def make_jitted_step(run: BuiltRun, optimizer, state):

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from glora_jax.models.stacking import Stack
 from glora_jax.paths import flatten, unflatten
 from glora_jax.quant import QuantizedArray, is_quantized
 
@@ -59,14 +60,21 @@ def _axis_size(mesh: Mesh, axes) -> int:
 
 def pspec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh | None = None, *,
              fsdp: bool = False, fsdp_min_size: int = FSDP_MIN_ELEMENTS,
-             notes: list[str] | None = None) -> P:
+             notes: list[str] | None = None, stack: Stack | None = None) -> P:
   """The PartitionSpec of one leaf: the first rule whose regex fully matches.
 
   Without a mesh the rule's PartitionSpec is returned as written (padded to the leaf's
   rank). With a mesh, a dimension its axes do not divide is replicated (a note
   is appended to `notes`), and `fsdp` splits the largest still-replicated
-  dimension that 'data' divides, for leaves of at least `fsdp_min_size` elements."""
+  dimension that 'data' divides, for leaves of at least `fsdp_min_size` elements.
+  A leaf of stacked layers (under `stack`'s name) gets layer 0's spec from its path and
+  one layer's shape, behind an unsplit layer axis: a scan step gathers one layer."""
   shape = tuple(int(d) for d in shape)
+  if stack is not None and stack.inside(path) is not None:
+    one = pspec_for(stack.layer(path, 0), shape[1:], rules, mesh, fsdp=fsdp,
+                    fsdp_min_size=fsdp_min_size,
+                    notes=notes)
+    return P(None, *one)
   for pattern, pspec in rules:
     if re.fullmatch(pattern, path):
       break
@@ -173,16 +181,21 @@ def adapter_specs(adapter_spec, kernel_specs: dict[str, P], mesh: Mesh,
 
 
 def param_specs(frozen, model_trainable, adapter_spec, rules: Rules, mesh: Mesh, *,
-                fsdp: bool = False, notes: list[str] | None = None) -> tuple[dict, dict]:
+                fsdp: bool = False, notes: list[str] | None = None,
+                stack: Stack | None = None) -> tuple[dict, dict]:
   """(frozen specs, trainable specs {'model', 'adapters'}) of a run: the frozen
   backbone and the trained model params by the rules (FSDP over 'data' if asked),
-  each adapter like the kernel it adapts (`adapter_spec`: a peft.AdapterSpec or None)."""
-  frozen_flat = _leaf_specs(frozen, rules, mesh, fsdp=fsdp, notes=notes)
+  each adapter like the kernel it adapts (`adapter_spec`: a peft.AdapterSpec or None;
+  adapters stay per layer when the model's layers are stacked under `stack`)."""
+  frozen_flat = _leaf_specs(frozen, rules, mesh, fsdp=fsdp, notes=notes, stack=stack)
   frozen_specs = _expand(frozen_flat, frozen, mesh, notes)
-  model_specs = partition_specs(model_trainable, rules, mesh, fsdp=fsdp, notes=notes)
+  model_specs = partition_specs(model_trainable, rules, mesh, fsdp=fsdp, notes=notes, stack=stack)
   adapters = {}
   if adapter_spec is not None:  # a quantized kernel's adapters follow its kernel's spec
     kernels = {**flatten(model_specs), **frozen_flat}
+    if stack is not None:  # each layer's kernel spec: the stacked one without its layer axis
+      kernels.update({stack.layer(k, i): P(*tuple(s)[1:]) for k, s in list(kernels.items())
+                      if stack.inside(k) is not None for i in range(stack.depth)})
     adapters = adapter_specs(adapter_spec, kernels, mesh, notes=notes)
   return frozen_specs, {'model': model_specs, 'adapters': adapters}
 
