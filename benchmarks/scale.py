@@ -263,13 +263,17 @@ def compile_case(devices, model_name: str, method: str, layers: int, num_devices
   if method != 'full':
     fam = family_for(method)
     target = floor_target if method == 'frozen' else targets
+    if method == 'frozen' and stack is not None:  # a scan adapts every block alike
+      target = target.replace('_0/', r'_\d+/')
     adapters = jax.eval_shape(lambda: peft.attach(frozen, fam, targets=target))
     spec, adapter_params = adapters.spec, adapters.params
   if frozen_quant != 'none':  # as setup.build's model.frozen_quant, from shapes only
     frozen = jax.eval_shape(lambda f: setup.quantize_kernels(
         f, targets, frozen_quant, 64, double=frozen_quant == 'nf4'), frozen)
-  # scan_layers: frozen and trained model params stacked, as setup.build does.
+  # scan_layers: frozen, trained model params and adapters stacked, as setup.build does.
   frozen, model_trainable = stacking.stack(frozen, stack), stacking.stack(model_trainable, stack)
+  if spec is not None:
+    adapter_params = stacking.stack_by_path(adapter_params, spec.paths, stack)
   supernet = spec is not None and spec.searchable
   subnet0 = np.zeros((1, 1) if spec is None else spec.num_options.shape, np.int32)
   optimizer = steps.make_optimizer(1e-4, 1e-4)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glora_jax.adapters.base import AdapterFamily
+from glora_jax.models.stacking import per_layer
 from glora_jax.paths import flatten, match_paths, natural_key, unwrap
 from glora_jax.quant import is_quantized
 
@@ -235,12 +236,13 @@ def report(params: Params, adapters: Adapters, subnet=None, head: Params | None 
   spec = adapters.spec
   subnet = np.asarray(check_subnet(spec, subnet))
   active = spec.layer_params(subnet)
+  stored = per_layer(adapters.params, spec.paths)  # as trained, perhaps stacked (scan_layers)
   rows = []
   for i, layer in enumerate(spec.layers):
     fam = layer.family
     choice = ','.join(f'{s}={fam.options(s)[subnet[i, j]]}' for j, s in enumerate(fam.supports))
     rows.append((layer.path, fam.name, choice or '-', int(active[i]),
-                 _num_params(adapters.params[layer.path])))
+                 _num_params(stored[layer.path])))
   return Report(rows=rows, adapter_params=sum(r[3] for r in rows),
                 stored_adapter_params=_num_params(adapters.params),
                 head_params=_num_params(head) if head is not None else 0,

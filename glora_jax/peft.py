@@ -68,6 +68,7 @@ def _fold(params, adapters: Adapters, subnet, *, modes, cast_back):
   spec = adapters.spec
   subnet = check_subnet(spec, subnet)
   inner, wrapped = unwrap(params)
+  adapters = adapters.replace(params=stacking.per_layer(adapters.params, spec.paths))
   # A scan_layers model's stacked params fold per layer and come back stacked.
   stack = stacking.infer(spec.paths, inner)
   inner = stacking.unstack(inner, stack)
@@ -177,7 +178,9 @@ class AdapterHooks:
 
   Layers under nn.scan (a scan_layers model; `stack`, models/stacking.Stack) run as
   one module, 'layers/self_attn/q_proj' for every 'layers_{i}/self_attn/q_proj': the
-  per-layer adapter params and subnet rows are stacked into the 'adapter' variable
+  per-layer adapter params (or adapter params already held stacked under that path,
+  `stacking.stack_by_path`: a scan_layers run trains them so) and subnet rows are
+  stacked into the 'adapter' variable
   collection (`collections()`, passed to model.apply beside the params), which the
   scan slices per layer like the kernels, so each block reads its own layer's adapter
   and choice. Every block must then carry the same adapter on that module.
@@ -189,6 +192,8 @@ class AdapterHooks:
                stack: stacking.Stack | None = None):
     self.spec = None if adapters is None else adapters.spec
     self.params = None if adapters is None else adapters.params
+    if adapters is not None and stack is None:  # adapters stacked for a scan, model unrolled
+      self.params = stacking.per_layer(self.params, self.spec.paths)
     self.subnet = None if adapters is None else check_subnet(self.spec, subnet)
     self.index = {} if adapters is None else {l.path: i for i, l in enumerate(self.spec.layers)}
     # stacked module path -> the spec indices of its layers 0..depth-1
@@ -214,8 +219,11 @@ class AdapterHooks:
       return {}
     flat = {}
     for stacked, idx in self.stacked.items():
-      layers = [self.params[self.spec.layers[i].path] for i in idx]
-      params = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+      if stacked in self.params:  # held stacked (a scan_layers run's train state)
+        params = self.params[stacked]
+      else:
+        layers = [self.params[self.spec.layers[i].path] for i in idx]
+        params = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
       for leaf, value in flatten({'params': params}).items():
         flat[f'{stacked}/{leaf}'] = value
       flat[f'{stacked}/choice'] = jnp.asarray(self.subnet)[np.asarray(idx)]

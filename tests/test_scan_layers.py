@@ -98,7 +98,15 @@ def test_adapted_scanned_model_equals_unrolled(case, adapter):
   scale = max(1.0, max(float(np.abs(g).max()) for g in jax.tree.leaves(g_want)))
   close = lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6 * scale, rtol=1e-4)
   jax.tree.map(close, g_got, g_want)
-  merged = peft.merge(stacked, adapters, subnet)
+  # Adapters held stacked, as a scan_layers run trains them: the same outputs and merge.
+  held = adapters.replace(params=stacking.stack_by_path(adapters.params, adapters.spec.paths,
+                                                        registry.stack_of(scan)))
+  assert set(held.params) != set(adapters.params)
+  jax.tree.map(np.testing.assert_array_equal,
+               stacking.per_layer(held.params, adapters.spec.paths), adapters.params)
+  np.testing.assert_array_equal(jax.jit(lambda a: peft.forward(scan, stacked, a, subnet, *inputs))(
+      held), jax.jit(lambda a: peft.forward(scan, stacked, a, subnet, *inputs))(adapters))
+  merged = peft.merge(stacked, held, subnet)
   assert stacking.is_stacked(merged, registry.stack_of(scan))
   per_layer = peft.merge(params, adapters, subnet)
   jax.tree.map(np.testing.assert_array_equal,

@@ -31,7 +31,7 @@ from safetensors import numpy as st_numpy
 from glora_jax import errors, peft
 from glora_jax.adapters import lora
 from glora_jax.interop import layouts
-from glora_jax.models import importers, registry
+from glora_jax.models import importers, registry, stacking
 from glora_jax.paths import flatten, natural_key, unflatten
 
 ADAPTER_CONFIG = 'adapter_config.json'
@@ -85,13 +85,14 @@ def save_peft_adapter(out, model: nn.Module, adapters: peft.Adapters, *,
   lay = layouts.layout(model)
   modules = _linear_modules(lay)
   tensors, targets = {}, []
+  per_layer = stacking.per_layer(adapters.params, adapters.spec.paths)  # stacked: scan_layers
   for layer in adapters.spec.layers:
     if layer.path not in modules:
       raise errors.ExportError(f"'{layer.path}' has no torch Linear in the {lay.description} "
                                f'layout; Linear layers: {_examples(modules)}')
     name = modules[layer.path]
     targets.append(name)
-    params = adapters.params[layer.path]
+    params = per_layer[layer.path]
     tensors[f'{PREFIX}{name}.lora_A.weight'] = np.asarray(jax.device_get(params['A']))
     tensors[f'{PREFIX}{name}.lora_B.weight'] = np.asarray(jax.device_get(params['B']))
   modules_to_save = None

@@ -185,3 +185,42 @@ def infer(layer_paths: Iterable[str], params: Mapping[str, Any]) -> Stack | None
     if stacked is not None:
       return Stack(m.group(1), depth_of(stacked))
   return None
+
+
+def _layer_of(path: str) -> tuple[str, int] | None:
+  """'layers_3/mlp/up_proj' -> ('layers/mlp/up_proj', 3); None outside numbered blocks."""
+  m = re.fullmatch(r'(.*?)_(\d+)/(.*)', path)
+  return None if m is None else (f'{m.group(1)}/{m.group(3)}', int(m.group(2)))
+
+
+def stack_by_path(tree: Mapping[str, Any], layer_paths: Iterable[str], st: Stack | None) -> dict:
+  """{per-layer module path: subtree} (e.g. adapter params) -> the subtrees of `st`'s
+  blocks stacked under their stacked module path ('layers/self_attn/q_proj'), the
+  others as they are (None: unchanged). `per_layer` inverts it."""
+  out = dict(tree)
+  if st is None:
+    return out
+  for stacked, layers in group_layers([p for p in layer_paths if p in tree], st).items():
+    out[stacked] = jax.tree.map(lambda *xs: _stack_leaves(list(xs)), *[out.pop(p) for p in layers])
+  return out
+
+
+def per_layer(tree: Mapping[str, Any], layer_paths: Iterable[str]) -> dict:
+  """The inverse of `stack_by_path`: each stacked entry split into its layers' entries
+  (named by `layer_paths`); a tree keyed per layer comes back as it is."""
+  wanted = list(layer_paths)
+  if set(tree) <= set(wanted):
+    return dict(tree)
+  layers: dict[str, list[tuple[int, str]]] = {}
+  for path in wanted:
+    parts = _layer_of(path)
+    if parts is not None:
+      layers.setdefault(parts[0], []).append((parts[1], path))
+  out = {}
+  for key, value in tree.items():
+    if key not in layers or key in wanted:
+      out[key] = value
+      continue
+    for i, path in sorted(layers[key]):
+      out[path] = jax.tree.map(lambda x: _slice(x, i), value)
+  return out

@@ -320,7 +320,11 @@ def build(config) -> BuiltRun:
     model_data.splits  # read the data now that the cheap checks have passed
   except ValueError as e:
     raise ConfigError(f'data: {e}') from None
-  trainable = {'model': model_trainable, 'adapters': {} if adapters is None else adapters.params}
+  # scan_layers: the blocks' adapters trained stacked too (one leaf per module and
+  # adapter leaf, not one per layer: the optimizer's program stays flat in depth).
+  trainable = {'model': model_trainable,
+               'adapters': {} if adapters is None else stacking.stack_by_path(
+                   adapters.params, adapters.spec.paths, stack)}
   trainable_paths = paths.flatten(trainable)
   for pattern, _ in config.optim.get('lr_multipliers', ()):
     try:  # a rule that matches nothing would change nothing, silently

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from glora_jax.models.stacking import Stack
+from glora_jax.models.stacking import Stack, group_layers
 from glora_jax.paths import flatten, unflatten
 from glora_jax.quant import QuantizedArray, is_quantized
 
@@ -197,7 +197,21 @@ def param_specs(frozen, model_trainable, adapter_spec, rules: Rules, mesh: Mesh,
       kernels.update({stack.layer(k, i): P(*tuple(s)[1:]) for k, s in list(kernels.items())
                       if stack.inside(k) is not None for i in range(stack.depth)})
     adapters = adapter_specs(adapter_spec, kernels, mesh, notes=notes)
+    if stack is not None:  # a scan_layers run holds its blocks' adapters stacked too
+      adapters = stack_by_path(adapters, adapter_spec.paths, stack)
   return frozen_specs, {'model': model_specs, 'adapters': adapters}
+
+
+def stack_by_path(specs: dict, layer_paths, stack: Stack) -> dict:
+  """Per-layer adapter specs -> the specs of adapters stacked by
+  `stacking.stack_by_path`: layer 0's spec behind an unsplit layer axis."""
+  out = dict(specs)
+  for stacked, layers in group_layers([p for p in layer_paths if p in specs], stack).items():
+    out[stacked] = jax.tree.map(lambda p: P(None, *p), specs[layers[0]],
+                                is_leaf=lambda x: isinstance(x, P))
+    for p in layers:
+      del out[p]
+  return out
 
 
 def train_state_specs(state, optimizer: optax.GradientTransformation, trainable_specs) -> dict:
