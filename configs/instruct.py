@@ -28,6 +28,7 @@ def get_config(arg: str | None = None):
   c.model.name = 'llama'  # model.checkpoint's config.json names the family
   c.model.checkpoint = ''
   c.model.loss_chunk = 256  # large vocabularies (Llama 3: 128,256) never hold all logits
+  c.model.scan_layers = True  # compile time flat in depth (BENCHMARKS.md, Scale)
   c.data.name = 'json'
   c.data.format = arg.format
   c.data.train_split, c.data.eval_split, c.data.test_split = '', '', ''

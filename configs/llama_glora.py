@@ -12,6 +12,7 @@ def get_config(arg: str | None = None):
   c.method = 'glora'
   c.model.name = 'llama'
   c.model.checkpoint = ''
+  c.model.scan_layers = True  # compile time flat in depth (BENCHMARKS.md, Scale)
   c.model.hidden = 256
   c.model.intermediate = 688
   c.model.layers = 4

@@ -21,7 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / 'configs' / 'tiny_bbc_glora.py')
 # The config's defaults (asynchronous saves among them) on a mesh that spans all
 # 8 global devices; one epoch of 4 steps, each saved and kept for comparisons.
-FLAGS = ('--config.mesh.data=8', '--config.mesh.model=1', '--config.num_epochs=1',
+FLAGS = ('--config.mesh.data=8', '--config.mesh.model=1', '--config.model.scan_layers=True',
+         '--config.num_epochs=1',
          '--config.checkpoint.every_steps=1', '--config.checkpoint.keep=4')
 RUN_TIMEOUT_S = 300  # a whole run; far above the ~1 min one takes on 2 cores
 # Runs train.py with BatchIterator.__next__ logging, for every batch a process
