@@ -232,6 +232,7 @@ def test_partition_rules():
   assert specs['layers_0/self_attn/o_proj/kernel'] == P('model', None)
   assert specs['layers_0/mlp/down_proj/kernel'] == P('model', None)
   assert specs['embed_tokens/embedding'] == P(None, 'model')
+  assert specs['lm_head/kernel'] == P(None, ('model', 'data'))  # vocab-parallel head
   assert specs['layers_0/input_layernorm/scale'] == P()
 
 

@@ -100,7 +100,9 @@ class DropPath(nn.Module):
       return x
     keep = 1.0 - self.rate
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    # In x's dtype: a traced float32 rate must not promote bf16 activations (a scan's
+    # carry keeps its dtype), as a Python float rate does not.
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 class PatchEmbed(nn.Module):
