@@ -129,6 +129,10 @@ def test_quantized_stacked_kernels_equal_per_layer():
   scan = scanned(model)
   got = peft.forward(scan, stacking.stack(q, registry.stack_of(scan)), adapters, None, *inputs)
   np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-5)
+  # Sharded like the stacked float kernel: codes and scales behind an unsplit layer axis.
+  st = registry.stack_of(scan)
+  specs = sharding.partition_specs(stacking.stack(q, st), llama.partition_rules(), None, stack=st)
+  assert specs['layers']['mlp']['down_proj']['kernel'].codes == P(None, 'model', None)
 
 
 def test_cached_steps_under_scan_equal_the_full_forward():

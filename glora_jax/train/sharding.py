@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from glora_jax.models.stacking import Stack, group_layers
+from glora_jax.models.stacking import Stack, depth_of, group_layers
 from glora_jax.paths import flatten, unflatten
 from glora_jax.quant import QuantizedArray, is_quantized
 
@@ -105,8 +105,15 @@ def pspec_for(path: str, shape: Sequence[int], rules: Rules, mesh: Mesh | None =
 
 
 def _leaf_specs(tree: Any, rules: Rules, mesh: Mesh | None, **kwargs) -> dict[str, P]:
-  """{path: PartitionSpec} of each leaf; a quantized kernel's of its kernel shape."""
-  return {k: pspec_for(k, np.shape(v), rules, mesh, **kwargs) for k, v in flatten(tree).items()}
+  """{path: PartitionSpec} of each leaf; a quantized kernel's of its kernel shape (with
+  the layer axis in front when it is stacked: its shape is one layer's)."""
+  stack = kwargs.get('stack')
+
+  def shape(path, leaf):
+    if is_quantized(leaf) and stack is not None and stack.inside(path) is not None:
+      return (depth_of(leaf),) + tuple(leaf.shape)
+    return np.shape(leaf)
+  return {k: pspec_for(k, shape(k, v), rules, mesh, **kwargs) for k, v in flatten(tree).items()}
 
 
 def quantized_specs(path: str, q: QuantizedArray, kernel_spec: P, mesh: Mesh | None = None,
