@@ -172,6 +172,6 @@ def test_stacked_leaves_shard_like_each_layer():
           'lm_head': {'kernel': jax.ShapeDtypeStruct((512, 1024), jnp.float32)}}
   specs = sharding.partition_specs(tree, rules, None, stack=st)
   assert specs['layers']['mlp']['up_proj']['kernel'] == P(None, None, 'model')
-  assert specs['lm_head']['kernel'] == P(None, 'model')
+  assert specs['lm_head']['kernel'] == P(None, ('model', 'data'))
   assert sharding.pspec_for('layers/mlp/up_proj/kernel', (4, 512, 1024), rules, mesh,
                             stack=st) == P(None, None, 'model')

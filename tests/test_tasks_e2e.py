@@ -106,7 +106,7 @@ def test_llama_search_and_plain_model_with_gained_biases_from_files(tmp_path):
                          batch['input_ids'], batch['attention_mask'])
   np.testing.assert_allclose(plain, adapted, rtol=1e-4, atol=1e-4)
   # Non-vacuous: the original bias-less model would ignore what the merge added.
-  ignored = run.model_data.model.apply({'params': export.merged_params(
+  ignored = registry.unrolled(run.model_data.model).apply({'params': export.merged_params(
       run.model_data.params, trainable, run.spec, chosen)}, batch['input_ids'], batch['attention_mask'])
   assert np.abs(ignored - adapted).max() > 1e-3
 

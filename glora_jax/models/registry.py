@@ -349,7 +349,7 @@ def param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 def unrolled(model: nn.Module) -> nn.Module:
   """`model` with its layers an unrolled loop (scan_layers off): the per-layer layout
   of files, importers, adapters and exports."""
-  if not getattr(model.config, 'scan_layers', False):
+  if not getattr(getattr(model, 'config', None), 'scan_layers', False):
     return model
   return model.clone(config=dataclasses.replace(model.config, scan_layers=False))
 
@@ -357,7 +357,7 @@ def unrolled(model: nn.Module) -> nn.Module:
 def stack_of(model: nn.Module) -> stacking.Stack | None:
   """How a scan_layers model stacks its family's blocks (None: it does not):
   `stacking.stack(params, stack_of(model))` turns per-layer params into its own."""
-  if not getattr(model.config, 'scan_layers', False):
+  if not getattr(getattr(model, 'config', None), 'scan_layers', False):
     return None
   family = of_model(model)
   return stacking.Stack.from_layer_path(family.layer_path,

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from safetensors import numpy as st_numpy
 
 from glora_jax import data, errors, interop, peft, quant
-from glora_jax.models import registry
+from glora_jax.models import registry, stacking
 from glora_jax.models.plain import check_fits, expected_leaves, family_of, plain_model  # noqa: F401 (export API)
 
 MODEL_CONFIG = 'model_config.json'
@@ -104,8 +104,12 @@ def save_merged(out, model: nn.Module, params, formats=FORMATS, *,
   """Writes the params under `out` in `formats`, after `check_fits`: no export is ever
   one its model would read wrongly. 'flax': orbax, safetensors and model_config.json;
   'torch': `interop.save_pretrained` into <out>/hf or <out>/timm (with the tokenizer
-  files of `copy_files_from`, if given). Returns {file or folder name: path}."""
+  files of `copy_files_from`, if given). Returns {file or folder name: path}. A
+  scan_layers model's stacked params are written per layer, with the unrolled model:
+  exports keep the family's own layout."""
   formats = check_formats(formats)
+  params = stacking.unstack(params, registry.stack_of(model))
+  model = registry.unrolled(model)
   check_fits(model, params)
   out = pathlib.Path(out)
   files = {}
