@@ -46,11 +46,13 @@ def latest_step(workdir):
   return max(steps_, default=0)
 
 
-def test_kill_minus_nine_and_resume_training(tmp_path):
+def test_kill_minus_nine_and_resume_training(tmp_path, shared_compiles):
+  one_layer = {'model.keep_layers': 1}  # resuming does not depend on depth; compiles faster
   straight = tmp_path / 'straight'
-  loop.train_and_evaluate(config(), straight, progress=False)
+  loop.train_and_evaluate(config(**one_layer), straight, progress=False)
   killed = tmp_path / 'killed'
-  args = ['train.py', f'--config={TINY}', f'--workdir={killed}', '--config.checkpoint.every_steps=1']
+  args = ['train.py', f'--config={TINY}', f'--workdir={killed}', '--config.checkpoint.every_steps=1',
+          '--config.model.keep_layers=1']
   run_until(args, lambda: latest_step(killed) >= 3)  # killed mid-run, after some checkpoints
   result = cli(*args)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -58,7 +60,7 @@ def test_kill_minus_nine_and_resume_training(tmp_path):
   # No half-written checkpoint remains (orbax finalises atomically and cleans up).
   leftovers = [p.name for p in (killed / 'checkpoints').iterdir() if not p.name.isdigit()]
   assert not [n for n in leftovers if 'tmp' in n], leftovers
-  a, b = trainable_of(config(), straight), trainable_of(config(), killed)
+  a, b = trainable_of(config(**one_layer), straight), trainable_of(config(**one_layer), killed)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), a, b)
 
 
@@ -69,11 +71,13 @@ def supernet(tmp_path_factory):
   return workdir
 
 
+# --chunk=8, the data-parallel size: each simulated device scores its own candidate (a chunk
+# that does not divide it is replicated on all 8, eight times the work for the same scores).
 SEARCH = ['--population=6', '--generations=4', '--parents=3', '--mutations=3', '--crossovers=3',
-          '--chunk=3', '--eval_batch_size=16', '--param_limit=0.1']
+          '--chunk=8', '--eval_batch_size=16', '--param_limit=0.1']
 
 
-def test_kill_minus_nine_and_resume_search(supernet, tmp_path):
+def test_kill_minus_nine_and_resume_search(supernet, tmp_path, shared_compiles):
   straight = cli('search.py', f'--ckpt={supernet}', f'--out={tmp_path / "a"}', *SEARCH)
   assert straight.returncode == 0, straight.stderr[-2000:]
   state_b = tmp_path / 'b' / 'search_state.json'
@@ -152,7 +156,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(good))
 
 
-def test_non_finite_skip_mode_skips_the_update(tmp_path):
+def test_non_finite_skip_mode_skips_the_update(tmp_path, shared_compiles):
   """Step 1 is finite (its update makes the params huge), steps 2 and 3 are not:
   in skip mode they leave params and optimizer state as step 1 left them."""
   bad = {'optim.lr': 1e30, 'on_nonfinite': 'skip'}

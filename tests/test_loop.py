@@ -74,7 +74,7 @@ def test_fresh_subnet_each_step_same_on_every_replica_one_compile():
   assert jit_step._cache_size() == 1
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, shared_compiles):
   config = tiny(num_epochs=2)
   loop.train_and_evaluate(config, tmp_path / 'straight', progress=False)
   loop.train_and_evaluate(config, tmp_path / 'split', stop_after_steps=3, progress=False)

@@ -45,6 +45,13 @@ def test_vmapped_fitness_equals_one_at_a_time(supernet):
   assert abs(loss0 - batched_loss[0]) < 1e-5 * max(1.0, abs(loss0))  # the loss tie-break's value
 
 
+# The tests below score candidates in chunks of 8, the mesh's data-parallel size: each
+# simulated device scores its own candidate. A chunk that does not divide it (1, 4) is
+# replicated on all 8 devices: eight times the work for the same scores (as the test above
+# shows for chunks of 1 and 8).
+CHUNK = 8
+
+
 def _fitness_args(supernet):
   run, trainable = setup.load_trained(supernet)
   frozen_sh = sharding.tree_shardings(run.frozen, run.model_data.partition_rules, run.mesh)
@@ -56,12 +63,12 @@ def test_racing_scores_the_better_half_on_the_whole_split(supernet):
   val = run.model_data.splits['eval']
   cands = np.asarray(jax.vmap(lambda k: subnet.sample(k, run.spec))(
       jax.random.split(jax.random.key(3), 7)))
-  full_acc = fitness.Fitness(*args, val, chunk=1, batch_size=16)(cands).accuracy
-  raced = fitness.Fitness(*args, val, chunk=1, batch_size=16, race=0.5)
+  full_acc = fitness.Fitness(*args, val, chunk=CHUNK, batch_size=16)(cands).accuracy
+  raced = fitness.Fitness(*args, val, chunk=CHUNK, batch_size=16, race=0.5)
   assert 1 <= raced.heat < len(raced.batches)
   # The first heat is the first `heat` batches: score them alone, as an independent split.
   first = {k: v[:raced.heat * 16] for k, v in val.items()}
-  heat_acc = fitness.Fitness(*args, first, chunk=1, batch_size=16)(cands).accuracy
+  heat_acc = fitness.Fitness(*args, first, chunk=CHUNK, batch_size=16)(cands).accuracy
   acc, complete, _ = raced(cands)
   expected = np.zeros(7, bool)
   expected[np.argsort(-heat_acc, kind='stable')[:4]] = True  # ceil(7 / 2) survivors
@@ -79,10 +86,10 @@ def test_racing_by_loss_keeps_the_heat_half_of_lowest_loss(supernet):
   val = run.model_data.splits['eval']
   cands = np.asarray(jax.vmap(lambda k: subnet.sample(k, run.spec))(
       jax.random.split(jax.random.key(4), 7)))
-  full = fitness.Fitness(*args, val, chunk=1, batch_size=16)(cands)
-  raced = fitness.Fitness(*args, val, chunk=1, batch_size=16, race=0.5, rank_by='loss')
+  full = fitness.Fitness(*args, val, chunk=CHUNK, batch_size=16)(cands)
+  raced = fitness.Fitness(*args, val, chunk=CHUNK, batch_size=16, race=0.5, rank_by='loss')
   first = {k: v[:raced.heat * 16] for k, v in val.items()}
-  heat = fitness.Fitness(*args, first, chunk=1, batch_size=16)(cands)
+  heat = fitness.Fitness(*args, first, chunk=CHUNK, batch_size=16)(cands)
   _, complete, loss = raced(cands)
   expected = np.zeros(7, bool)
   expected[np.argsort(heat.loss, kind='stable')[:4]] = True
@@ -102,7 +109,7 @@ def test_racing_search_chooses_the_same_subnet_with_fewer_evaluations(supernet):
   for race in (0.0, 0.5):
     cfg = evolution.SearchConfig(population=8, generations=3, parents=4, mutations=4,
                                  crossovers=4, param_limit=80_000, seed=1, race=race)
-    fit = fitness.Fitness(*args, val, chunk=4, batch_size=16, race=race)
+    fit = fitness.Fitness(*args, val, chunk=CHUNK, batch_size=16, race=race)
     archive = evolution.run(run.spec, fit, cfg, None, log=lambda m: None)
     top = archive.top(1)[0]
     assert archive.complete[top]
@@ -129,7 +136,7 @@ def test_chunk_probe_picks_the_fastest_measured(supernet):
 def test_search_writes_everything_and_merged_matches(supernet, tmp_path):
   cfg = evolution.SearchConfig(population=8, generations=3, parents=4, mutations=4, crossovers=4,
                                param_limit=80_000, seed=1)
-  summary = driver.search_and_export(supernet, cfg, out=tmp_path, chunk=4, eval_batch_size=16,
+  summary = driver.search_and_export(supernet, cfg, out=tmp_path, chunk=CHUNK, eval_batch_size=16,
                                      log=lambda s: None)
   assert json.loads((tmp_path / 'summary.json').read_text()) == json.loads(
       json.dumps(summary, default=str))

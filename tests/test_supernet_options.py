@@ -77,7 +77,7 @@ def test_options_on_a_mesh_equal_one_device():
   assert not np.array_equal(one[1][3][1], one[1][3][0])
 
 
-def test_resume_with_options_equals_uninterrupted(tmp_path):
+def test_resume_with_options_equals_uninterrupted(tmp_path, shared_compiles):
   config = tiny(**OPTIONS, **{'mesh.num_devices': 1, 'num_epochs': 1})  # 4 steps
   loop.train_and_evaluate(config, tmp_path / 'straight', progress=False)
   loop.train_and_evaluate(config, tmp_path / 'split', stop_after_steps=2, progress=False)
