@@ -557,6 +557,10 @@ def scan_tables(cases, remat, attention) -> list[str]:
     line('ViT-B/16 GLoRA compile / LoRA compile, 1 device',
          f"{g['compile_seconds']:.0f} s / {l['compile_seconds']:.0f} s = {ratio:.2f}", '<= 1.5',
          ratio <= 1.5)
+  nf4 = get('llama7b', 'glora_nf4', 1)
+  if nf4:
+    line('LLaMA-7B GLoRA supernet over an NF4 base, 32 layers, 1 device',
+         f"{nf4['peak_bytes'] / GiB:.2f} GiB", '<= 9 GiB', nf4['peak_bytes'] <= 9 * GiB)
   big = get('llama70b', 'glora', 8)
   if big:
     line('LLaMA-2-70B GLoRA supernet, 80 layers, 8 devices (FSDP): per-device peak',
