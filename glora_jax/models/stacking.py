@@ -54,11 +54,6 @@ class Stack:
     m = re.fullmatch(re.escape(self.prefix) + r'(\d+)/(.*)', path)
     return None if m is None else (int(m.group(1)), m.group(2))
 
-  def stacked(self, path: str) -> str | None:
-    """The stacked path of a per-layer path ('layers_3/x' -> 'layers/x'), or None."""
-    parts = self.split(path)
-    return None if parts is None else f'{self.name}/{parts[1]}'
-
   def inside(self, path: str) -> str | None:
     """'layers/mlp/up_proj/kernel' -> 'mlp/up_proj/kernel' (a stacked path's part
     below the block), or None."""
@@ -175,22 +170,20 @@ def infer(layer_paths: Iterable[str], params: Mapping[str, Any]) -> Stack | None
   per layer: read off the params, so a pytree transform needs no model."""
   flat = flatten(params)
   for path in layer_paths:
-    if f'{path}/kernel' in flat:
+    parts = _layer_of(path)
+    if f'{path}/kernel' in flat or parts is None:
       continue
-    m = re.fullmatch(r'(.*?_)(\d+)/(.*)', path)
-    if m is None:
-      continue
-    st = Stack(m.group(1), 0)
-    stacked = flat.get(f'{st.name}/{m.group(3)}/kernel')
+    stacked = flat.get(f'{parts[0]}/kernel')
     if stacked is not None:
-      return Stack(m.group(1), depth_of(stacked))
+      return Stack(parts[2], depth_of(stacked))
   return None
 
 
-def _layer_of(path: str) -> tuple[str, int] | None:
-  """'layers_3/mlp/up_proj' -> ('layers/mlp/up_proj', 3); None outside numbered blocks."""
+def _layer_of(path: str) -> tuple[str, int, str] | None:
+  """'layers_3/mlp/up_proj' -> ('layers/mlp/up_proj', 3, 'layers_'): its stacked path,
+  block index and block prefix; None outside numbered blocks."""
   m = re.fullmatch(r'(.*?)_(\d+)/(.*)', path)
-  return None if m is None else (f'{m.group(1)}/{m.group(3)}', int(m.group(2)))
+  return None if m is None else (f'{m.group(1)}/{m.group(3)}', int(m.group(2)), f'{m.group(1)}_')
 
 
 def stack_by_path(tree: Mapping[str, Any], layer_paths: Iterable[str], st: Stack | None) -> dict:
