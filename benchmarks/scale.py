@@ -307,7 +307,10 @@ def compile_case(devices, model_name: str, method: str, layers: int, num_devices
   rep = NamedSharding(mesh, P())
   state_sh = sharding.named(mesh, state_specs)
   t0 = time.perf_counter()
-  lowered = jax.jit(train_step, out_shardings=(state_sh, rep, rep), donate_argnums=(0,)).lower(*args)
+  # Traced under the mesh, as setup.make_jitted_step: the blocks pin their activations'
+  # batch dimension over 'data' (models.common.batch_sharded).
+  lowered = jax.jit(sharding.under_mesh(mesh, train_step), out_shardings=(state_sh, rep, rep),
+                    donate_argnums=(0,)).lower(*args)
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0
   cost = compiled.cost_analysis()

@@ -206,9 +206,11 @@ class BertLayer(nn.Module):
   def __call__(self, x, mask, deterministic: bool):
     """(x, None): a scan body's (carry, output)."""
     cfg = self.config
-    x = BertAttention(cfg, name='attention')(x, mask, deterministic=deterministic)
-    h = BertIntermediate(cfg, name='intermediate')(x)
-    return DenseAddNorm(cfg, cfg.hidden_size, name='output')(h, x, deterministic=deterministic), None
+    x = BertAttention(cfg, name='attention')(common.batch_sharded(x), mask,
+                                             deterministic=deterministic)
+    h = BertIntermediate(cfg, name='intermediate')(common.batch_sharded(x))
+    out = DenseAddNorm(cfg, cfg.hidden_size, name='output')(h, x, deterministic=deterministic)
+    return common.batch_sharded(out), None
 
 
 class BertEncoder(nn.Module):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.extend.random import threefry2x32_p
 
 # Per-layer remat: 'none' keeps every activation of every layer for the backward
@@ -38,6 +39,26 @@ def maybe_remat(layer_cls, policy: str, static_argnums: tuple[int, ...]):
   if policy == 'none':
     return layer_cls
   return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
+
+
+def batch_sharded(x):
+  """`x` with its leading (batch) dimension constrained over the mesh's 'data' axis, when
+  traced under a mesh that has one (jax.set_mesh, as the training step, the search's
+  fitness and benchmarks/scale.py trace); `x` itself otherwise (no mesh, a batch 'data'
+  does not divide, e.g. one prompt while generating). The other dimensions are left to
+  XLA.
+
+  Why: with FSDP a frozen kernel is split over 'data' too, and XLA's propagation may then
+  keep the kernel split and gather the activations of the global batch instead (the
+  memory of eight devices' activations on each). Pinned at each block's input and
+  output, a block's matmuls gather one layer's kernel, as FSDP means (MaxText pins its
+  activations by logical axis rules the same way)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or 'data' not in mesh.axis_names or x.ndim == 0:
+    return x
+  if mesh.shape['data'] == 1 or x.shape[0] % mesh.shape['data']:
+    return x
+  return lax.with_sharding_constraint(x, P('data', *(P.UNCONSTRAINED,) * (x.ndim - 1)))
 
 
 def scanned(layer_cls, policy: str, static_argnums: tuple[int, ...], in_axes: tuple,

@@ -379,13 +379,14 @@ class LlamaDecoderLayer(nn.Module):
   def __call__(self, x, allowed, cos, sin, deterministic: bool, cache=None, index=None):
     """(x, the layer's new cache or None); cache and index as LlamaAttention's."""
     cfg = self.config
+    x = common.batch_sharded(x)
     h = RMSNorm(cfg.rms_norm_eps, name='input_layernorm')(x)
     out, cache = LlamaAttention(cfg, name='self_attn')(h, allowed, cos, sin,
                                                        deterministic=deterministic,
                                                        cache=cache, index=index)
-    x = x + out
+    x = common.batch_sharded(x + out)
     h = RMSNorm(cfg.rms_norm_eps, name='post_attention_layernorm')(x)
-    return x + LlamaMLP(cfg, name='mlp')(h), cache
+    return common.batch_sharded(x + LlamaMLP(cfg, name='mlp')(h)), cache
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:

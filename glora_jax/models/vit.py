@@ -158,10 +158,12 @@ class Block(nn.Module):
     cfg = self.config
     rate = self.drop_path_rate if rate is None else rate
     norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name=name)
+    x = common.batch_sharded(x)
     y = Attention(cfg, name='attn')(norm('norm1')(x), deterministic=deterministic)
-    x = x + DropPath(rate, name='drop_path1')(y, deterministic=deterministic)
+    x = common.batch_sharded(x + DropPath(rate, name='drop_path1')(y, deterministic=deterministic))
     y = Mlp(cfg, name='mlp')(norm('norm2')(x), deterministic=deterministic)
-    return x + DropPath(rate, name='drop_path2')(y, deterministic=deterministic), None
+    y = DropPath(rate, name='drop_path2')(y, deterministic=deterministic)
+    return common.batch_sharded(x + y), None
 
 
 class VisionTransformer(nn.Module):

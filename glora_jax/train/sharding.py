@@ -46,6 +46,17 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
                        devices=devices)
 
 
+def under_mesh(mesh: Mesh, fn):
+  """`fn` traced with `mesh` as the abstract mesh in context, so that a model's
+  activation constraints (models.common.batch_sharded) take effect under jit; the
+  caller still jits it with its own in/out shardings. Outside a mesh those
+  constraints are no-ops (one device, the search's candidate-parallel fitness)."""
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
 def as_rules(pairs) -> list[tuple[str, P]]:
   """Rules from a config: (regex, PartitionSpec or a tuple/list of axis names or None)."""
   out = []
