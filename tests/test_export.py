@@ -150,7 +150,7 @@ def test_export_formats_choose_what_is_written(tmp_path):
   assert not (tmp_path / 'bad').exists()
 
 
-def test_merge_from_an_nf4_base_equals_the_adapted_model():
+def test_merge_from_an_nf4_base_equals_the_adapted_model(tmp_path):
   """GLoRA with a random subnet over the hf_bert fixture's NF4 (double-quantized)
   kernels: the merged float model's outputs equal the adapted quantized model's."""
   import pathlib
@@ -179,3 +179,11 @@ def test_merge_from_an_nf4_base_equals_the_adapted_model():
   float_merged = export.merged_params(params, trainable, adapters.spec, subnet)
   assert not np.allclose(float_merged['encoder']['layer_0']['attention']['query']['kernel'],
                          merged['encoder']['layer_0']['attention']['query']['kernel'], atol=1e-4)
+  # The export says what it was merged from, and loads back as the plain model.
+  export.save_merged(tmp_path, plain, plain_params, ('flax',),
+                     merged_from={'frozen_quant': 'nf4, block 16, double-quantized scales'})
+  description = json.loads((tmp_path / 'model_config.json').read_text())
+  assert description['merged_from'] == {'frozen_quant': 'nf4, block 16, double-quantized scales'}
+  loaded_model, loaded = export.load_merged(tmp_path)
+  np.testing.assert_array_equal(loaded_model.apply({'params': loaded}, ids, mask),
+                                plain.apply({'params': plain_params}, ids, mask))

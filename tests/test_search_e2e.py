@@ -177,6 +177,9 @@ def test_search_writes_everything_and_merged_matches(supernet, tmp_path):
   orbax_merged = export.load_orbax(tmp_path / 'merged_params')
   jax.tree.map(np.testing.assert_array_equal, orbax_merged, merged)
   # The same through the loader every export has: model_config.json builds the model.
+  # model_config.json records the base the adapters were merged into (float here).
+  assert json.loads((tmp_path / 'model_config.json').read_text())['merged_from'] == {
+      'frozen_quant': 'none'}
   loaded_model, loaded = export.load_merged(tmp_path)
   assert loaded_model.config == run.model_data.model.config
   np.testing.assert_array_equal(loaded_model.apply({'params': loaded}, batch['input_ids'],

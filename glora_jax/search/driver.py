@@ -193,19 +193,26 @@ def _test_and_export(run: setup.BuiltRun, trainable, subnet, out: pathlib.Path, 
   model_data, test = run.model_data, run.model_data.splits['test']
   fl = model_data.forward_loss
   adapters = peft.Adapters(params=trainable['adapters'], spec=run.spec)
+  # Both checks placed as training placed the run (its mesh, rules, FSDP and stack).
+  frozen_specs, trainable_specs = setup.param_specs(run)
   sums_adapted, preds_adapted, targets = export.evaluate(
       fl.forward, fl.loss, model_data.predictions, peft.combine(run.frozen, trainable['model']),
-      adapters, jax.numpy.asarray(subnet), test, batch_size)
+      adapters, jax.numpy.asarray(subnet), test, batch_size, mesh=run.mesh,
+      param_specs=peft.combine(frozen_specs, trainable_specs['model']),
+      adapter_specs=trainable_specs['adapters'])
   # Merged params keep the per-layer layout of files (the plain model's layers unrolled).
   trainable_per_layer = {**trainable, 'model': stacking.unstack(trainable['model'], run.stack)}
   plain_model, merged = export.plain_model(
       registry.unrolled(model_data.model),
       export.merged_params(setup.merge_base(run), trainable_per_layer, run.spec, subnet))
+  merged_specs = sharding.partition_specs(merged, setup.partition_rules(run), run.mesh,
+                                          fsdp=run.config.mesh.get('fsdp', False))
   sums_merged, preds_merged, _ = export.evaluate(
       model_data.forward_with(plain_model), fl.loss, model_data.predictions, merged, None, None,
-      test, batch_size)
+      test, batch_size, mesh=run.mesh, param_specs=merged_specs)
   files = export.save_merged(out, plain_model, merged, formats,
-                             copy_files_from=registry.checkpoint_dir(run.config.model))
+                             copy_files_from=registry.checkpoint_dir(run.config.model),
+                             merged_from={'frozen_quant': setup.frozen_quant_name(run.config)})
   if model_data.metadata.get('data'):
     metrics.write_json(out / 'labels.json', model_data.metadata['data'])
   adapted = model_data.score(sums_adapted, preds_adapted, targets)

@@ -22,6 +22,10 @@ from glora_jax.models import registry, stacking
 from glora_jax.models.plain import check_fits, expected_leaves, family_of, plain_model  # noqa: F401 (export API)
 
 MODEL_CONFIG = 'model_config.json'
+# model_config.json's record of what the export was merged from (not read back into the
+# model): e.g. {'frozen_quant': 'nf4, block 64, double-quantized scales'}, the base the
+# adapters trained on, dequantized into the export's float weights.
+MERGED_FROM = 'merged_from'
 ORBAX_DIR = 'merged_params'
 SAFETENSORS = 'merged_params.safetensors'
 # 'flax': the three files above; 'torch': the model's PyTorch layout in a folder named
@@ -73,7 +77,7 @@ def build_model(description: Mapping[str, Any], source: str = MODEL_CONFIG) -> n
     raise errors.ExportError(f"{source} names model '{description.get('model')}'; known: "
                              f'{sorted(registry.FAMILIES)}')
   config = dict(description.get('config', {}))
-  extra = {k: v for k, v in description.items() if k not in ('model', 'config')}
+  extra = {k: v for k, v in description.items() if k not in ('model', 'config', MERGED_FROM)}
   try:
     config['dtype'] = jnp.dtype(config.get('dtype', 'float32'))
     return family.module(family.config_cls(**config), **extra)
@@ -100,13 +104,15 @@ def check_formats(formats) -> tuple[str, ...]:
 
 
 def save_merged(out, model: nn.Module, params, formats=FORMATS, *,
-                copy_files_from=None) -> dict[str, str]:
+                copy_files_from=None, merged_from: Mapping[str, Any] | None = None
+                ) -> dict[str, str]:
   """Writes the params under `out` in `formats`, after `check_fits`: no export is ever
   one its model would read wrongly. 'flax': orbax, safetensors and model_config.json;
   'torch': `interop.save_pretrained` into <out>/hf or <out>/timm (with the tokenizer
   files of `copy_files_from`, if given). Returns {file or folder name: path}. A
   scan_layers model's stacked params are written per layer, with the unrolled model:
-  exports keep the family's own layout."""
+  exports keep the family's own layout. `merged_from` (JSON-able) is recorded in
+  model_config.json under 'merged_from'."""
   formats = check_formats(formats)
   params = stacking.unstack(params, registry.stack_of(model))
   model = registry.unrolled(model)
@@ -120,7 +126,10 @@ def save_merged(out, model: nn.Module, params, formats=FORMATS, *,
   if 'flax' in formats:
     out.mkdir(parents=True, exist_ok=True)
     config = out / MODEL_CONFIG
-    config.write_text(json.dumps(describe(model), indent=1) + '\n')
+    description = describe(model)
+    if merged_from:
+      description[MERGED_FROM] = dict(merged_from)
+    config.write_text(json.dumps(description, indent=1) + '\n')
     files.update({ORBAX_DIR: str(save_orbax(out / ORBAX_DIR, params)),
                   SAFETENSORS: str(save_safetensors(out / SAFETENSORS, params)),
                   MODEL_CONFIG: str(config)})
@@ -170,20 +179,36 @@ def load_safetensors(path) -> dict:
 
 
 def evaluate(forward, loss, predictions, params, adapters, subnet, arrays,
-             batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+             batch_size: int = 32, *, mesh=None, param_specs=None,
+             adapter_specs=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   """(sums of the task's (loss, count, correct) over `arrays`, float64; the
   predictions at every position `predictions` weighs, flattened in order; the labels
   of the same rows where the batches have them (None for a causal LM)). Jitted once;
-  the same code for a classifier, a regressor and a causal LM."""
+  the same code for a classifier, a regressor and a causal LM.
+
+  With `mesh`, placed as training places them: params by `param_specs`, adapter params
+  by `adapter_specs` (PartitionSpec trees), batches split over 'data' and the step traced
+  under the mesh (its blocks' activation constraints), so the export's check runs at the
+  scale the run trained at (setup.param_specs gives a run's specs)."""
   def step(p, a, s, batch):
     out = forward(p, a, s, batch, False, None)
     preds, weights = predictions(out, batch)
     return jnp.stack(loss(out, batch)), preds, weights
 
-  step = jax.jit(step)
+  put = lambda batch: batch
+  if mesh is None:
+    step = jax.jit(step)
+  else:
+    from glora_jax.train import sharding  # the training side's placement, one engine
+    params = jax.device_put(params, sharding.named(mesh, param_specs))
+    if adapters is not None:
+      adapters = adapters.replace(params=jax.device_put(
+          adapters.params, sharding.named(mesh, adapter_specs)))
+    step = jax.jit(sharding.under_mesh(mesh, step), out_shardings=sharding.replicated(mesh))
+    put = lambda batch: sharding.put_batch(batch, mesh)
   totals, preds, targets = np.zeros(3), [], []
   for batch in data.eval_iterator(arrays, batch_size):
-    sums, p, w = jax.device_get(step(params, adapters, subnet, batch))
+    sums, p, w = jax.device_get(step(params, adapters, subnet, put(batch)))
     totals += np.asarray(sums, np.float64)
     real = np.asarray(w) > 0
     preds.append(np.asarray(p)[real])
