@@ -88,6 +88,32 @@ def test_frozen_quant_errors_are_config_errors():
     setup.build(tiny_config(**{'model.frozen_quant': 'int8', 'method': 'full'}))
 
 
+def test_quantized_base_is_quantized_on_load_one_kernel_at_a_time(monkeypatch):
+  """A checkpoint's float kernels are never on the device together: the importer keeps
+  them on the host, each is quantized on the device alone (setup.quantize_frozen),
+  and what is not quantized stays on the host until training places it."""
+  import gc
+  from glora_jax import paths, quant
+  gc.collect()
+  before = sum(a.nbytes for a in jax.live_arrays())
+  live, real_quantize = [], quant.quantize
+
+  def quantize(x, *args, **kwargs):  # the device bytes alive as each kernel comes in
+    live.append(sum(a.nbytes for a in jax.live_arrays()) - before)
+    return real_quantize(x, *args, **kwargs)
+  monkeypatch.setattr(quant, 'quantize', quantize)
+  run = setup.build(tiny_config(**{'model.frozen_quant': 'nf4', 'method': 'lora'}))
+  flat = paths.flatten(run.frozen)
+  kernels = {p: x for p, x in flat.items() if quant.is_quantized(x)}
+  float_bytes = sum(int(np.prod(x.shape)) * 4 for x in kernels.values())
+  assert len(live) == len(kernels) >= 12
+  # At most the codes so far and one float kernel: never the float model (two MiniLM
+  # layers: 14 MB of float32 kernels, their NF4 codes an eighth of it).
+  largest = max(int(np.prod(x.shape)) * 4 for x in kernels.values())
+  assert max(live) < float_bytes / 8 + 2 * largest < float_bytes / 2, (max(live), float_bytes)
+  assert all(isinstance(x, np.ndarray) for p, x in flat.items() if p not in kernels)
+
+
 def test_int8_base_trains_and_resumes_bit_exact(tmp_path):
   """The tiny LoRA run over an int8 base: the adapted kernels (and only they) are
   quantized, and 2 + 2 resumed steps equal 4 straight ones (the frozen tree is never

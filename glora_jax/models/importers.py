@@ -114,12 +114,20 @@ def random_params(shapes: Mapping[str, tuple[int, ...]], seed: int = 0, scale: f
 
 
 def cast(tree, dtype):
-  """Casts floating leaves to `dtype` (integer leaves are left alone)."""
+  """Casts floating leaves to `dtype` (integer leaves are left alone). Host (numpy)
+  leaves, as the readers give them, stay on the host: a checkpoint is never put on a
+  device whole here, so a quantized base (model.frozen_quant) quantizes it one kernel
+  at a time (setup.quantize_frozen) and the rest goes to the devices with its
+  shardings. Device arrays (a random init) stay device arrays."""
   if dtype is None:
     return tree
-  return jax.tree.map(
-      lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
-      else jnp.asarray(x), tree)
+
+  def one(x):
+    host = isinstance(x, np.ndarray) or np.isscalar(x)
+    xp = np if host else jnp
+    x = xp.asarray(x)
+    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(one, tree)
 
 
 # --------------------------------------------------------------------------- #
