@@ -112,6 +112,15 @@ CONFIGS = {
     'subnet_b_d_e': ('bbc_minilm_glora', {'subnet': str(SUBNETS / 'b_d_e.json')}),
     'subnet_b_only': ('bbc_minilm_glora', {'subnet': str(SUBNETS / 'b_only.json')}),
 }
+# A quantized frozen base (issue 33): every adapted kernel of the backbone stored as
+# model.frozen_quant says, in blocks of 64 (NF4 with double-quantized scales, QLoRA's
+# recipe), dequantized inside its layer; the head and embeddings stay float. Rows
+# '<method>_int8' and '<method>_nf4' of LoRA and of the few-shot GLoRA recipe.
+QUANT = {'int8': {'model.frozen_quant': 'int8'},
+         'nf4': {'model.frozen_quant': 'nf4', 'model.frozen_quant_double': True}}
+for _base in ('lora', 'glora_anchor_b_d_e_unshared', 'glora_anchor_unshared_head75'):
+  for _kind, _quant in QUANT.items():
+    CONFIGS[f'{_base}_{_kind}'] = (CONFIGS[_base][0], {**CONFIGS[_base][1], **_quant})
 
 
 # k-shot settings: k documents of each class drawn from train with the run's seed
