@@ -11,6 +11,11 @@
 4. search evaluation: vmapped chunk of 8 candidates / one candidate at a time
 5. SURM circulant FFT product / dense product at widths 384, 768, 1024
 6. 8 simulated CPU devices / 1 device for the same global batch (correctness + overhead)
+7. quantized frozen base (issue 33): LoRA and GLoRA train steps over int8 and NF4
+   kernels (blocks of 64; NF4 with double-quantized scales) / over the float base,
+   in interleaved rounds
+
+  python benchmarks/speed.py --skip train,compiled,inference,search,surm,devices   # 7 alone
 """
 from __future__ import annotations
 
@@ -169,6 +174,37 @@ def section_train(model, params, batch, task, n, rounds, peer_python=''):
   return res
 
 
+def section_quant(model, params, batch, task, n, rounds):
+  """Train-step time over a quantized frozen base / over the float one, LoRA r=8 and
+  the GLoRA supernet: every adapted kernel quantized as model.frozen_quant does
+  (setup.quantize_kernels) and dequantized inside its layer at each call. Interleaved
+  rounds, medians of the round medians."""
+  from glora_jax.train import setup
+  timers = {}
+  for method, fam in [('LoRA r=8', lora.family(rank=8, alpha=16)), ('GLoRA supernet', glora.family())]:
+    fn, state, frozen = build_step(model, params, ['head/.*'], fam, task)
+    for kind in ('float', 'int8', 'nf4'):
+      base = frozen if kind == 'float' else setup.quantize_kernels(
+          frozen, bert.DEFAULT_TARGETS, kind, 64, double=kind == 'nf4')
+      # Each case its own copy of the state: the step donates it.
+      timers[f'{method}, {kind} base'] = _ours(fn, jax.tree.map(jnp.copy, state), base, batch)
+  rows = {name: [] for name in timers}
+  for _ in range(rounds):
+    for name, run in timers.items():
+      rows[name].append(run(n))
+  res = {name: {'wall_ms': statistics.median(w for w, _ in r), 'cpu_ms': statistics.median(c for _, c in r)}
+         for name, r in rows.items()}
+  print(f'{"case":<28} {"wall ms":>8} {"cpu ms":>8}   ({rounds} interleaved rounds of {n})')
+  for name, r in res.items():
+    print(f"{name:<28} {r['wall_ms']:8.0f} {r['cpu_ms']:8.0f}")
+  ratios = {f'{method} {kind}/float': res[f'{method}, {kind} base']['wall_ms']
+            / res[f'{method}, float base']['wall_ms']
+            for method in ('LoRA r=8', 'GLoRA supernet') for kind in ('int8', 'nf4')}
+  print('ratios (wall): ' + ', '.join(f'{k} = {v:.3f}' for k, v in ratios.items()), flush=True)
+  res['ratios'] = ratios
+  return res
+
+
 def section_compiled(model, params, batch, task):
   """What XLA compiled for each train step: FLOPs and bytes (cost_analysis, which
   counts both branches of a conditional), fused ops and conditionals in the HLO, and
@@ -302,7 +338,8 @@ def main():
                   'time HF PEFT side by side (benchmarks/peer_torch.py)')
   ap.add_argument('--batch', type=int, default=32)
   ap.add_argument('--tokens', type=int, default=128)
-  ap.add_argument('--skip', default='', help='comma list of: train,compiled,inference,search,surm,devices')
+  ap.add_argument('--skip', default='', help='comma list of: train,compiled,inference,search,surm,'
+                  'devices,quant')
   ap.add_argument('--json', default='')
   ap.add_argument('--tmp', default=tempfile.gettempdir())
   args = ap.parse_args()
@@ -322,6 +359,8 @@ def main():
     results['surm_ms'] = section_surm(args.steps)
   if 'devices' not in skip:
     results['devices'] = section_devices(args.tmp)
+  if 'quant' not in skip:
+    results['quant'] = section_quant(model, params, batch, task, args.steps, args.rounds)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(results, f, indent=1)
