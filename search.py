@@ -63,6 +63,9 @@ flags.DEFINE_string('mc_file', '', 'Multiple-choice JSON lines {"context", "choi
 flags.DEFINE_list('export_formats', ['flax', 'torch'],
                   "Merged exports to write: 'flax' (merged_params, model_config.json) and/or "
                   "'torch' (HF transformers layout in <out>/hf, timm's in <out>/timm).")
+flags.DEFINE_string('requantize', '', "'int8' or 'nf4': also score the merged kernels quantized "
+                    'again (blocks as the run\'s model.frozen_quant_block) and report the error it '
+                    "adds in summary.json's 'requantized' (the exports stay float).")
 flags.mark_flag_as_required('ckpt')
 FLAGS = flags.FLAGS
 
@@ -74,7 +77,7 @@ def work():
                                eval_batch_size=FLAGS.eval_batch_size,
                                retrain_epochs=FLAGS.retrain_epochs,
                                export_formats=FLAGS.export_formats, fitness=FLAGS.fitness,
-                               mc_file=FLAGS.mc_file)
+                               mc_file=FLAGS.mc_file, requantize=FLAGS.requantize)
   print(open(s['subnet_file']).read())
   metric = s['val_metric']  # what was ranked by: accuracy, f1, pearson, token_log_likelihood, ...
   # The test split reports the task's own metrics (a multiple-choice fitness has none there).
@@ -85,6 +88,12 @@ def work():
         f"{tested.replace('_', ' ')} {s[f'test_{tested}']:.4f} "
         f"(merged: {s[f'test_{tested}_merged']:.4f}, predictions agree on "
         f"{100 * s['merged_prediction_agreement']:.1f}%)")
+  if 'requantized' in s:
+    r = s['requantized']
+    print(f"re-quantized merge ({r['kind']}): test {tested.replace('_', ' ')} "
+          f"{r[f'test_{tested}']:.4f}, predictions agree with the adapted model on "
+          f"{100 * r['prediction_agreement']:.1f}%, weight error {r['relative_weight_error']:.2e} "
+          '(relative)')
   print('merged params: ' + ', '.join(s['exports'].values()))
 
 

@@ -67,6 +67,11 @@ def test_search_refuses_an_unknown_export_format(tmp_path):
   assert list(tmp_path.iterdir()) == []
   code, _, err = run('search.py', '--ckpt', str(tmp_path), '--population=many')
   assert code == 2 and len(err) == 1 and err[0].startswith('error: flag --population=many:')
+  code, out, err = run('search.py', '--ckpt', str(tmp_path), '--requantize=int4')
+  assert code == 2 and out == ''
+  assert err == ["error: --requantize 'int4' is unknown; expected one of ['int8', 'nf4'] (or "
+                 'nothing)']
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_search_flags_are_searchconfig_fields_with_its_defaults():

@@ -137,12 +137,20 @@ def test_search_writes_everything_and_merged_matches(supernet, tmp_path):
   cfg = evolution.SearchConfig(population=8, generations=3, parents=4, mutations=4, crossovers=4,
                                param_limit=80_000, seed=1)
   summary = driver.search_and_export(supernet, cfg, out=tmp_path, chunk=CHUNK, eval_batch_size=16,
-                                     log=lambda s: None)
+                                     requantize='int8', log=lambda s: None)
   assert json.loads((tmp_path / 'summary.json').read_text()) == json.loads(
       json.dumps(summary, default=str))
   assert summary['adapter_params'] <= 80_000
   assert summary['merged_prediction_agreement'] == 1.0
   assert summary['test_accuracy'] == summary['test_accuracy_merged']
+  # --requantize int8: the merged kernels of the adapter targets quantized again and
+  # scored (the weight bound is checked below, on the exported kernels).
+  rq = summary['requantized']
+  assert rq['kind'] == 'int8, block 64' and rq['kernels'] == len(
+      [p for p in setup.build(setup.load_config(supernet)).spec.paths])
+  assert 0 < rq['relative_weight_error'] < 0.02 and rq['max_abs_weight_error'] > 0
+  assert 0.9 <= rq['prediction_agreement'] <= 1.0
+  assert abs(rq['test_accuracy'] - summary['test_accuracy_merged']) <= 1 - rq['prediction_agreement']
   state = json.loads((tmp_path / 'search_state.json').read_text())
   assert len(state['archive']['accuracy']) == 8 + 3 * 8  # random population + 3 generations
   # The chosen subnet is the archive's best, and every file counts its parameters alike.
@@ -166,6 +174,9 @@ def test_search_writes_everything_and_merged_matches(supernet, tmp_path):
   chosen = subnet.loads(run.spec, (tmp_path / 'best_subnet.json').read_text())
   merged = export.load_safetensors(tmp_path / 'merged_params.safetensors')
   assert set(peft.flatten(merged)) == set(peft.flatten(run.model_data.params))
+  # int8 in blocks of 64 moves a weight by at most half a step, absmax / 254 of its block.
+  largest = max(np.abs(peft.flatten(merged)[f'{p}/kernel']).max() for p in run.spec.paths)
+  assert rq['max_abs_weight_error'] <= largest / 254 * (1 + 1e-6)
   test = run.model_data.splits['test']
   batch = {k: jnp.asarray(v[:16]) for k, v in test.items()}
   plain = run.model_data.model.apply({'params': merged}, batch['input_ids'], batch['attention_mask'],

@@ -24,7 +24,7 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
                       eval_batch_size: int = 32, retrain_epochs: int = 0,
                       stop_after_generations: int | None = None,
                       export_formats=export.FORMATS, fitness: str = '', mc_file: str = '',
-                      log=print) -> dict:
+                      requantize: str = '', log=print) -> dict:
   """Searches the supernet in `ckpt`, then merges, checks and exports the best subnet
   under `out` in `export_formats` (export.FORMATS: ours, and the model's PyTorch
   layout in <out>/hf or <out>/timm); returns the summary (also written to summary.json).
@@ -41,9 +41,18 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   `mc_file` (lm-eval-harness's log-likelihood accuracy; the test report stays the LM's).
 
   chunk: candidates per vmapped evaluation; None measures the fastest at start-up
-  (fitness.probe_chunk; the summary records the probe)."""
+  (fitness.probe_chunk; the summary records the probe).
+
+  requantize: 'int8' or 'nf4' ('' = off): the merged float kernels quantized again
+  (the model's adapter targets, the run's frozen_quant block and double options) and
+  the test split scored on them: the summary's 'requantized' entry reports the metric,
+  the predictions' agreement with the adapted model and the weight error it adds.
+  The exports stay float."""
   ckpt = pathlib.Path(ckpt)
   export_formats = export.check_formats(export_formats)
+  if requantize not in ('',) + tuple(k for k in setup.FROZEN_QUANT if k != 'none'):
+    raise errors.ConfigError(f"--requantize '{requantize}' is unknown; expected one of "
+                             f"{[k for k in setup.FROZEN_QUANT if k != 'none']} (or nothing)")
   config = setup.load_config(ckpt)
   if config.method != 'glora':
     raise errors.ConfigError(f"{ckpt} trained method '{config.method}'; search needs a GLoRA "
@@ -75,7 +84,8 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
       'val_metric': ranked.metric,
       f'val_{ranked.metric}': val,
       **({'mc_file': str(mc_file)} if mc_file else {}),
-      **_test_and_export(run, trainable, best_subnet, out, export_formats, eval_batch_size),
+      **_test_and_export(run, trainable, best_subnet, out, export_formats, eval_batch_size,
+                         requantize),
       'candidates_evaluated': int(archive.size), 'pareto_points': int(len(archive.front())),
       'search_seconds': search_s, 'candidates_per_second': fit.evaluated / max(search_s, 1e-9),
       'eval_chunk': fit.chunk, 'chunk_probe_seconds_per_candidate': fit.probe,
@@ -184,7 +194,7 @@ def _retrain(run: setup.BuiltRun, ckpt: pathlib.Path, out: pathlib.Path, epochs:
 
 
 def _test_and_export(run: setup.BuiltRun, trainable, subnet, out: pathlib.Path, formats,
-                     batch_size: int) -> dict:
+                     batch_size: int, requantize: str = '') -> dict:
   """The test split measured once with the task's metrics: the adapted supernet with
   `subnet`, and the merged plain model, which `plain_model` checks holds exactly the
   parameters it reads before anything is written; then the export, with the labels'
@@ -210,6 +220,10 @@ def _test_and_export(run: setup.BuiltRun, trainable, subnet, out: pathlib.Path, 
   sums_merged, preds_merged, _ = export.evaluate(
       model_data.forward_with(plain_model), fl.loss, model_data.predictions, merged, None, None,
       test, batch_size, mesh=run.mesh, param_specs=merged_specs)
+  requantized = {}
+  if requantize:  # before anything is written: a kernel the block does not divide fails here
+    requantized = _requantized(run, plain_model, merged, requantize, preds_adapted, targets,
+                               batch_size)
   files = export.save_merged(out, plain_model, merged, formats,
                              copy_files_from=registry.checkpoint_dir(run.config.model),
                              merged_from={'frozen_quant': setup.frozen_quant_name(run.config)})
@@ -224,8 +238,46 @@ def _test_and_export(run: setup.BuiltRun, trainable, subnet, out: pathlib.Path, 
       'merged_prediction_agreement': _agreement(preds_adapted, preds_merged),
       # The merge is float (W0 dequantized); the adapted model above ran on this base.
       'frozen_quant': setup.frozen_quant_name(run.config),
+      **({'requantized': requantized} if requantize else {}),
       'exports': files,
   }
+
+
+def _requantized(run: setup.BuiltRun, plain_model, merged: dict, kind: str, preds_adapted,
+                 targets, batch_size: int) -> dict:
+  """The merged float kernels of the model's adapter targets quantized as `kind` (the
+  run's block and double options), scored on the test split like the merged model: its
+  metrics, the share of its predictions equal to the adapted model's, and the weight
+  error it adds (largest absolute, and relative Frobenius over those kernels)."""
+  from glora_jax import quant
+  mc = run.config.model
+  block, double = mc.get('frozen_quant_block', 64), mc.get('frozen_quant_double', kind == 'nf4')
+  try:
+    requant = setup.quantize_kernels(merged, run.model_data.default_targets, kind, block, double,
+                                     mc.get('frozen_quant_pad', False))
+  except ValueError as e:
+    raise errors.ConfigError(f'--requantize {kind}: {e}') from None
+  flat_merged, flat_requant = peft.flatten(merged), peft.flatten(requant)
+  kernels = [p for p, x in flat_requant.items() if quant.is_quantized(x)]
+  diff = {p: np.asarray(quant.dequantize(flat_requant[p]), np.float64)
+          - np.asarray(flat_merged[p], np.float64) for p in kernels}
+  norm = np.sqrt(sum(np.sum(np.asarray(flat_merged[p], np.float64) ** 2) for p in kernels))
+  specs = sharding.partition_specs(requant, setup.partition_rules(run), run.mesh,
+                                   fsdp=run.config.mesh.get('fsdp', False))
+  model_data = run.model_data
+  sums, preds, _ = export.evaluate(
+      model_data.forward_with(plain_model), model_data.forward_loss.loss, model_data.predictions,
+      requant, None, None, model_data.splits['test'], batch_size, mesh=run.mesh, param_specs=specs)
+  scores = model_data.score(sums, preds, targets)
+  return {'kind': setup.frozen_quant_name(ml_collections.ConfigDict(
+              {'model': {'frozen_quant': kind, 'frozen_quant_block': block,
+                         'frozen_quant_double': double,
+                         'frozen_quant_pad': mc.get('frozen_quant_pad', False)}})),
+          **{f'test_{k}': v for k, v in scores.items()}, 'test_loss': _ratio(sums, 0),
+          'prediction_agreement': _agreement(preds_adapted, preds),
+          'kernels': len(kernels),
+          'max_abs_weight_error': float(max(np.max(np.abs(d)) for d in diff.values())),
+          'relative_weight_error': float(np.sqrt(sum(np.sum(d ** 2) for d in diff.values())) / norm)}
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
