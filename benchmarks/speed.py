@@ -148,18 +148,12 @@ def section_train(model, params, batch, task, n, rounds, peer_python=''):
           f"{peer.info['trainable_params']:,} trainable params", flush=True)
     timers['torch forward (eval)'] = lambda n: peer('forward', n)
     timers['PEFT LoRA r=8'] = lambda n: peer('lora', n)
-  rows = {name: [] for name in timers}
-  for _ in range(rounds):
-    for name, run in timers.items():
-      rows[name].append(run(n))
-  if peer:
-    peer.close()
-  res = {name: {'wall_ms': statistics.median(w for w, _ in r), 'cpu_ms': statistics.median(c for _, c in r)}
-         for name, r in rows.items()}
+  try:
+    res = _interleaved(timers, n, rounds)
+  finally:
+    if peer:
+      peer.close()
   ms = {name: r['wall_ms'] for name, r in res.items()}
-  print(f'{"case":<28} {"wall ms":>8} {"cpu ms":>8}   ({rounds} interleaved rounds of {n})')
-  for name, r in res.items():
-    print(f"{name:<28} {r['wall_ms']:8.0f} {r['cpu_ms']:8.0f}")
   g, l, b = ms['GLoRA supernet'], ms['LoRA r=8'], ms['frozen backbone fwd+bwd']
   ratios = {'GLoRA/LoRA': g / l, 'GLoRA/backbone': g / b, 'LoRA/backbone': l / b,
             'LoRA weight mode/LoRA': ms['LoRA r=8 weight mode'] / l}
@@ -171,6 +165,21 @@ def section_train(model, params, batch, task, n, rounds, peer_python=''):
       f'{k} = {v:.3f}' + (f' (goal <= {goals[k]:.2f})' if k in goals else '') for k, v in ratios.items()),
       flush=True)
   res['ratios'] = ratios
+  return res
+
+
+def _interleaved(timers, n, rounds) -> dict:
+  """{case: median wall and CPU ms}: every timer run for `n` steps in each of `rounds`
+  interleaved rounds, medians of the round medians; the table printed."""
+  rows = {name: [] for name in timers}
+  for _ in range(rounds):
+    for name, run in timers.items():
+      rows[name].append(run(n))
+  res = {name: {'wall_ms': statistics.median(w for w, _ in r), 'cpu_ms': statistics.median(c for _, c in r)}
+         for name, r in rows.items()}
+  print(f'{"case":<28} {"wall ms":>8} {"cpu ms":>8}   ({rounds} interleaved rounds of {n})')
+  for name, r in res.items():
+    print(f"{name:<28} {r['wall_ms']:8.0f} {r['cpu_ms']:8.0f}")
   return res
 
 
@@ -188,15 +197,7 @@ def section_quant(model, params, batch, task, n, rounds):
           frozen, bert.DEFAULT_TARGETS, kind, 64, double=kind == 'nf4')
       # Each case its own copy of the state: the step donates it.
       timers[f'{method}, {kind} base'] = _ours(fn, jax.tree.map(jnp.copy, state), base, batch)
-  rows = {name: [] for name in timers}
-  for _ in range(rounds):
-    for name, run in timers.items():
-      rows[name].append(run(n))
-  res = {name: {'wall_ms': statistics.median(w for w, _ in r), 'cpu_ms': statistics.median(c for _, c in r)}
-         for name, r in rows.items()}
-  print(f'{"case":<28} {"wall ms":>8} {"cpu ms":>8}   ({rounds} interleaved rounds of {n})')
-  for name, r in res.items():
-    print(f"{name:<28} {r['wall_ms']:8.0f} {r['cpu_ms']:8.0f}")
+  res = _interleaved(timers, n, rounds)
   ratios = {f'{method} {kind}/float': res[f'{method}, {kind} base']['wall_ms']
             / res[f'{method}, float base']['wall_ms']
             for method in ('LoRA r=8', 'GLoRA supernet') for kind in ('int8', 'nf4')}

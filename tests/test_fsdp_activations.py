@@ -7,10 +7,10 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glora_jax import peft
+from glora_jax import subnet as subnet_lib
 from glora_jax.adapters import glora
 from glora_jax.models import common, llama, registry, stacking
 from glora_jax.train import sharding, tasks
@@ -34,9 +34,7 @@ def _case():
   stack = registry.stack_of(model)
   frozen = stacking.stack(params, stack)
   stacked = stacking.stack_by_path(adapters.params, adapters.spec.paths, stack)
-  subnet = np.asarray(jax.random.randint(jax.random.key(2), adapters.spec.num_options.shape, 0,
-                                         adapters.spec.num_options))
-  subnet = np.minimum(subnet, adapters.spec.num_options - 1).astype(np.int32)
+  subnet = subnet_lib.sample(jax.random.key(2), adapters.spec)
   ids = jax.random.randint(jax.random.key(3), (BATCH, SEQ), 0, cfg.vocab_size)
   batch = {'input_ids': ids, 'attention_mask': jnp.ones((BATCH, SEQ), jnp.int32),
            'mask': jnp.ones((BATCH,), jnp.float32)}

@@ -43,10 +43,10 @@ def maybe_remat(layer_cls, policy: str, static_argnums: tuple[int, ...]):
 
 def batch_sharded(x):
   """`x` with its leading (batch) dimension constrained over the mesh's 'data' axis, when
-  traced under a mesh that has one (jax.set_mesh, as the training step, the search's
-  fitness and benchmarks/scale.py trace); `x` itself otherwise (no mesh, a batch 'data'
-  does not divide, e.g. one prompt while generating). The other dimensions are left to
-  XLA.
+  traced under a mesh that has one (train.sharding.under_mesh: the training step, the
+  training evaluator, the export's check and benchmarks/scale.py); `x` itself otherwise
+  (no mesh, as the search's candidate-parallel fitness and generation trace; one device;
+  a batch 'data' does not divide). The other dimensions are left to XLA.
 
   Why: with FSDP a frozen kernel is split over 'data' too, and XLA's propagation may then
   keep the kernel split and gather the activations of the global batch instead (the

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from glora_jax import errors, peft
+from glora_jax import errors, peft, quant
 from glora_jax import subnet as subnet_lib
 from glora_jax.models import registry, stacking
 from glora_jax.search import evolution, export, fitness as fitness_lib
@@ -50,9 +50,9 @@ def search_and_export(ckpt, cfg: evolution.SearchConfig, *, out=None, chunk: int
   The exports stay float."""
   ckpt = pathlib.Path(ckpt)
   export_formats = export.check_formats(export_formats)
-  if requantize not in ('',) + tuple(k for k in setup.FROZEN_QUANT if k != 'none'):
+  if requantize not in ('',) + quant.KINDS:
     raise errors.ConfigError(f"--requantize '{requantize}' is unknown; expected one of "
-                             f"{[k for k in setup.FROZEN_QUANT if k != 'none']} (or nothing)")
+                             f'{list(quant.KINDS)} (or nothing)')
   config = setup.load_config(ckpt)
   if config.method != 'glora':
     raise errors.ConfigError(f"{ckpt} trained method '{config.method}'; search needs a GLoRA "
@@ -215,11 +215,9 @@ def _test_and_export(run: setup.BuiltRun, trainable, subnet, out: pathlib.Path, 
   plain_model, merged = export.plain_model(
       registry.unrolled(model_data.model),
       export.merged_params(setup.merge_base(run), trainable_per_layer, run.spec, subnet))
-  merged_specs = sharding.partition_specs(merged, setup.partition_rules(run), run.mesh,
-                                          fsdp=run.config.mesh.get('fsdp', False))
   sums_merged, preds_merged, _ = export.evaluate(
       model_data.forward_with(plain_model), fl.loss, model_data.predictions, merged, None, None,
-      test, batch_size, mesh=run.mesh, param_specs=merged_specs)
+      test, batch_size, mesh=run.mesh, param_specs=setup.plain_param_specs(run, merged))
   requantized = {}
   if requantize:  # before anything is written: a kernel the block does not divide fails here
     requantized = _requantized(run, plain_model, merged, requantize, preds_adapted, targets,
@@ -249,12 +247,12 @@ def _requantized(run: setup.BuiltRun, plain_model, merged: dict, kind: str, pred
   run's block and double options), scored on the test split like the merged model: its
   metrics, the share of its predictions equal to the adapted model's, and the weight
   error it adds (largest absolute, and relative Frobenius over those kernels)."""
-  from glora_jax import quant
   mc = run.config.model
   block, double = mc.get('frozen_quant_block', 64), mc.get('frozen_quant_double', kind == 'nf4')
+  pad = mc.get('frozen_quant_pad', False)
   try:
     requant = setup.quantize_kernels(merged, run.model_data.default_targets, kind, block, double,
-                                     mc.get('frozen_quant_pad', False))
+                                     pad)
   except ValueError as e:
     raise errors.ConfigError(f'--requantize {kind}: {e}') from None
   flat_merged, flat_requant = peft.flatten(merged), peft.flatten(requant)
@@ -262,17 +260,13 @@ def _requantized(run: setup.BuiltRun, plain_model, merged: dict, kind: str, pred
   diff = {p: np.asarray(quant.dequantize(flat_requant[p]), np.float64)
           - np.asarray(flat_merged[p], np.float64) for p in kernels}
   norm = np.sqrt(sum(np.sum(np.asarray(flat_merged[p], np.float64) ** 2) for p in kernels))
-  specs = sharding.partition_specs(requant, setup.partition_rules(run), run.mesh,
-                                   fsdp=run.config.mesh.get('fsdp', False))
   model_data = run.model_data
   sums, preds, _ = export.evaluate(
       model_data.forward_with(plain_model), model_data.forward_loss.loss, model_data.predictions,
-      requant, None, None, model_data.splits['test'], batch_size, mesh=run.mesh, param_specs=specs)
+      requant, None, None, model_data.splits['test'], batch_size, mesh=run.mesh,
+      param_specs=setup.plain_param_specs(run, requant))
   scores = model_data.score(sums, preds, targets)
-  return {'kind': setup.frozen_quant_name(ml_collections.ConfigDict(
-              {'model': {'frozen_quant': kind, 'frozen_quant_block': block,
-                         'frozen_quant_double': double,
-                         'frozen_quant_pad': mc.get('frozen_quant_pad', False)}})),
+  return {'kind': setup.quant_name(kind, block, double, pad),
           **{f'test_{k}': v for k, v in scores.items()}, 'test_loss': _ratio(sums, 0),
           'prediction_agreement': _agreement(preds_adapted, preds),
           'kernels': len(kernels),

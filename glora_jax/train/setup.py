@@ -189,12 +189,16 @@ def frozen_quant_name(config) -> str:
   """'none', or e.g. 'nf4, block 64, double-quantized scales': the frozen base's
   quantization as the fingerprint and a summary name it."""
   mc = config.model
-  kind = mc.get('frozen_quant', 'none')
+  return quant_name(mc.get('frozen_quant', 'none'), mc.get('frozen_quant_block', 64),
+                    mc.get('frozen_quant_double', False), mc.get('frozen_quant_pad', False))
+
+
+def quant_name(kind: str, block: int, double: bool, pad: bool) -> str:
+  """'none', or e.g. 'nf4, block 64, double-quantized scales'."""
   if kind == 'none':
     return kind
-  return (f"{kind}, block {mc.get('frozen_quant_block', 64)}"
-          + (', double-quantized scales' if mc.get('frozen_quant_double', False) else '')
-          + (', padded' if mc.get('frozen_quant_pad', False) else ''))
+  return (f'{kind}, block {block}' + (', double-quantized scales' if double else '')
+          + (', padded' if pad else ''))
 
 
 def validate_quant(config) -> None:
@@ -487,6 +491,13 @@ def param_specs(run: BuiltRun, notes: list[str] | None = None) -> tuple[dict, di
   return sharding.param_specs(run.frozen, run.trainable['model'], run.spec, partition_rules(run),
                               run.mesh, fsdp=bool(run.config.mesh.get('fsdp', False)), notes=notes,
                               stack=run.stack)
+
+
+def plain_param_specs(run: BuiltRun, params) -> dict:
+  """Specs of a plain param tree (a merge: no adapters, layers unrolled, kernels float or
+  quantized) by the run's rules and FSDP, as param_specs places the run's own."""
+  return sharding.partition_specs(params, partition_rules(run), run.mesh,
+                                  fsdp=bool(run.config.mesh.get('fsdp', False)))
 
 
 def make_jitted_step(run: BuiltRun, optimizer, state):
