@@ -398,9 +398,10 @@ def make_evaluator(run: BuiltRun, batch_size: int):
     return out if not model_data.scored else (*out, batch['label'], batch['mask'])
   frozen_specs, trainable_specs = param_specs(run)
   rep = sharding.replicated(run.mesh)
-  jitted = jax.jit(sharding.under_mesh(run.mesh, eval_step), in_shardings=(sharding.named(run.mesh, trainable_specs),
-                                            sharding.named(run.mesh, frozen_specs),
-                                            sharding.batch_sharding(run.mesh), rep),
+  jitted = jax.jit(sharding.under_mesh(run.mesh, eval_step),
+                   in_shardings=(sharding.named(run.mesh, trainable_specs),
+                                 sharding.named(run.mesh, frozen_specs),
+                                 sharding.batch_sharding(run.mesh), rep),
                    out_shardings=rep)
 
   def evaluate(trainable, frozen, arrays, subnet):
@@ -534,7 +535,8 @@ def make_jitted_step(run: BuiltRun, optimizer, state):
                        opt_state=keep(new_state['opt_state'], state['opt_state']))
     return new_state, dict(metrics, finite=finite), subnet
 
-  jit_step = jax.jit(sharding.under_mesh(mesh, guarded_step), in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+  jit_step = jax.jit(sharding.under_mesh(mesh, guarded_step),
+                     in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
                      out_shardings=(state_sh, rep, rep), donate_argnums=(0,))
   return jit_step, state_sh, frozen_sh
 
